@@ -1,0 +1,770 @@
+"""
+Data, tokenizer, loader and the fixed metric for autoresearch. Do not modify:
+the agent edits train.py only, and everything that must stay fixed lives here.
+
+Usage:
+    uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation shard
+    uv run prepare.py --num-shards 40     # more training data (-1 = all 6542 shards)
+    uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
+    uv run prepare.py --check             # exit 0 if the prepared data matches its fingerprints
+    AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
+
+Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
+    data/       downloaded ClimbMix parquet shards
+    tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
+    tokens/     train_*.bin and val_*.bin: uint16 token ids, each document preceded by BOS,
+                with a .json sidecar per source recording token counts and sha256
+    manifest.json  the corpus, the tokenizer's and the validation tokens' fingerprints
+Nothing is pickled: every file is plain data that cannot execute code when read.
+"""
+
+import argparse
+import base64
+import bisect
+import glob
+import hashlib
+import json
+import math
+import os
+import queue
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+
+import numpy as np
+import pyarrow.parquet as pq
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Fixed constants (the smoke profile shrinks them so the same code runs on a CPU)
+# ---------------------------------------------------------------------------
+
+SMOKE = os.environ.get("AUTORESEARCH_SMOKE", "") not in ("", "0")
+
+if not SMOKE:
+    MAX_SEQ_LEN = 2048          # context length
+    TIME_BUDGET = 300           # seconds of training (start-up and compilation excluded)
+    EVAL_TOKENS = 40 * 524288   # validation tokens scored by evaluate_bpb
+    VOCAB_SIZE = 8192           # including the special tokens
+else:
+    MAX_SEQ_LEN = 256
+    TIME_BUDGET = 10
+    EVAL_TOKENS = 32 * 2048
+    VOCAB_SIZE = 1024
+
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+if SMOKE:
+    CACHE_DIR = os.path.join(CACHE_DIR, "smoke")  # never mixed with real data
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
+MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
+
+# ClimbMix: parquet shards shard_00000 ... shard_06542 with a "text" column; the last is the validation shard.
+BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
+MAX_SHARD = 6542
+VAL_SHARD = MAX_SHARD
+TOKENIZER_TRAIN_CHARS = 1_000_000_000  # text the BPE trainer sees (training split only)
+TOKENIZER_DOC_CAP = 10_000             # characters per document for the BPE trainer
+VAL_ONE_IN = 20                        # --data: one document in 20 (by content hash) is validation
+PREPARE_CMD = ("AUTORESEARCH_SMOKE=1 " if SMOKE else "") + "uv run prepare.py"
+
+
+class PrepareError(Exception):
+    """Bad input or bad state: reported as one clear line, nothing half-written."""
+
+
+def sha256_file(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path, data):
+    """Write bytes or text so that a reader sees the old file or the whole new one, never a part."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+# ---------------------------------------------------------------------------
+# Download (ClimbMix): parallel, retried, resumable, atomic
+# ---------------------------------------------------------------------------
+
+def shard_name(i):
+    return f"shard_{i:05d}.parquet"
+
+
+def download_shard(index, attempts=6):
+    """Fetch one shard into DATA_DIR. A .part file resumes with an HTTP Range request; the
+    final name appears only once the file parses as parquet (its footer is the last thing to
+    arrive, so a truncated file never does)."""
+    path = os.path.join(DATA_DIR, shard_name(index))
+    if os.path.exists(path):
+        return path, 0
+    part = path + ".part"
+    url = f"{BASE_URL}/{shard_name(index)}"
+    err = None
+    for attempt in range(1, attempts + 1):
+        try:
+            have = os.path.getsize(part) if os.path.exists(part) else 0
+            if have and _is_parquet(part):  # finished before an interruption, not yet renamed
+                break
+            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                resumed = have and resp.status == 206  # a server may ignore the range: start over
+                with open(part, "ab" if resumed else "wb") as f:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+            if _is_parquet(part):
+                break
+            os.remove(part)  # complete but not parquet: resuming would not help
+            err = "the downloaded file is not a valid parquet file"
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and os.path.exists(part):
+                os.remove(part)
+            elif 400 <= e.code < 500 and e.code not in (408, 429):
+                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from e
+            err = e
+        except Exception as e:  # connection reset, time-out, truncated transfer: resume
+            err = e
+        if attempt < attempts:
+            print(f"  {shard_name(index)}: attempt {attempt} failed ({err}), retrying", flush=True)
+            time.sleep(min(2 ** attempt, 30))
+    else:
+        raise PrepareError(f"download of {shard_name(index)} failed after {attempts} attempts: {err}")
+    size = os.path.getsize(part)
+    os.replace(part, path)
+    return path, size
+
+
+def _is_parquet(path):
+    try:
+        pq.ParquetFile(path)
+        return True
+    except Exception:
+        return False
+
+
+def download_climbmix(num_train, workers):
+    ids = list(range(min(num_train, MAX_SHARD))) + [VAL_SHARD]
+    os.makedirs(DATA_DIR, exist_ok=True)
+    missing = [i for i in ids if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
+    print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
+          (f", downloading {len(missing)}" if missing else ""))
+    t0, done_bytes = time.time(), 0
+    with ThreadPoolExecutor(max(1, min(workers, len(missing) or 1))) as pool:
+        futures = [pool.submit(download_shard, i) for i in missing]
+        for n, fut in enumerate(as_completed(futures), 1):
+            path, nbytes = fut.result()
+            done_bytes += nbytes
+            rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
+            print(f"  [{n}/{len(missing)}] {os.path.basename(path)}  {rate:.1f} MB/s", flush=True)
+    return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
+
+# ---------------------------------------------------------------------------
+# Reading documents: parquet (text column), jsonl (text field), txt
+# ---------------------------------------------------------------------------
+
+SUFFIXES = (".parquet", ".jsonl", ".txt")
+
+
+def iter_documents(path):
+    """Yield the text documents of one source file. A .txt file is one document, or several
+    separated by lines holding only <|endoftext|> (the TinyStories convention)."""
+    if path.endswith(".parquet"):
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise PrepareError(f"{path}: not a readable parquet file ({e})") from e
+        if "text" not in pf.schema_arrow.names:
+            raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        for rg in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                if text:
+                    yield text
+    elif path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line.decode("utf-8"))["text"]
+                except UnicodeDecodeError as e:
+                    raise PrepareError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+                except (ValueError, KeyError, TypeError) as e:
+                    raise PrepareError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from e
+                if not isinstance(text, str):
+                    raise PrepareError(f"{path}:{lineno}: 'text' is not a string")
+                if text:
+                    yield text
+    elif path.endswith(".txt"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        for doc in content.split("\n<|endoftext|>\n"):
+            if doc.strip():
+                yield doc
+    else:
+        raise PrepareError(f"{path}: unsupported file type (use {', '.join(SUFFIXES)})")
+
+
+def is_val_document(text):
+    """--data corpora: a document's split follows from its content, so the split is deterministic
+    and a document (or an exact duplicate of it) is never on both sides."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") % VAL_ONE_IN == 0
+
+
+def expand_data_paths(paths):
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if f.endswith(SUFFIXES))
+            if not found:
+                raise PrepareError(f"{p}: directory holds no {', '.join(SUFFIXES)} files")
+            files += found
+        elif os.path.isfile(p):
+            if not p.endswith(SUFFIXES):
+                raise PrepareError(f"{p}: unsupported file type (use {', '.join(SUFFIXES)})")
+            files.append(p)
+        else:
+            raise PrepareError(f"{p}: no such file or directory")
+    files = [os.path.abspath(f) for f in files]
+    if len(set(files)) != len(files):
+        raise PrepareError("the same file is given twice")
+    return files
+
+
+def validate_sources(files):
+    """Read every document once before anything is written, so bad input fails early and cleanly."""
+    total_docs = 0
+    for f in files:
+        n = sum(1 for _ in iter_documents(f))
+        if n == 0:
+            raise PrepareError(f"{f}: no documents (empty file?)")
+        total_docs += n
+    return total_docs
+
+
+def smoke_corpus():
+    """The smoke profile's corpus: Python's own standard library sources, present offline on any
+    machine with Python. Written once as a jsonl file so the normal --data path handles it."""
+    path = os.path.join(CACHE_DIR, "corpus", "python-stdlib.jsonl")
+    if not os.path.exists(path):
+        stdlib = sysconfig.get_paths()["stdlib"]
+        files = sorted(glob.glob(os.path.join(stdlib, "*.py")) + glob.glob(os.path.join(stdlib, "*", "*.py")))
+        lines, size = [], 0
+        for f in files:
+            if "test" in os.path.relpath(f, stdlib).split(os.sep)[0] or size > 6_000_000:
+                continue
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    text = fh.read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            lines.append(json.dumps({"text": text}))
+            size += len(text)
+        if not lines:
+            raise PrepareError(f"no Python sources found under {stdlib} for the smoke corpus")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, "\n".join(lines) + "\n")
+    return [path]
+
+# ---------------------------------------------------------------------------
+# Tokenizer: BPE trained with HF tokenizers, run with tiktoken, stored as plain text
+# ---------------------------------------------------------------------------
+
+def _byte_decoder():
+    """Inverse of the GPT-2 byte-to-unicode table used by byte-level BPE trainers."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def train_tokenizer(train_texts):
+    """Train byte-level BPE to VOCAB_SIZE - 4 tokens, then append the 4 special tokens.
+    Ranks: the 256 bytes first, then each merge in the order it was learned."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    n_ranks = VOCAB_SIZE - len(SPECIAL_TOKENS)
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    hf.train_from_iterator(train_texts, trainer)
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    dec = _byte_decoder()
+    ranks = {bytes([b]): b for b in range(256)}
+    for pair in merges:
+        a, b = pair if isinstance(pair, list) else pair.split(" ")
+        token = bytes(dec[c] for c in a + b)
+        if token not in ranks:
+            ranks[token] = len(ranks)
+    if len(ranks) != n_ranks:
+        raise PrepareError(f"the training text yields only {len(ranks)} of {n_ranks} BPE tokens: too little data")
+    return ranks
+
+
+def save_tokenizer(ranks):
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    lines = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
+        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE}, indent=1))
+    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken"), lines)
+
+
+def tokenizer_fingerprint(tokenizer_dir=None):
+    d = tokenizer_dir or TOKENIZER_DIR
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.tiktoken"):
+        h.update(sha256_file(os.path.join(d, name)).encode())
+    return h.hexdigest()
+
+
+def _load_encoding(tokenizer_dir):
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        meta = json.load(f)
+    ranks = {}
+    with open(os.path.join(tokenizer_dir, "tokenizer.tiktoken"), "rb") as f:
+        for line in f:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    n = meta["vocab_size"] - len(meta["special_tokens"])
+    specials = {name: n + i for i, name in enumerate(meta["special_tokens"])}
+    return tiktoken.Encoding(name="autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+
+
+class Tokenizer:
+    """tiktoken wrapper with the reference's interface."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        d = tokenizer_dir or TOKENIZER_DIR
+        if not os.path.exists(os.path.join(d, "tokenizer.tiktoken")):
+            raise PrepareError(f"no tokenizer at {d}: run `{PREPARE_CMD}` first")
+        return cls(_load_encoding(d))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        if prepend is not None and not isinstance(prepend, int):
+            prepend = self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return rows if prepend is None else [[prepend] + r for r in rows]
+        raise ValueError(f"encode() takes a str or a list of str, not {type(text).__name__}")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_byte_lengths(self):
+        """Bytes per token id: the length of the token's own byte sequence (not of its decoded
+        text, which turns a partial UTF-8 sequence into a 3-byte replacement character); 0 for
+        special tokens, which carry no text."""
+        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+        lengths = np.zeros(self.enc.n_vocab, dtype=np.int32)
+        for i in range(self.enc.n_vocab):
+            if i not in special:
+                lengths[i] = len(self.enc.decode_single_token_bytes(i))
+        return lengths
+
+
+def get_token_bytes(device="cpu"):
+    return torch.from_numpy(Tokenizer.from_directory().token_byte_lengths()).to(device)
+
+# ---------------------------------------------------------------------------
+# Tokenization to uint16 files, one task per source file, all cores
+# ---------------------------------------------------------------------------
+
+def _out_paths(index):
+    d = TOKENS_DIR
+    return {"train": os.path.join(d, f"train_{index:05d}.bin"), "val": os.path.join(d, f"val_{index:05d}.bin"),
+            "sidecar": os.path.join(d, f"source_{index:05d}.json")}
+
+
+def _task_done(index, source, tok_fp):
+    """A source is done when its sidecar names it and the tokenizer, and both token files
+    match the recorded sizes and sha256 (so a truncated or corrupted file is rebuilt)."""
+    paths = _out_paths(index)
+    try:
+        with open(paths["sidecar"]) as f:
+            side = json.load(f)
+        if side["source"] != source or side["tokenizer"] != tok_fp:
+            return False
+        for split in ("train", "val"):
+            p = paths[split]
+            if os.path.getsize(p) != 2 * side[split]["tokens"] or sha256_file(p) != side[split]["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _tokenize_task(args):
+    index, source, split_mode, threads = args
+    enc = _load_encoding(TOKENIZER_DIR)
+    bos = enc.encode_single_token(BOS_TOKEN)
+    paths = _out_paths(index)
+    out = {"train": [], "val": []}
+    batch = []
+
+    def flush():
+        splits = [split_mode] * len(batch) if split_mode != "hash" else ["val" if is_val_document(t) else "train" for t in batch]
+        for split, ids in zip(splits, enc.encode_ordinary_batch(batch, num_threads=threads)):
+            out[split].append(np.array([bos] + ids, dtype=np.uint16))
+        batch.clear()
+
+    for text in iter_documents(source):
+        batch.append(text)
+        if len(batch) == 1024:
+            flush()
+    flush()
+    side = {"source": source, "tokenizer": tokenizer_fingerprint()}
+    for split in ("train", "val"):
+        arr = np.concatenate(out[split]) if out[split] else np.zeros(0, dtype=np.uint16)
+        write_atomic(paths[split], arr.tobytes())
+        side[split] = {"tokens": int(arr.size), "docs": len(out[split]), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
+    write_atomic(paths["sidecar"], json.dumps(side))  # last: marks the task complete
+    return index, side
+
+
+def tokenize_sources(sources):
+    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'."""
+    os.makedirs(TOKENS_DIR, exist_ok=True)
+    tok_fp = tokenizer_fingerprint()
+    todo = [(i, src, mode) for i, (src, mode) in enumerate(sources) if not _task_done(i, src, tok_fp)]
+    print(f"Tokens: {len(sources) - len(todo)} of {len(sources)} sources already tokenized" +
+          (f", tokenizing {len(todo)}" if todo else ""))
+    if todo:
+        cores = os.cpu_count() or 1
+        workers = min(cores, len(todo))
+        threads = max(1, cores // workers)
+        t0 = time.time()
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_tokenize_task, (i, src, mode, threads)) for i, src, mode in todo]
+            for n, fut in enumerate(as_completed(futures), 1):
+                index, side = fut.result()
+                print(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
+                      f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+
+
+def split_files(split, tokens_dir=None):
+    d = tokens_dir or TOKENS_DIR
+    return sorted(glob.glob(os.path.join(d, f"{split}_*.bin")))
+
+
+def val_fingerprint():
+    h = hashlib.sha256()
+    for p in split_files("val"):
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def write_manifest(source_desc, sources):
+    sides = []
+    for i in range(len(sources)):
+        with open(_out_paths(i)["sidecar"]) as f:
+            sides.append(json.load(f))
+    val_tokens = sum(s["val"]["tokens"] for s in sides)
+    if val_tokens == 0:
+        raise PrepareError("the validation split is empty: give more documents")
+    if sum(s["train"]["tokens"] for s in sides) == 0:
+        raise PrepareError("the training split is empty: give more documents")
+    manifest = {
+        "source": source_desc,
+        "vocab_size": VOCAB_SIZE,
+        "tokenizer_sha256": tokenizer_fingerprint(),
+        "val_sha256": val_fingerprint(),
+        "train_tokens": sum(s["train"]["tokens"] for s in sides),
+        "val_tokens": val_tokens,
+        "files": [{"source": s["source"], "train_tokens": s["train"]["tokens"], "val_tokens": s["val"]["tokens"]} for s in sides],
+    }
+    write_atomic(MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def check_prepared():
+    """Raise PrepareError unless the tokenizer and validation tokens match the manifest."""
+    if not os.path.exists(MANIFEST):
+        raise PrepareError(f"no prepared data at {CACHE_DIR}: run `{PREPARE_CMD}`")
+    try:
+        with open(MANIFEST) as f:
+            m = json.load(f)
+        if tokenizer_fingerprint() != m["tokenizer_sha256"]:
+            raise PrepareError(f"the tokenizer at {TOKENIZER_DIR} does not match manifest.json: run `{PREPARE_CMD}`")
+        if val_fingerprint() != m["val_sha256"]:
+            raise PrepareError(f"the validation tokens in {TOKENS_DIR} do not match manifest.json: run `{PREPARE_CMD}`")
+        if not split_files("train"):
+            raise PrepareError(f"no training tokens in {TOKENS_DIR}: run `{PREPARE_CMD}`")
+    except (OSError, ValueError, KeyError) as e:
+        raise PrepareError(f"prepared data at {CACHE_DIR} is incomplete ({e}): run `{PREPARE_CMD}`") from e
+    return m
+
+# ---------------------------------------------------------------------------
+# Loader: best-fit packing of pre-tokenized documents, built in a background thread
+# ---------------------------------------------------------------------------
+
+def _documents(split, bos):
+    """Endless (tokens, start, length, epoch) over the split's documents, in file order.
+    Documents are found by their BOS token, which encode_ordinary never produces inside text."""
+    files = split_files(split)
+    if not files:
+        raise PrepareError(f"no {split} tokens in {TOKENS_DIR}: run `{PREPARE_CMD}`")
+    arrays = [np.memmap(p, dtype=np.uint16, mode="r") for p in files if os.path.getsize(p) > 0]
+    if not arrays:
+        raise PrepareError(f"the {split} split in {TOKENS_DIR} is empty: run `{PREPARE_CMD}`")
+    starts = [np.flatnonzero(a == bos) for a in arrays]
+    epoch = 1
+    while True:
+        for a, s in zip(arrays, starts):
+            ends = np.append(s[1:], a.size)
+            for start, end in zip(s.tolist(), ends.tolist()):
+                yield a, start, end - start, epoch
+        epoch += 1
+
+
+def _pack_rows(docs, bos, B, T, buffer_size):
+    """Endless (uint16 array [B, T+1], epoch). Every row starts with BOS and is filled with the
+    largest buffered document that fits; when none fits, the shortest one is cut to fill the row
+    and its remainder goes back into the buffer behind a fresh BOS, so no text is thrown away."""
+    cap = T + 1
+    lens, items = [], []  # buffered documents sorted by length (BOS included); items: (array, start, needs_bos)
+    epoch = 1
+    while True:
+        rows = np.empty((B, cap), dtype=np.uint16)
+        for r in range(B):
+            pos = 0
+            while pos < cap:
+                while len(lens) < buffer_size:
+                    a, start, n, epoch = next(docs)
+                    j = bisect.bisect_right(lens, n)
+                    lens.insert(j, n)
+                    items.insert(j, (a, start, False))
+                room = cap - pos
+                i = bisect.bisect_right(lens, room) - 1  # the largest document that fits
+                cut = i < 0
+                if cut:
+                    i = 0  # none fits: cut the shortest
+                n = lens.pop(i)
+                a, start, needs_bos = items.pop(i)
+                take = room if cut else n
+                if needs_bos:  # a remainder: BOS first, then its text from `start`
+                    rows[r, pos] = bos
+                    rows[r, pos + 1:pos + take] = a[start:start + take - 1]
+                    used = take - 1
+                else:
+                    rows[r, pos:pos + take] = a[start:start + take]
+                    used = take
+                if cut:  # the rest of the document goes back into the buffer behind a new BOS
+                    rest = n - take + 1
+                    j = bisect.bisect_right(lens, rest)
+                    lens.insert(j, rest)
+                    items.insert(j, (a, start + used, True))
+                pos += take
+        yield rows, epoch
+
+
+def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefetch=3):
+    """Endless (inputs, targets, epoch) with inputs/targets int64 [B, T] on `device` (CUDA when
+    available), targets = inputs shifted by one. A background thread packs rows into pinned
+    buffers ahead of time; the copy to the GPU is asynchronous, so the GPU does not wait."""
+    assert split in ("train", "val")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bos = tokenizer.get_bos_token_id()
+    rows = _pack_rows(_documents(split, bos), bos, B, T, buffer_size)
+    pin = device.type == "cuda"
+    slots = [torch.empty((B, T + 1), dtype=torch.int64, pin_memory=pin) for _ in range(prefetch + 1)]
+    free, ready = queue.Queue(), queue.Queue()  # at most len(slots) batches exist at once
+    for s in slots:
+        free.put((s, None))
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for packed, epoch in rows:
+                while True:  # wait for a free pinned buffer, or for the consumer to go away
+                    try:
+                        slot, copied = free.get(timeout=0.5)
+                        break
+                    except queue.Empty:
+                        if stop.is_set():
+                            return
+                if copied is not None:
+                    copied.synchronize()  # the last copy out of this buffer has finished
+                slot.numpy()[:] = packed
+                ready.put((slot, epoch))
+        except BaseException as e:  # surfaced in the consumer
+            ready.put((e, None))
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        while True:
+            slot, epoch = ready.get()
+            if isinstance(slot, BaseException):
+                raise slot
+            batch = slot.to(device, non_blocking=pin)
+            event = None
+            if pin:
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                batch = batch.clone()  # on the CPU .to() may alias the slot
+            free.put((slot, event))
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), epoch
+    finally:
+        stop.set()
+
+# ---------------------------------------------------------------------------
+# Evaluation: the fixed metric (do not change)
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
+    over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets.
+    The model only sees the inputs: model(x) returns logits and the loss is computed here."""
+    manifest = check_prepared()  # refuses a tokenizer or validation set other than the prepared one
+    if tokenizer.get_vocab_size() != manifest["vocab_size"]:
+        raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device)
+    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        x, y, _ = next(loader)
+        logits = model(x)
+        rows = max(1, (1 << 27) // (MAX_SEQ_LEN * logits.size(-1)))  # bound the fp32 copy to 512 MB
+        for i in range(0, y.size(0), rows):
+            yy = y[i:i + rows].reshape(-1)
+            nats = F.cross_entropy(logits[i:i + rows].reshape(yy.numel(), -1).float(), yy, reduction="none")
+            nbytes = token_bytes[yy]
+            total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+            total_bytes += nbytes.sum()
+    loader.close()
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def prepare(args):
+    if SMOKE:
+        files, source_desc = smoke_corpus(), "smoke: python stdlib"
+        sources = [(f, "hash") for f in files]
+    elif args.data:
+        files = expand_data_paths(args.data)
+        source_desc = "data: " + " ".join(files)
+        sources = [(f, "hash") for f in files]
+    else:
+        source_desc = "climbmix"
+        sources = None
+    if os.path.exists(MANIFEST):
+        with open(MANIFEST) as f:
+            old = json.load(f).get("source")
+        if old != source_desc:
+            raise PrepareError(f"{CACHE_DIR} holds data prepared from [{old}]; keep corpora apart with "
+                               f"AUTORESEARCH_CACHE=<another dir>, or delete {TOKENS_DIR}, {TOKENIZER_DIR} and {MANIFEST}")
+    if sources is None:
+        num = MAX_SHARD if args.num_shards == -1 else args.num_shards
+        if num < 1:
+            raise PrepareError("--num-shards must be at least 1 (or -1 for all)")
+        files = download_climbmix(num, args.download_workers)
+        sources = [(f, "val" if f.endswith(shard_name(VAL_SHARD)) else "train") for f in files]
+    else:
+        ndocs = validate_sources(files)
+        print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})")
+
+    tok_path = os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken")
+    if os.path.exists(tok_path) and os.path.exists(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+        print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
+    else:
+        print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...")
+        t0 = time.time()
+
+        def train_texts():
+            chars = 0
+            for src, mode in sources:
+                if mode == "val":
+                    continue
+                for text in iter_documents(src):
+                    if mode == "hash" and is_val_document(text):
+                        continue
+                    text = text[:TOKENIZER_DOC_CAP]
+                    chars += len(text)
+                    yield text
+                    if chars >= TOKENIZER_TRAIN_CHARS:
+                        return
+
+        save_tokenizer(train_tokenizer(train_texts()))
+        tok = Tokenizer.from_directory()
+        sample = "Hello world! Numbers: 12345. Unicode: naïve 你好 🙂\n\tdef f(x): return x**2"
+        assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
+        print(f"Tokenizer: trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
+
+    tokenize_sources(sources)
+    m = write_manifest(source_desc, sources)
+    print(f"Done: {m['train_tokens'] / 1e6:.1f}M training and {m['val_tokens'] / 1e6:.1f}M validation tokens "
+          f"in {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Prepare data, tokenizer and token files for autoresearch")
+    parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation shard is always added")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
+    parser.add_argument("--check", action="store_true", help="only check the prepared data against its fingerprints")
+    args = parser.parse_args()
+    try:
+        if args.check:
+            m = check_prepared()
+            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens)")
+        else:
+            print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+            prepare(args)
+    except PrepareError as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; finished files are kept and a rerun resumes", file=sys.stderr)
+        sys.exit(130)
