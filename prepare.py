@@ -563,8 +563,10 @@ def _documents(split, bos):
 
 def _pack_rows(docs, bos, B, T, buffer_size):
     """Endless (uint16 array [B, T+1], epoch). Every row starts with BOS and is filled with the
-    largest buffered document that fits; when none fits, the shortest one is cut to fill the row
-    and its remainder goes back into the buffer behind a fresh BOS, so no text is thrown away."""
+    largest buffered document that fits; when none fits, the longest one is cut to fill the row
+    and its remainder goes back into the buffer behind a fresh BOS, so no text is thrown away
+    (the reference drops the tails of cut documents) and a document too long for any row is
+    consumed piece by piece instead of waiting in the buffer."""
     cap = T + 1
     lens, items = [], []  # buffered documents sorted by length (BOS included); items: (array, start, needs_bos)
     epoch = 1
@@ -582,7 +584,7 @@ def _pack_rows(docs, bos, B, T, buffer_size):
                 i = bisect.bisect_right(lens, room) - 1  # the largest document that fits
                 cut = i < 0
                 if cut:
-                    i = 0  # none fits: cut the shortest
+                    i = len(lens) - 1  # none fits: cut the longest, so long documents never starve
                 n = lens.pop(i)
                 a, start, needs_bos = items.pop(i)
                 take = room if cut else n
@@ -689,12 +691,12 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------
 
 def prepare(args):
-    if SMOKE:
-        files, source_desc = smoke_corpus(), "smoke: python stdlib"
-        sources = [(f, "hash") for f in files]
-    elif args.data:
+    if args.data:
         files = expand_data_paths(args.data)
         source_desc = "data: " + " ".join(files)
+        sources = [(f, "hash") for f in files]
+    elif SMOKE:
+        files, source_desc = smoke_corpus(), "smoke: python stdlib"
         sources = [(f, "hash") for f in files]
     else:
         source_desc = "climbmix"

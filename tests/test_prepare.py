@@ -1,0 +1,362 @@
+"""prepare.py: tokenizer, loader, metric, resume and bad input. Real tokenizer, real files, real torch."""
+
+import http.server
+import importlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_prepare(cache, *args, smoke=True, env=None):
+    e = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_SMOKE": "1" if smoke else "0", **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args], env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_prepare(cache, smoke=True):
+    """Import prepare.py with its constants resolved for this cache and profile."""
+    os.environ["AUTORESEARCH_CACHE"] = str(cache)
+    os.environ["AUTORESEARCH_SMOKE"] = "1" if smoke else "0"
+    import prepare
+    return importlib.reload(prepare)
+
+
+def words_corpus(n_docs, seed, marker=""):
+    """Synthetic documents of pseudo-words (enough variety for a 1024-token BPE)."""
+    rng = random.Random(seed)
+    lexicon = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    docs = []
+    for d in range(n_docs):
+        words = [rng.choice(lexicon) for _ in range(rng.randint(20, 400))]
+        docs.append(f"{marker}{d:05d} " + " ".join(words) + f". Number {rng.randint(0, 99999)}!")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One prepared smoke cache (Python's stdlib corpus), shared by the read-only tests."""
+    cache = tmp_path_factory.mktemp("cache")
+    r = run_prepare(cache)
+    assert r.returncode == 0, r.stderr
+    saved = {k: os.environ.get(k) for k in ("AUTORESEARCH_CACHE", "AUTORESEARCH_SMOKE")}
+    P = load_prepare(cache)
+    yield P
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+# --- tokenizer ---------------------------------------------------------------
+
+def test_tokenizer_round_trip_and_specials(smoke):
+    tok = smoke.Tokenizer.from_directory()
+    assert tok.get_vocab_size() == smoke.VOCAB_SIZE == 1024
+    assert tok.get_bos_token_id() == smoke.VOCAB_SIZE - 4
+    for text in ["Hello world!", "naïve café 你好 🙂 \x00 tabs\tand\nnewlines", "x = 12345678 ** 2", ""]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(["ab", "cd"], prepend=tok.get_bos_token_id())
+    assert all(row[0] == tok.get_bos_token_id() for row in ids)
+    # digits are split in groups of at most two before BPE
+    assert all(len(tok.decode([t])) <= 2 for t in tok.encode("1234567890") if tok.decode([t]).isdigit())
+    # plain files only: no pickle anywhere in the cache
+    for dirpath, _, files in os.walk(smoke.CACHE_DIR):
+        assert not any(f.endswith((".pkl", ".pt", ".pickle")) for f in files)
+
+
+def test_token_bytes_are_raw_byte_lengths(smoke):
+    tok = smoke.Tokenizer.from_directory()
+    tb = smoke.get_token_bytes("cpu")
+    assert tb.shape == (tok.get_vocab_size(),) and tb.dtype == torch.int32
+    assert tb[tok.get_bos_token_id()] == 0 and (tb[-4:] == 0).all()
+    for i in range(256):  # the single bytes: 1 each, including bytes that are not valid UTF-8 alone
+        assert tb[tok.enc.encode_single_token(bytes([i]))] == 1
+    partial = [i for i in range(tok.get_vocab_size() - 4) if tok.decode([i]).count("\ufffd") > 0]
+    assert partial, "expected some tokens that are partial UTF-8 sequences"
+    for i in partial:  # decoding would give 3 bytes per replacement character; the table must not
+        assert tb[i] == len(tok.enc.decode_single_token_bytes(i))
+    text = "héllo wörld 你好"
+    assert int(tb[tok.encode(text)].sum()) == len(text.encode("utf-8"))
+
+
+# --- loader --------------------------------------------------------------------
+
+def test_loader_rows(smoke):
+    tok = smoke.Tokenizer.from_directory()
+    bos = tok.get_bos_token_id()
+    B, T = 8, 64
+    loader = smoke.make_dataloader(tok, B, T, "train", device="cpu")
+    for _ in range(20):
+        x, y, epoch = next(loader)
+        assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == bos).all()                 # every row starts with BOS
+        assert torch.equal(x[:, 1:], y[:, :-1])       # targets are inputs shifted by one
+        assert ((x >= 0) & (x < tok.get_vocab_size())).all() and epoch >= 1
+
+
+def test_packing_keeps_every_token(smoke):
+    """Documents longer than a row are cut, and their remainders come back: over a few epochs every
+    text token of the split appears, none twice within an epoch, and pieces keep their order."""
+    bos = 60000
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 300, size=200)
+    docs, v = [], 0
+    for n in lengths:
+        docs.append(np.concatenate([[bos], np.arange(v, v + n - 1)]).astype(np.uint16))
+        v += n - 1
+    total_text = v
+
+    def stream():
+        epoch = 1
+        while True:
+            for d in docs:
+                yield d, 0, len(d), epoch
+            epoch += 1
+
+    rows = smoke._pack_rows(stream(), bos, 4, 127, buffer_size=16)
+    seen, first_epoch = [], []
+    while len(seen) < 2.5 * total_text:
+        packed, epoch = next(rows)
+        assert packed.shape == (4, 128) and (packed[:, 0] == bos).all()
+        for row in packed:
+            text = row[row != bos]
+            seen.extend(text.tolist())
+            assert (np.diff(text.astype(np.int64)) != 0).all()
+    assert set(seen) == set(range(total_text))
+    first = seen[:total_text - 16 * 300]  # well inside the first epoch
+    assert len(first) == len(set(first)), "a token was emitted twice within an epoch"
+
+
+def test_train_and_val_never_mix(tmp_path):
+    docs = words_corpus(400, seed=1, marker="doc")
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--data", str(src))
+    assert r.returncode == 0, r.stderr
+    P = load_prepare(cache)
+    tok = P.Tokenizer.from_directory()
+    val_ids = {d[3:8] for d in docs if P.is_val_document(d)}
+    train_ids = {d[3:8] for d in docs} - val_ids
+    assert val_ids and train_ids
+    for split, own in (("train", train_ids), ("val", val_ids)):
+        text = ""
+        loader = P.make_dataloader(tok, 8, 128, split, device="cpu")
+        for _ in range(30):
+            x, _, _ = next(loader)
+            text += "".join(tok.decode(row.tolist()) for row in x)
+        found = {m[:5] for m in text.split("doc")[1:] if m[:5].isdigit()}
+        assert found and found <= own, f"{split} loader read documents of the other split"
+
+
+# --- the metric ------------------------------------------------------------------
+
+class ConstantModel(torch.nn.Module):
+    """Returns fixed logits for every position; it never sees the targets."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, idx, targets=None):
+        assert targets is None
+        return self.logits.expand(*idx.shape, -1)
+
+
+def hand_bpb(P, tok, logits_row, batch_size):
+    """The metric computed independently with numpy over the same validation batches."""
+    tb = P.get_token_bytes().numpy()
+    logp = logits_row.double().numpy() - np.log(np.exp(logits_row.double().numpy()).sum())
+    loader = P.make_dataloader(tok, batch_size, P.MAX_SEQ_LEN, "val", device="cpu")
+    nats = nbytes = counted = 0
+    for _ in range(P.EVAL_TOKENS // (batch_size * P.MAX_SEQ_LEN)):
+        _, y, _ = next(loader)
+        y = y.numpy().ravel()
+        keep = tb[y] > 0
+        nats += -logp[y[keep]].sum()
+        nbytes += tb[y].sum()
+        counted += keep.sum()
+    return nats / (math.log(2) * nbytes), counted, nbytes
+
+
+def test_evaluate_bpb_zero_logits_is_uniform(smoke):
+    tok = smoke.Tokenizer.from_directory()
+    V = tok.get_vocab_size()
+    bpb = smoke.evaluate_bpb(ConstantModel(torch.zeros(V)), tok, batch_size=4)
+    _, counted, nbytes = hand_bpb(smoke, tok, torch.zeros(V), 4)
+    assert counted > 0 and bpb == pytest.approx(math.log2(V) * counted / nbytes, rel=1e-6)  # fp32 cross-entropy
+
+
+def test_evaluate_bpb_matches_hand_computation(smoke):
+    tok = smoke.Tokenizer.from_directory()
+    logits = torch.randn(tok.get_vocab_size(), generator=torch.Generator().manual_seed(0)) * 3
+    bpb = smoke.evaluate_bpb(ConstantModel(logits), tok, batch_size=4)
+    expected, _, _ = hand_bpb(smoke, tok, logits, 4)
+    assert bpb == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_bpb_refuses_changed_validation_data(tmp_path):
+    cache = tmp_path / "cache"
+    assert run_prepare(cache).returncode == 0
+    P = load_prepare(cache)
+    tok = P.Tokenizer.from_directory()
+    val = P.split_files("val")[0]
+    data = bytearray(open(val, "rb").read())
+    data[10] ^= 1
+    open(val, "wb").write(bytes(data))
+    with pytest.raises(P.PrepareError, match="validation tokens"):
+        P.evaluate_bpb(ConstantModel(torch.zeros(tok.get_vocab_size())), tok, 4)
+    r = run_prepare(cache, "--check")
+    assert r.returncode == 1 and "validation tokens" in r.stderr and "prepare.py" in r.stderr
+
+
+# --- resume and corruption ---------------------------------------------------------
+
+def test_rerun_does_only_what_is_missing_and_rebuilds_corrupt_files(tmp_path):
+    cache = tmp_path / "cache"
+    srcs = []
+    for i in range(3):
+        p = tmp_path / f"part{i}.txt"
+        p.write_text("\n<|endoftext|>\n".join(words_corpus(150, seed=10 + i)))
+        srcs.append(str(p))
+    assert run_prepare(cache, "--data", *srcs).returncode == 0
+    P = load_prepare(cache)
+    files = sorted(os.listdir(P.TOKENS_DIR))
+    before = {f: open(os.path.join(P.TOKENS_DIR, f), "rb").read() for f in files}
+
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "3 of 3 sources already tokenized" in r.stdout
+    assert "already trained" in r.stdout
+
+    # a truncated file and a flipped byte: both detected and rebuilt, the rest left alone
+    with open(os.path.join(P.TOKENS_DIR, "train_00001.bin"), "r+b") as f:
+        f.truncate(100)
+    b = bytearray(before["train_00002.bin"])
+    b[7] ^= 0xFF
+    open(os.path.join(P.TOKENS_DIR, "train_00002.bin"), "wb").write(bytes(b))
+    mtime0 = os.path.getmtime(os.path.join(P.TOKENS_DIR, "train_00000.bin"))
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "1 of 3 sources already tokenized, tokenizing 2" in r.stdout
+    assert {f: open(os.path.join(P.TOKENS_DIR, f), "rb").read() for f in files} == before
+    assert os.path.getmtime(os.path.join(P.TOKENS_DIR, "train_00000.bin")) == mtime0
+    assert run_prepare(cache, "--check").returncode == 0
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """A file server that honours Range requests and fails each path's first request."""
+    failed, ranges = set(), []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        path = self.translate_path(self.path)
+        if self.path not in self.failed:
+            self.failed.add(self.path)
+            self.send_error(503)
+            return
+        if not os.path.exists(path):
+            self.send_error(404)
+            return
+        data = open(path, "rb").read()
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.ranges.append((self.path, start))
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+def test_download_is_retried_resumed_and_atomic(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    for i in (0, 1, 6542):
+        docs = words_corpus(120, seed=i)
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), served / f"shard_{i:05d}.parquet",
+                       row_group_size=40)
+    handler = lambda *a, **k: RangeHandler(*a, directory=str(served), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cache = tmp_path / "cache"
+        os.environ["AUTORESEARCH_BASE_URL"] = f"http://127.0.0.1:{server.server_port}"
+        P = load_prepare(cache, smoke=False)
+        data_dir = cache / "data"
+        data_dir.mkdir(parents=True)
+        whole = (served / "shard_00001.parquet").read_bytes()
+        (data_dir / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted download
+        files = P.download_climbmix(2, workers=3)
+        assert [os.path.basename(f) for f in files] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+        assert ("/shard_00001.parquet", len(whole) // 2) in RangeHandler.ranges  # resumed, not restarted
+        for i in (0, 1, 6542):  # each path failed once (503) and was retried
+            assert (data_dir / f"shard_{i:05d}.parquet").read_bytes() == (served / f"shard_{i:05d}.parquet").read_bytes()
+        assert not list(data_dir.glob("*.part"))
+        with pytest.raises(P.PrepareError, match="HTTP 404"):
+            RangeHandler.failed.add("/shard_00002.parquet")
+            P.download_climbmix(3, workers=1)
+        assert not (data_dir / "shard_00002.parquet").exists()
+    finally:
+        os.environ.pop("AUTORESEARCH_BASE_URL")
+        server.shutdown()
+
+
+# --- bad input ---------------------------------------------------------------------
+
+def bad_inputs(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café au lait, déjà vu".encode("latin-1"))
+    notext = tmp_path / "notext.parquet"
+    pq.write_table(pa.table({"content": ["a", "b"]}), notext)
+    notjson = tmp_path / "bad.jsonl"
+    notjson.write_text('{"text": "fine"}\nnot json\n')
+    csv = tmp_path / "data.csv"
+    csv.write_text("text\nhello\n")
+    return {
+        "no such file": [str(tmp_path / "missing.parquet")],
+        "no documents": [str(empty)],
+        "not UTF-8": [str(latin)],
+        "no 'text' column": [str(notext)],
+        ":2: expected a JSON object": [str(notjson)],
+        "unsupported file type": [str(csv)],
+    }
+
+
+@pytest.mark.parametrize("case", ["no such file", "no documents", "not UTF-8", "no 'text' column",
+                                  ":2: expected a JSON object", "unsupported file type"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case):
+    paths = bad_inputs(tmp_path)[case]
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--data", *paths)
+    assert r.returncode == 1
+    assert case in r.stderr and "Traceback" not in r.stderr
+    assert not (cache / "smoke" / "tokens").exists() and not (cache / "smoke" / "tokenizer").exists()
+
+
+def test_check_without_data_names_the_command(tmp_path):
+    r = run_prepare(tmp_path / "nothing", "--check")
+    assert r.returncode == 1 and "AUTORESEARCH_SMOKE=1 uv run prepare.py" in r.stderr
+
+
+def test_a_different_corpus_is_refused_not_overwritten(tmp_path):
+    cache = tmp_path / "cache"
+    a = tmp_path / "a.txt"
+    a.write_text("\n<|endoftext|>\n".join(words_corpus(300, seed=3)))
+    assert run_prepare(cache).returncode == 0
+    r = run_prepare(cache, "--data", str(a))
+    assert r.returncode == 1 and "AUTORESEARCH_CACHE" in r.stderr
+    assert run_prepare(cache, "--check").returncode == 0
