@@ -1,0 +1,551 @@
+#!/usr/bin/env bash
+# run.sh: one invocation, one experiment.
+#
+#   ./run.sh "short description of the change"   commit train.py, train, keep or revert
+#   ./run.sh --rerun "why"                        train the current best again (noise)
+#   ./run.sh --tag nov23 "..."                    name the branch started from main
+#
+# It commits train.py alone, trains it in an OS sandbox under a hard time limit,
+# keeps the commit when val_bpb beats the best kept on this branch and otherwise
+# puts train.py back, then appends one row to results.tsv and prints a report.
+# The README section "One experiment (run.sh)" documents the environment variables.
+#
+# Exit codes: 0 the experiment ran and was recorded (keep, discard, crash, rerun)
+#             1 unexpected error (the next run.sh recovers)
+#             2 usage error
+#             3 refused; nothing was changed
+#             4 an interrupted earlier run could not be recovered automatically
+#           130 interrupted by a signal (recorded as a crash)
+#
+# The whole script is one function, so that bash has read all of it before git
+# starts changing files (run.sh itself included) under it.
+
+main() {
+  set -uo pipefail
+  local usage='usage: ./run.sh [--tag TAG] "description of the change"
+       ./run.sh [--tag TAG] --rerun "why the best is measured again"'
+
+  # ---------------------------------------------------------------- arguments
+  local rerun=0 tag=${AUTORESEARCH_TAG:-} tag_given=0
+  [ -n "$tag" ] && tag_given=1
+  while [ $# -gt 0 ]; do
+    case $1 in
+      -h|--help) printf '%s\nSee README.md, section "One experiment (run.sh)".\n' "$usage"; return 0 ;;
+      --rerun) rerun=1 ;;
+      --tag) [ $# -ge 2 ] || die 2 "--tag needs a value" "$usage"; tag=$2; tag_given=1; shift ;;
+      --tag=*) tag=${1#--tag=}; tag_given=1 ;;
+      --) shift; break ;;
+      -*) die 2 "unknown option: $1 (a description that starts with - goes after --)" "$usage" ;;
+      *) break ;;
+    esac
+    shift
+  done
+  local desc="$*"
+  [ -n "${desc//[[:space:]]/}" ] || die 2 "a description is required" "$usage"
+  if [ -n "$tag" ] && ! [[ $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
+    die 2 "bad tag '$tag': use letters, digits, '.', '_' and '-'"
+  fi
+
+  # ------------------------------------------------------------ configuration
+  local limit=${AUTORESEARCH_TIMEOUT:-600} min_imp=${AUTORESEARCH_MIN_IMPROVEMENT:-0}
+  if ! is_number "$limit" || ! awk -v t="$limit" 'BEGIN { exit !(t > 0) }'; then
+    die 2 "AUTORESEARCH_TIMEOUT must be a positive number of seconds, not '$limit'"
+  fi
+  is_number "$min_imp" || die 2 "AUTORESEARCH_MIN_IMPROVEMENT must be a number >= 0, not '$min_imp'"
+  local smoke=0 prep_cmd="uv run prepare.py"
+  if [ "${AUTORESEARCH_SMOKE:-0}" = 1 ]; then smoke=1; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py"; fi
+  local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
+  case $cache in /*) ;; *) cache=$PWD/$cache ;; esac
+  local want_box=${AUTORESEARCH_SANDBOX:-auto}
+  case $want_box in auto|bwrap|unshare|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto, bwrap, unshare or none" ;; esac
+
+  # The environment training sees: an allow-list, minus anything secret-looking.
+  # Built before LC_ALL=C below, so training keeps the user's locale.
+  local name envs=()
+  while IFS= read -r name; do
+    case $name in
+      *KEY*|*TOKEN*|*SECRET*|*PASSW*|*CREDENTIAL*|*COOKIE*|*AUTH*) continue ;;
+      PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_*|TERM|TZ|LD_LIBRARY_PATH) ;;
+      CUDA_*|NVIDIA_*|NCCL_*|OMP_*|MKL_*|TORCH*|PYTORCH_*|TRITON_*) ;;
+      *) continue ;;
+    esac
+    envs+=("$name=${!name}")
+  done < <(compgen -e)
+  export LC_ALL=C   # numbers with a '.', plain English from git
+
+  # ------------------------------------------------------------ the checkout
+  cd -- "$(dirname -- "${BASH_SOURCE[0]}")" || die 1 "cannot cd to the script's directory"
+  local root git_dir common
+  root=$(g rev-parse --show-toplevel 2>/dev/null) || die 3 "refused: $(pwd) is not a git checkout"
+  [ "$(pwd -P)" = "$(cd "$root" && pwd -P)" ] || die 3 "refused: run.sh must sit at the top of the checkout"
+  root=$(pwd -P)
+  git_dir=$(g rev-parse --absolute-git-dir)
+  common=$(cd "$(g rev-parse --git-common-dir)" && pwd -P)
+  state=$git_dir/autoresearch       # per worktree: lock and the pending-run journal
+  mkdir -p "$state" "$common/autoresearch"
+
+  # One run.sh per checkout. The lock dies with the process, so it is never stale.
+  exec 8<>"$state/lock"
+  flock -n 8 || die 3 "refused: another run.sh is already running in this checkout ($(cat "$state/lock.holder" 2>/dev/null))"
+  printf 'pid %s, started %s' "$$" "$(date '+%F %T')" >"$state/lock.holder"
+
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/run.sh.XXXXXX") || die 1 "mktemp failed"
+  trap 'rm -rf "$tmp"' EXIT
+  trap 'on_signal' INT TERM HUP
+
+  # Git identity: fall back to a clear one rather than fail on a fresh machine.
+  if [ -z "$(g config user.email)" ] && [ -z "${GIT_AUTHOR_EMAIL:-}" ]; then
+    export GIT_AUTHOR_NAME="${GIT_AUTHOR_NAME:-autoresearch run.sh}" GIT_AUTHOR_EMAIL="run.sh@autoresearch.invalid"
+    export GIT_COMMITTER_NAME="$GIT_AUTHOR_NAME" GIT_COMMITTER_EMAIL="$GIT_AUTHOR_EMAIL"
+    say "no git identity configured; committing as $GIT_AUTHOR_NAME <$GIT_AUTHOR_EMAIL>"
+  fi
+
+  # --------------------------------------- recover a run that was interrupted
+  if [ -d "$state/pending" ]; then recover || exit $?; fi
+
+  # ----------------------------------------------------------------- refusals
+  # Everything up to "changes start here" only reads.
+  local branch head base new_branch=""
+  branch=$(g symbolic-ref -q --short HEAD) || branch=""
+  head=$(g rev-parse -q --verify HEAD) || die 3 "refused: the repository has no commit yet"
+  case $branch in
+    autoresearch/*)
+      base=$(g rev-parse -q --verify "refs/autoresearch/base/${branch#autoresearch/}") || base=$head ;;
+    main|master|"")
+      [ "$rerun" = 0 ] || die 3 "refused: --rerun needs a branch with a kept result; run an experiment first"
+      if [ -z "$tag" ]; then tag=$(date +%b%d | tr '[:upper:]' '[:lower:]'); fi
+      new_branch=autoresearch/$tag
+      if g rev-parse -q --verify "refs/heads/$new_branch" >/dev/null; then
+        [ "$tag_given" = 0 ] || die 3 "refused: branch $new_branch already exists; choose another tag (--tag or AUTORESEARCH_TAG)"
+        local s
+        for s in b c d e f g h i j k l m n o p q r s t u v w x y z; do
+          g rev-parse -q --verify "refs/heads/$new_branch$s" >/dev/null || { new_branch=$new_branch$s; break; }
+        done
+      fi
+      if ! g check-ref-format --branch "$new_branch" >/dev/null 2>&1 || g rev-parse -q --verify "refs/heads/$new_branch" >/dev/null; then
+        die 3 "refused: cannot name a branch $new_branch; choose a tag with --tag"
+      fi
+      base=$head ;;
+    *) die 3 "refused: on branch $branch; run.sh works from main/master (it starts autoresearch/<tag>) or on an autoresearch/* branch" ;;
+  esac
+  local touched_files
+  touched_files=$(g diff --no-ext-diff --name-only HEAD -- . ':!train.py' ':!scratchpad.md')
+  [ -z "$touched_files" ] || die 3 "refused: only train.py and scratchpad.md may change; these are modified:" "$touched_files" \
+    "put them back as they were (e.g. git checkout -- <file>) and run again"
+  touched_files=$(g diff --no-ext-diff --name-only "$base" HEAD -- . ':!train.py' ':!scratchpad.md')
+  [ -z "$touched_files" ] || die 3 "refused: the branch has commits changing files other than train.py since it started at ${base:0:7}:" "$touched_files"
+  g ls-files --error-unmatch train.py >/dev/null 2>&1 || die 3 "refused: train.py is not tracked by git"
+  [ -f train.py ] || die 3 "refused: train.py is missing"
+
+  local h7=${head:0:7} baseline=0 best="" stats
+  [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
+  stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$smoke")
+  best=${stats%% *}; [ "$best" != - ] || best=""
+  if [ "$rerun" = 1 ]; then
+    g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
+    [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
+  elif [ "$baseline" = 0 ] && g diff --quiet HEAD -- train.py; then
+    die 3 "refused: train.py is unchanged since the last kept commit $h7; edit it first (or measure noise with --rerun)"
+  fi
+
+  resolve_python
+  choose_sandbox
+  take_gpu_locks || exit $?
+
+  if ! run_boxed 600 "$py" prepare.py --check >"$tmp/check.out" 2>&1; then
+    die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
+      "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
+  fi
+
+  # ------------------------------------------------------ changes start here
+  if [ -n "$new_branch" ]; then
+    g switch -q -c "$new_branch" || die 1 "could not create branch $new_branch"
+    g update-ref "refs/autoresearch/base/${new_branch#autoresearch/}" "$head"
+    say "started branch $new_branch from ${head:0:7} (the first run is the baseline)"
+    branch=$new_branch
+  elif ! g rev-parse -q --verify "refs/autoresearch/base/${branch#autoresearch/}" >/dev/null; then
+    g update-ref "refs/autoresearch/base/${branch#autoresearch/}" "$base"
+  fi
+
+  local mode=experiment row_desc msg=$desc
+  [ "$rerun" = 1 ] && mode=rerun
+  [ "$baseline" = 1 ] && [ "$rerun" = 0 ] && mode=baseline
+  [ "$smoke" = 1 ] && msg="[smoke] $desc"
+  row_desc=$(tsv_field "$msg")
+  mkdir "$state/pending"                      # the journal of this run
+  put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"
+
+  local tried=$head
+  if [ "$rerun" = 0 ]; then
+    if g diff --quiet HEAD -- train.py; then   # the baseline may leave train.py as it is
+      printf '%s\n' "$msg" | g commit -q --no-verify --allow-empty --only --cleanup=whitespace -F - ||
+        die 1 "git commit failed; the next run.sh recovers"
+    else
+      printf '%s\n' "$msg" | g commit -q --no-verify --cleanup=whitespace -F - -- train.py ||
+        die 1 "git commit failed; the next run.sh recovers"
+    fi
+    tried=$(g rev-parse HEAD)
+    put tried "$tried"
+    g update-ref "refs/autoresearch/tried/$tried" "$tried"   # so that gc never takes it
+  fi
+  local t7=${tried:0:7}
+
+  # ------------------------------------------------------------------ train
+  snapshot
+  local where="GPU ${CUDA_VISIBLE_DEVICES-(all visible)}"
+  [ "$smoke" = 1 ] && where="the smoke profile"
+  say "sandbox: $box_on"
+  [ -z "$box_off" ] || say "sandbox, not available: $box_off"
+  say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
+  mkdir -p "$cache/compile"; [ "$smoke" = 0 ] || mkdir -p "$cache/smoke/compile"
+  local t0=$EPOCHREALTIME rc=0
+  run_boxed "$limit" "$py" train.py >run.log 2>&1 || rc=$?
+  local secs
+  secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+
+  # ------------------------------------------------ what did training touch?
+  local touched
+  touched=$(check_untouched "$branch" "$tried")
+  if ! run_boxed 600 "$py" prepare.py --check >"$tmp/check.out" 2>&1; then
+    touched="${touched:+$touched, }the prepared data (prepare.py --check fails now: run $prep_cmd)"
+  fi
+
+  # ------------------------------------------------------------ the result
+  local val mem reason=""
+  val=$(summary_value val_bpb); mem=$(summary_value peak_vram_mb)
+  if [ "$rc" -ne 0 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
+    reason="timed out after ${limit}s (process group killed)"
+  elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
+  elif ! is_number "$val"; then reason="no finite val_bpb in run.log (got '${val:-nothing}')"
+  fi
+  [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
+  local status
+  if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0
+  else
+    val=$(printf '%.6f' "$val")
+    if is_number "$mem"; then mem=$(awk -v m="$mem" 'BEGIN { printf "%.1f", m / 1024 }'); else mem=0.0; fi
+    if [ "$mode" = rerun ]; then status=rerun
+    elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep
+    elif awk -v v="$val" -v b="$best" -v m="$min_imp" 'BEGIN { exit !(v + 0 < b - m) }'; then status=keep
+    else status=discard
+    fi
+  fi
+  put status "$status"
+  put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch")"
+  finish_pending                                 # revert if needed, append the row
+
+  # ----------------------------------------------------------------- report
+  if [ "$status" = crash ]; then
+    printf '\n---- last 50 lines of run.log ----\n'
+    tail -n 50 run.log
+    printf -- '---- end of run.log ----\n'
+  else
+    printf '\n'; summary_block
+  fi
+  local n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
+  read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c <<<"$(tsv_stats "$branch" "$t7" "$smoke")"
+  if [ "$spread" = - ]; then noise="unknown: no reruns yet (./run.sh --rerun \"why\" measures it)"
+  else noise="val_bpb spread $spread over $spread_n runs of $spread_c"
+  fi
+  if [ "$status" != crash ] && [ -n "$best" ]; then
+    change=$(awk -v v="$val" -v b="$best" 'BEGIN { printf "%+.6f", v - b }')
+    if [ "$spread" != - ]; then
+      change="$change $(awk -v c="$change" -v s="$spread" 'BEGIN { print ((c < 0 ? -c : c) <= s ? "(within the rerun spread: may be noise)" : "(beyond the rerun spread)") }')"
+    fi
+  fi
+  printf -- '---\n'
+  printf 'status:       %s\n' "$status"
+  [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
+  printf 'val_bpb:      %s\n' "$val"
+  printf 'memory_gb:    %s\n' "$mem"
+  case $status in
+    keep) printf 'best:         %s (%s, this run)\n' "$val" "$t7" ;;
+    *) if [ -n "$best" ]; then printf 'best:         %s (%s)\n' "$best" "$h7"; else printf 'best:         none yet\n'; fi ;;
+  esac
+  if [ "$mode" = baseline ]; then printf 'change:       baseline\n'
+  elif [ -n "$change" ]; then printf 'change:       %s vs the best before this run\n' "$change"
+  else printf 'change:       -\n'
+  fi
+  printf 'noise:        %s\n' "$noise"
+  printf 'experiments:  %s on %s (%s keep, %s discard, %s crash, %s rerun)\n' \
+    "$n_all" "$branch" "$n_keep" "$n_discard" "$n_crash" "$n_rerun"
+  case $status in
+    keep) printf 'commit:       %s kept\n' "$t7" ;;
+    rerun) printf 'commit:       %s (the best, unchanged)\n' "$t7" ;;
+    *) if [ "$mode" = rerun ]; then printf 'commit:       %s (the best, unchanged)\n' "$t7"
+       else printf 'commit:       %s reverted; train.py is back at %s (git show %s:train.py)\n' "$t7" "$h7" "$t7"; fi ;;
+  esac
+  printf 'seconds:      %s\n' "$secs"
+  printf 'log:          run.log (all results: results.tsv)\n'
+  return 0
+}
+
+# ---------------------------------------------------------------- helpers
+say() { printf 'run.sh: %s\n' "$*"; }
+die() { local code=$1; shift; printf 'run.sh: %s\n' "$1" >&2; shift; [ $# -eq 0 ] || printf '%s\n' "$@" >&2; exit "$code"; }
+# Git never runs hooks or other configured programs for run.sh.
+g() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c commit.gpgSign=false "$@"; }
+is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
+put() { printf '%s' "$2" >"$state/pending/$1"; }
+get() { cat "$state/pending/$1" 2>/dev/null || true; }
+
+# A description as one TSV field: no tabs or line breaks; quoted CSV-style when it
+# holds a double quote, so that pandas and the csv module read it back exactly.
+tsv_field() {
+  local d=$1
+  d=${d//$'\r\n'/ / }; d=${d//$'\n'/ / }; d=${d//$'\r'/ / }
+  d=${d//[[:cntrl:]]/ }
+  d=${d#"${d%%[![:space:]]*}"}; d=${d%"${d##*[![:space:]]}"}
+  [[ $d != *'"'* ]] || d="\"${d//\"/\"\"}\""
+  printf '%s' "$d"
+}
+
+# One line from results.tsv for BRANCH, COMMIT7 and profile (SMOKE 0/1):
+# best n_all n_keep n_discard n_crash n_rerun spread spread_n spread_commit
+# best: val_bpb of COMMIT7's keep row; spread: max-min of the measurements
+# (keep + rerun rows) of the commit most recently rerun on this branch.
+tsv_stats() {
+  local f=results.tsv; [ -f "$f" ] || f=/dev/null
+  awk -F'\t' -v br="$1" -v head="$2" -v smoke="$3" '
+    NR == 1 && $1 == "commit" { next }
+    { sm = ($5 ~ /^"?\[smoke\] /) ? 1 : 0 }
+    $1 == head && $4 == "keep" && sm == smoke { best = $2 }
+    $6 != br { next }
+    { n++; c[$4]++ }
+    sm == smoke && ($4 == "keep" || $4 == "rerun") {
+      k = $1; v = $2 + 0
+      if (!(k in lo) || v < lo[k]) lo[k] = v
+      if (!(k in hi) || v > hi[k]) hi[k] = v
+      m[k]++
+      if ($4 == "rerun") last = k
+    }
+    END {
+      printf "%s %d %d %d %d %d ", (best == "" ? "-" : best), n, c["keep"], c["discard"], c["crash"], c["rerun"]
+      if (last == "") print "- - -"; else printf "%.6f %d %s\n", hi[last] - lo[last], m[last], last
+    }' "$f"
+}
+
+# The last "name: value" line of run.log for a name (train.py's summary block).
+summary_value() { awk -F: -v k="$1" '$1 == k { v = $2 } END { gsub(/^[ \t]+|[ \t\r]+$/, "", v); print v }' run.log; }
+summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ { b = b "  " $0 "\n" } END { printf "training summary:\n%s", b }' run.log; }
+
+# ---------------------------------------------------------------- sandbox
+# Fills box (the command prefix), box_on and box_off (what the report says).
+choose_sandbox() {
+  local p ro=("$root" "$common" "$cache") rw=("$cache/compile" "$cache/smoke/compile") masks=()
+  for p in .ssh .gnupg .aws .azure .config/gcloud .config/gh .docker .kube .netrc .git-credentials \
+           .pypirc .npmrc .huggingface .cache/huggingface .claude .claude.json .codex .config/anthropic .config/openai; do
+    [ ! -e "${HOME:-/nonexistent}/$p" ] || masks+=("$HOME/$p")
+  done
+  box=() box_on="" box_off="" box_tmp=$tmp/t
+  local pdeath=()
+  if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
+  if [ "$want_box" = auto ] || [ "$want_box" = bwrap ]; then
+    if command -v bwrap >/dev/null; then
+      box=(bwrap --unshare-all --die-with-parent --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp)
+      for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
+      for p in "${ro[@]}" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+      for p in "${rw[@]}"; do box+=(--bind-try "$p" "$p"); done
+      for p in "${masks[@]}"; do if [ -d "$p" ]; then box+=(--tmpfs "$p"); else box+=(--ro-bind /dev/null "$p"); fi; done
+      box+=(--chdir "$root")
+      if "${box[@]}" true 2>"$tmp/box.err"; then
+        box_tmp=/tmp
+        box_on="bubblewrap: no network; read-only filesystem (repository, git metadata, prepared data) except run.log and $cache/compile; private /tmp; /dev/nvidia* visible; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
+        return 0
+      fi
+      box_off="bubblewrap (fails here: $(head -n 1 "$tmp/box.err")); "
+    else box_off="bubblewrap (not installed); "
+    fi
+    [ "$want_box" = auto ] || die 3 "refused: AUTORESEARCH_SANDBOX=bwrap but ${box_off%; }"
+  fi
+  if [ "$want_box" = auto ] || [ "$want_box" = unshare ]; then
+    # Mounts are made inside new user, mount, PID and network namespaces; then all
+    # capabilities are dropped, so training cannot undo them.
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    local inner='set -e; ro=()
+      while [ "$1" != -- ]; do k=${1%%:*}; p=${1#*:}; shift
+        case $k in
+          ro) [ ! -e "$p" ] || { mount --bind "$p" "$p"; ro+=("$p"); } ;;
+          rw) [ ! -e "$p" ] || mount --bind "$p" "$p" ;;
+          mask) if [ -d "$p" ]; then mount -t tmpfs -o ro,size=4k none "$p"; else mount --bind /dev/null "$p"; fi ;;
+        esac
+      done; shift
+      for p in "${ro[@]}"; do mount -o remount,bind,ro "$p"; done
+      cd -- "$PWD"   # the working directory, seen through the new mounts
+      exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$@"'
+    box=("${pdeath[@]}" unshare --user --map-root-user --net --pid --fork --kill-child --mount-proc bash -c "$inner" inner)
+    for p in "${ro[@]}"; do box+=("ro:$p"); done
+    for p in "${rw[@]}"; do box+=("rw:$p"); done
+    for p in "${masks[@]}"; do box+=("mask:$p"); done
+    box+=(--)
+    if command -v unshare >/dev/null && (cd / && "${box[@]}" true) 2>"$tmp/box.err"; then
+      box_on="unshare: no network; read-only repository, git metadata and prepared data except run.log and $cache/compile; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
+      box_off="${box_off}private /tmp (unshare shares /tmp; TMPDIR is private)"
+      return 0
+    fi
+    box_off="${box_off}unshare ($(head -n 1 "$tmp/box.err" 2>/dev/null || echo not installed)); "
+    [ "$want_box" = auto ] || die 3 "refused: AUTORESEARCH_SANDBOX=unshare but ${box_off%; }"
+  fi
+  box=("${pdeath[@]}")
+  box_on="none: environment cleared to an allow-list; changes to the repository, results.tsv and data are detected afterwards and put back"
+  box_off="${box_off}no OS sandbox, so network, files and processes are not contained"
+  say "WARNING: training runs without an OS sandbox (install bubblewrap)"
+}
+
+# Sets py (an absolute interpreter) and py_dirs (its prefixes, for the sandbox).
+resolve_python() {
+  if [ -n "${AUTORESEARCH_PYTHON:-}" ]; then
+    py=$(command -v -- "$AUTORESEARCH_PYTHON") || die 3 "refused: AUTORESEARCH_PYTHON=$AUTORESEARCH_PYTHON is not an executable"
+  elif command -v uv >/dev/null; then
+    py=$(cd / && uv run --project "$root" --frozen python -I -S -c 'import sys; print(sys.executable)' 2>"$tmp/uv.err") ||
+      die 3 "refused: could not get the project's Python from uv ($(tail -n 1 "$tmp/uv.err")); run 'uv sync' or set AUTORESEARCH_PYTHON"
+  else
+    die 3 "refused: uv is not installed; install it, or set AUTORESEARCH_PYTHON to a Python with PyTorch"
+  fi
+  case $py in /*) ;; *) py=$PWD/$py ;; esac
+  mapfile -t py_dirs < <("$py" -I -S -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)
+  py_dirs+=("$(dirname -- "$(readlink -f -- "$py")")")
+}
+
+# GPUs are shared by all worktrees of this repository: CUDA_VISIBLE_DEVICES=0,1 takes
+# gpu-0 and gpu-1 exclusively and "all" shared; unset takes "all" exclusively.
+take_gpu_locks() {
+  [ "$smoke" = 0 ] || return 0
+  local ids id fd
+  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then ids=(all)
+  elif [ -z "$CUDA_VISIBLE_DEVICES" ]; then return 0
+  else IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"; ids=(shared "${ids[@]/#/gpu-}")
+  fi
+  for id in "${ids[@]}"; do
+    local f=$common/autoresearch/$id.lock flag=-n
+    [ "$id" = shared ] && { f=$common/autoresearch/all.lock; flag=-sn; }
+    exec {fd}<>"$f"
+    if ! flock "$flag" "$fd"; then
+      local what="GPU ${id#gpu-}"; [ "${id:0:4}" = gpu- ] || what="a GPU (CUDA_VISIBLE_DEVICES unset means all)"
+      die 3 "refused: $what is in use by another run.sh ($(cat "${f%.lock}.holder" 2>/dev/null))" \
+        "give each worktree its own GPU with CUDA_VISIBLE_DEVICES"
+    fi
+    printf 'pid %s in %s' "$$" "$root" >"${f%.lock}.holder"
+  done
+}
+
+# run_boxed LIMIT CMD...: CMD in the sandbox with the allow-listed environment, in
+# its own process group (timeout makes one), killed with it after LIMIT seconds.
+run_boxed() {
+  local limit=$1 rc=0; shift
+  mkdir -p "$tmp/t"
+  timeout -s KILL "$limit" "${box[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" "$@" </dev/null 8>&- &
+  child=$!
+  if [ -d "$state/pending" ]; then put pgid "$child"; put start "$(proc_start "$child")"; fi
+  wait "$child" || rc=$?
+  kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
+  child=""
+  return "$rc"
+}
+proc_start() { local s f; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; read -ra f <<<"${s##*) }"; printf '%s' "${f[19]}"; }
+
+# --------------------------------------------------- before and after training
+# Copies of what training must not change, outside the repository.
+snapshot() {
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$root/scratchpad.md")
+  local i
+  for i in "${!guarded[@]}"; do
+    [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"
+  done
+  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.before"
+}
+
+# Puts back what training changed and prints what that was (empty: nothing).
+# Git metadata first, so that no git command runs with a configuration training wrote.
+check_untouched() {
+  local branch=$1 tried=$2 i p out="" line
+  for i in "${!guarded[@]}"; do
+    p=${guarded[$i]}
+    if [ -e "$tmp/guard.$i" ] && diff -r -- "$tmp/guard.$i" "$p" >/dev/null 2>&1; then continue; fi
+    if [ ! -e "$tmp/guard.$i" ] && [ ! -e "$p" ]; then continue; fi
+    out="${out:+$out, }${p#"$root"/}"
+    rm -rf -- "$p"; [ ! -e "$tmp/guard.$i" ] || cp -a -- "$tmp/guard.$i" "$p"
+  done
+  if [ "$(g symbolic-ref -q HEAD)" != "refs/heads/$branch" ]; then out="${out:+$out, }HEAD"; g symbolic-ref HEAD "refs/heads/$branch"; fi
+  if [ "$(g rev-parse HEAD)" != "$tried" ]; then out="${out:+$out, }branch $branch"; g update-ref "refs/heads/$branch" "$tried"; fi
+  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.after"
+  while IFS= read -r line; do
+    p=${line:3}; out="${out:+$out, }$p"
+    if [ "${line:0:2}" = "??" ]; then rm -rf -- "$p"; else g checkout -q "$tried" -- "$p" 2>/dev/null || rm -f -- "$p"; fi
+  done < <(comm -13 "$tmp/status.before" "$tmp/status.after")
+  while IFS= read -r line; do out="${out:+$out, }${line:3} (deleted)"; done < <(comm -23 "$tmp/status.before" "$tmp/status.after")
+  printf '%s' "$out"
+}
+
+# ------------------------------------------------------- decision and journal
+# Applies the decision recorded in the journal, appends its row, ends the journal.
+# Safe to repeat after being killed at any point.
+finish_pending() {
+  local kept tried status mode size row
+  kept=$(get kept); tried=$(get tried); status=$(get status); mode=$(get mode); row=$(get row)
+  if [ "$mode" != rerun ] && [ "$status" != keep ] && [ -n "$tried" ]; then
+    if [ "$(g rev-parse HEAD)" = "$tried" ]; then g reset -q --soft "$kept" || die 1 "git reset failed"; fi
+    if [ "$status" != interrupted ] && g diff --quiet "$tried" -- train.py; then
+      g checkout -q "$kept" -- train.py || die 1 "git checkout failed"  # back to the kept version
+    else
+      g reset -q "$kept" -- train.py || die 1 "git reset failed"        # the working copy stays
+    fi
+  fi
+  if [ -n "$row" ]; then
+    [ -f "$state/pending/size" ] || put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
+    size=$(get size)
+    # A row cut short by a kill is removed; rows are then written in one write.
+    [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
+    {
+      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\n'
+      [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || printf '\n'
+      printf '%s\n' "$row"
+    } >"$tmp/row"
+    cat "$tmp/row" >>results.tsv
+  fi
+  rm -rf -- "$state/pending"
+}
+
+# An earlier run.sh died (killed, machine lost) before finishing: stop what it left
+# running, record it as a crash, put HEAD back to the kept commit.
+recover() {
+  local pgid start kept tried mode head branch
+  pgid=$(get pgid); start=$(get start)
+  if [ -n "$pgid" ] && [ -n "$start" ] && [ "$(proc_start "$pgid")" = "$start" ]; then
+    kill -KILL -- "-$pgid" 2>/dev/null
+    say "recover: stopped the training left running by the interrupted run (process group $pgid)"
+    sleep 0.5
+  fi
+  kept=$(get kept); tried=$(get tried); mode=$(get mode); branch=$(get branch)
+  head=$(g rev-parse -q --verify HEAD)
+  if [ -n "$branch" ] && [ "$(g symbolic-ref -q --short HEAD)" != "$branch" ]; then
+    die 4 "cannot recover: the interrupted run was on $branch, but HEAD is elsewhere now; its journal is $state/pending"
+  fi
+  if [ -z "$(get status)" ]; then
+    if [ -z "$tried" ] && [ "$mode" != rerun ] && [ -n "$kept" ] && [ "$head" != "$kept" ]; then
+      tried=$head; put tried "$tried"                      # killed right after its commit
+    fi
+    if [ "$mode" = rerun ] || [ -z "$tried" ]; then
+      rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
+    fi
+    put status interrupted
+    put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s' "${tried:0:7}" "$(tsv_field "$(get msg) [interrupted]")" "$branch")"
+  fi
+  if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
+    die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"
+  fi
+  say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}"
+  [ "$(get status)" != interrupted ] || say "recover: train.py keeps the interrupted change; run it again to measure it"
+  finish_pending
+}
+
+on_signal() {
+  trap '' INT TERM HUP
+  [ -z "${child:-}" ] || kill -KILL -- "-$child" 2>/dev/null
+  printf 'run.sh: interrupted\n' >&2
+  if [ -d "${state:-/nonexistent}/pending" ]; then recover >&2; fi
+  exit 130
+}
+
+main "$@"
