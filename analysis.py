@@ -70,6 +70,9 @@ def read_results(path):
         if status not in STATUSES:
             fail(f"{path} line {lineno}: status {fields[3]!r} is not one of "
                  f"{', '.join(STATUSES)}")
+        # run.sh quotes a description holding a double quote, CSV-style.
+        if len(description) >= 2 and description[0] == description[-1] == '"':
+            description = description[1:-1].replace('""', '"')
         smoke = description.startswith(SMOKE_PREFIX)
         if smoke:
             description = description[len(SMOKE_PREFIX):]

@@ -126,6 +126,17 @@ def test_extra_columns_are_ignored(tmp_path):
     assert "baseline 1.100000 -> best 1.000000  (-9.09%)" in proc.stdout
 
 
+def test_run_sh_quoting_and_branch_column(tmp_path):
+    # run.sh adds a branch column and quotes descriptions holding a double quote.
+    text = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\n"
+            "a1b2c3d\t1.100000\t10.0\tkeep\t[smoke] baseline\tautoresearch/x\n"
+            'b2c3d4e\t1.000000\t10.0\tkeep\t"[smoke] say ""hi"" to RoPE"\tautoresearch/x\n')
+    proc = run_analysis(tmp_path, text)
+    assert proc.returncode == 0, proc.stderr
+    assert "[smoke] all 2 rows are smoke runs" in proc.stdout
+    assert '-0.100000  say "hi" to RoPE' in proc.stdout
+
+
 def test_all_smoke_rows_are_flagged(tmp_path):
     proc = run_analysis(tmp_path, rows(
         ("a1b2c3d", "3.100000", "0.0", "keep", "[smoke] baseline"),
