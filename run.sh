@@ -90,6 +90,7 @@ main() {
   printf 'pid %s, started %s' "$$" "$(date '+%F %T')" >"$state/lock.holder"
 
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/run.sh.XXXXXX") || die 1 "mktemp failed"
+  run_id=$$.${EPOCHREALTIME/./}   # tags every process of this run (environment AUTORESEARCH_RUN)
   trap 'rm -rf "$tmp"' EXIT
   trap 'on_signal' INT TERM HUP
 
@@ -173,7 +174,7 @@ main() {
   [ "$smoke" = 1 ] && msg="[smoke] $desc"
   row_desc=$(tsv_field "$msg")
   mkdir "$state/pending"                      # the journal of this run
-  put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"
+  put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put runid "$run_id"
 
   local tried=$head
   if [ "$rerun" = 0 ]; then
@@ -248,7 +249,7 @@ main() {
   else noise="val_bpb spread $spread over $spread_n runs of $spread_c"
   fi
   if [ "$status" != crash ] && [ -n "$best" ]; then
-    change=$(awk -v v="$val" -v b="$best" 'BEGIN { printf "%+.6f", v - b }')
+    change="$(awk -v v="$val" -v b="$best" 'BEGIN { printf "%+.6f", v - b }') vs the best before this run"
     if [ "$spread" != - ]; then
       change="$change $(awk -v c="$change" -v s="$spread" 'BEGIN { print ((c < 0 ? -c : c) <= s ? "(within the rerun spread: may be noise)" : "(beyond the rerun spread)") }')"
     fi
@@ -263,7 +264,7 @@ main() {
     *) if [ -n "$best" ]; then printf 'best:         %s (%s)\n' "$best" "$h7"; else printf 'best:         none yet\n'; fi ;;
   esac
   if [ "$mode" = baseline ]; then printf 'change:       baseline\n'
-  elif [ -n "$change" ]; then printf 'change:       %s vs the best before this run\n' "$change"
+  elif [ -n "$change" ]; then printf 'change:       %s\n' "$change"
   else printf 'change:       -\n'
   fi
   printf 'noise:        %s\n' "$noise"
@@ -337,8 +338,8 @@ choose_sandbox() {
            .pypirc .npmrc .huggingface .cache/huggingface .claude .claude.json .codex .config/anthropic .config/openai; do
     [ ! -e "${HOME:-/nonexistent}/$p" ] || masks+=("$HOME/$p")
   done
-  box=() box_on="" box_off="" box_tmp=$tmp/t
-  local pdeath=()
+  box=() box_kind=none box_on="" box_off="" box_tmp=$tmp/t pdeath=()
+  # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = auto ] || [ "$want_box" = bwrap ]; then
     if command -v bwrap >/dev/null; then
@@ -349,7 +350,7 @@ choose_sandbox() {
       for p in "${masks[@]}"; do if [ -d "$p" ]; then box+=(--tmpfs "$p"); else box+=(--ro-bind /dev/null "$p"); fi; done
       box+=(--chdir "$root")
       if "${box[@]}" true 2>"$tmp/box.err"; then
-        box_tmp=/tmp
+        box_kind=bwrap box_tmp=/tmp
         box_on="bubblewrap: no network; read-only filesystem (repository, git metadata, prepared data) except run.log and $cache/compile; private /tmp; /dev/nvidia* visible; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
         return 0
       fi
@@ -379,6 +380,7 @@ choose_sandbox() {
     for p in "${masks[@]}"; do box+=("mask:$p"); done
     box+=(--)
     if command -v unshare >/dev/null && (cd / && "${box[@]}" true) 2>"$tmp/box.err"; then
+      box_kind=unshare
       box_on="unshare: no network; read-only repository, git metadata and prepared data except run.log and $cache/compile; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
       box_off="${box_off}private /tmp (unshare shares /tmp; TMPDIR is private)"
       return 0
@@ -430,20 +432,29 @@ take_gpu_locks() {
 }
 
 # run_boxed LIMIT CMD...: CMD in the sandbox with the allow-listed environment, in
-# its own process group (timeout makes one), killed with it after LIMIT seconds.
+# its own process group (timeout makes one), killed with it after LIMIT seconds;
+# timeout dies with run.sh, and the sandbox with timeout.
 run_boxed() {
   local limit=$1 rc=0; shift
   mkdir -p "$tmp/t"
-  timeout -s KILL "$limit" "${box[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" "$@" </dev/null 8>&- &
+  "${pdeath[@]}" timeout -s KILL "$limit" "${box[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
+    AUTORESEARCH_RUN="$run_id" "$@" </dev/null 8>&- &
   child=$!
-  if [ -d "$state/pending" ]; then put pgid "$child"; put start "$(proc_start "$child")"; fi
   wait "$child" || rc=$?
   kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
   child=""
+  # Without a PID namespace to end them, processes that left the group are found by tag.
+  [ "$box_kind" != none ] || kill_run "$run_id" || true
   return "$rc"
 }
-proc_start() { local s f; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; read -ra f <<<"${s##*) }"; printf '%s' "${f[19]}"; }
+# Kills the processes of a run, found by the AUTORESEARCH_RUN tag in their environment.
+kill_run() {
+  local f pids=()
+  while IFS= read -r f; do pids+=("${f//[!0-9]/}"); done < <(grep -lsxz -- "AUTORESEARCH_RUN=$1" /proc/[0-9]*/environ)
+  [ ${#pids[@]} -eq 0 ] || kill -KILL "${pids[@]}" 2>/dev/null
+  [ ${#pids[@]} -gt 0 ]
+}
 
 # --------------------------------------------------- before and after training
 # Copies of what training must not change, outside the repository.
@@ -510,12 +521,10 @@ finish_pending() {
 # An earlier run.sh died (killed, machine lost) before finishing: stop what it left
 # running, record it as a crash, put HEAD back to the kept commit.
 recover() {
-  local pgid start kept tried mode head branch
-  pgid=$(get pgid); start=$(get start)
-  if [ -n "$pgid" ] && [ -n "$start" ] && [ "$(proc_start "$pgid")" = "$start" ]; then
-    kill -KILL -- "-$pgid" 2>/dev/null
-    say "recover: stopped the training left running by the interrupted run (process group $pgid)"
-    sleep 0.5
+  local kept tried mode head branch
+  if [ -n "$(get runid)" ] && kill_run "$(get runid)"; then
+    say "recover: stopped processes the interrupted run left running"
+    sleep 0.5   # let them go, and their GPU locks with them
   fi
   kept=$(get kept); tried=$(get tried); mode=$(get mode); branch=$(get branch)
   head=$(g rev-parse -q --verify HEAD)

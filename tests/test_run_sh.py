@@ -1,0 +1,926 @@
+"""run.sh, driven end to end in throw-away git repositories.
+
+Each test builds a small repository (main branch: run.sh from this checkout, a
+stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
+train.py that prints the summary block in well under a second) and runs the real
+run.sh against it with real git and real processes.
+
+Sandbox-specific tests run once per sandbox kind available here (bwrap, unshare,
+none); a kind that this machine cannot provide is skipped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+RUN_SH = Path(__file__).resolve().parents[1] / "run.sh"
+PY = sys.executable
+HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
+
+
+def _works(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+HAVE_BWRAP = shutil.which("bwrap") is not None and _works(
+    ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
+)
+HAVE_UNSHARE = shutil.which("unshare") is not None and _works(
+    ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "true"]
+)
+needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed or not usable here")
+needs_unshare = pytest.mark.skipif(not HAVE_UNSHARE, reason="unprivileged unshare is not usable here")
+SANDBOXES = [
+    pytest.param("bwrap", marks=needs_bwrap),
+    pytest.param("unshare", marks=needs_unshare),
+    "none",
+]
+CONTAINED = SANDBOXES[:2]
+
+PREPARE = '''\
+"""Stand-in prepare.py: --check verifies data.bin against its recorded fingerprint."""
+import hashlib, os, sys
+cache = os.environ["AUTORESEARCH_CACHE"]
+if os.environ.get("AUTORESEARCH_SMOKE") == "1":
+    cache = os.path.join(cache, "smoke")
+data = os.path.join(cache, "data.bin")
+if "--check" in sys.argv:
+    try:
+        digest = hashlib.sha256(open(data, "rb").read()).hexdigest()
+        recorded = open(data + ".sha256").read().strip()
+    except OSError as e:
+        sys.exit(f"missing prepared data: {e}")
+    if digest != recorded:
+        sys.exit(f"{data}: fingerprint mismatch")
+    print("prepared data ok")
+'''
+
+
+def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0) -> str:
+    """A stand-in train.py: runs `body`, then prints the summary block."""
+    return (
+        "import os, subprocess, sys, time\n"
+        + textwrap.dedent(body)
+        + textwrap.dedent(
+            f"""
+            print("step 1 | loss 3.0", flush=True)
+            print("---")
+            print("val_bpb:          {val}")
+            print("training_seconds: 0.1")
+            print("peak_vram_mb:     {mem}")
+            print("num_steps:        1")
+            sys.exit({exit_code})
+            """
+        )
+    )
+
+
+class Repo:
+    """A git repository on main with run.sh, the stand-ins, and prepared data."""
+
+    def __init__(self, tmp: Path, name: str = "repo"):
+        self.tmp = tmp
+        self.path = tmp / name
+        self.cache = tmp / "cache"
+        self.home = tmp / "home"
+        for d in (self.path, self.home, self.cache / "smoke"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.home),
+            "LANG": "C.UTF-8",
+            "AUTORESEARCH_PYTHON": PY,
+            "AUTORESEARCH_CACHE": str(self.cache),
+            "AUTORESEARCH_TIMEOUT": "30",
+            "AUTORESEARCH_TAG": "t1",
+            "GIT_CONFIG_GLOBAL": "/dev/null",  # a machine with no git identity
+            "GIT_CONFIG_NOSYSTEM": "1",
+        }
+        for d in (self.cache, self.cache / "smoke"):
+            self.prepare_data(d)
+
+    def init(self) -> "Repo":
+        self.git("init", "-q", "-b", "main")
+        shutil.copy(RUN_SH, self.path / "run.sh")
+        files = {
+            "prepare.py": PREPARE,
+            "train.py": trainer("1.0"),
+            "scratchpad.md": "# notes\n",
+            "program.md": "# program\n",
+            "pyproject.toml": "[project]\nname = 'x'\n",
+            "uv.lock": "version = 1\n",
+            "tests/test_x.py": "def test_x(): pass\n",
+            ".gitignore": "results.tsv\nrun.log\n__pycache__/\n",
+        }
+        for rel, text in files.items():
+            (self.path / rel).parent.mkdir(exist_ok=True)
+            (self.path / rel).write_text(text)
+        self.git("add", "-A")
+        self.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "initial")
+        return self
+
+    @staticmethod
+    def prepare_data(d: Path, content: bytes = b"tokens" * 100) -> None:
+        import hashlib
+
+        (d / "data.bin").write_bytes(content)
+        (d / "data.bin.sha256").write_text(hashlib.sha256(content).hexdigest() + "\n")
+
+    def git(self, *args: str) -> str:
+        env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+        out = subprocess.run(["git", *args], cwd=self.path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def run(self, *args: str, rc: int | None = 0, **env: str) -> subprocess.CompletedProcess:
+        p = subprocess.run(
+            ["./run.sh", *args], cwd=self.path, env={**self.env, **env}, capture_output=True, text=True, timeout=120
+        )
+        if rc is not None:
+            assert p.returncode == rc, f"rc {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+        return p
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["./run.sh", *args], cwd=self.path, env={**self.env, **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def write(self, rel: str, text: str) -> None:
+        (self.path / rel).write_text(text)
+
+    def read(self, rel: str) -> str:
+        return (self.path / rel).read_text()
+
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD")
+
+    def branch(self) -> str:
+        return self.git("branch", "--show-current")
+
+    def rows(self) -> list[list[str]]:
+        lines = self.read("results.tsv").splitlines()
+        assert lines[0].split("\t")[:5] == HEADER
+        return [line.split("\t") for line in lines[1:]]
+
+    def table(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "results.tsv", sep="\t")
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            log = self.path / "run.log"
+            if log.exists() and text in log.read_text():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared in run.log")
+
+    def snapshot(self) -> dict:
+        """Everything a refusal must leave alone."""
+        files = {}
+        for p in sorted(self.path.rglob("*")):
+            if ".git" in p.relative_to(self.path).parts or not p.is_file():
+                continue
+            files[str(p.relative_to(self.path))] = p.read_bytes()
+        return {
+            "head": self.head(),
+            "branch": self.branch(),
+            "status": self.git("status", "--porcelain", "--untracked-files=all", "--ignored"),
+            "refs": self.git("for-each-ref"),
+            "files": files,
+        }
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    return Repo(tmp_path).init()
+
+
+@pytest.fixture
+def based(repo: Repo) -> Repo:
+    """A repository on autoresearch/t1 with a kept baseline of val_bpb 1.0."""
+    repo.run("baseline")
+    return repo
+
+
+def pids_with(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose command line holds marker."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (d / "cmdline").read_bytes():
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def wait_gone(marker: str, timeout: float = 5) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not pids_with(marker):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# A grandchild: train.py starts a process that would outlive it.
+GRANDCHILD = """
+marker = os.environ.get("MARKER_UNUSED") or "{marker}"
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker])
+print("started", flush=True)
+"""
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_first_run_starts_a_branch_and_keeps_the_unchanged_baseline(repo: Repo):
+    main_head = repo.head()
+    out = repo.run("baseline").stdout
+    assert repo.branch() == "autoresearch/t1"
+    assert repo.git("rev-parse", "main") == main_head  # main is untouched
+    assert repo.git("log", "-1", "--format=%s") == "baseline"
+    assert repo.git("rev-parse", "HEAD^") == main_head
+    rows = repo.rows()
+    assert rows == [[repo.head()[:7], "1.000000", "2.0", "keep", "baseline", "autoresearch/t1"]]
+    assert "status:       keep" in out and "change:       baseline" in out
+    assert "experiments:  1 on autoresearch/t1" in out
+
+
+def test_keep_when_lower_and_report(based: Repo):
+    based.write("train.py", trainer("0.95", mem="45060.2"))
+    out = based.run("lower is better").stdout
+    assert based.rows()[-1] == [based.head()[:7], "0.950000", "44.0", "keep", "lower is better", "autoresearch/t1"]
+    assert based.git("log", "-1", "--format=%s") == "lower is better"
+    assert based.git("show", "--name-only", "--format=", "HEAD") == "train.py"  # train.py alone
+    for line in ("status:       keep", "val_bpb:      0.950000", "memory_gb:    44.0",
+                 "change:       -0.050000", "experiments:  2 on autoresearch/t1 (2 keep, 0 discard"):
+        assert line in out
+    assert "log:          run.log" in out
+    assert "val_bpb:          0.95" in based.read("run.log")
+
+
+def test_discard_reverts_train_py_but_not_scratchpad(based: Repo):
+    kept = based.head()
+    based.write("train.py", trainer("1.01"))
+    based.write("scratchpad.md", "# notes\nidea: try 1.01\n")
+    out = based.run("worse").stdout
+    row = based.rows()[-1]
+    assert row[3] == "discard" and row[1] == "1.010000"
+    assert based.head() == kept
+    assert based.read("train.py") == trainer("1.0")
+    assert based.read("scratchpad.md") == "# notes\nidea: try 1.01\n"
+    assert based.git("status", "--porcelain") == "M scratchpad.md"
+    assert "val_bpb:          1.01" in based.read("run.log")  # run.log survives the revert
+    assert f"commit:       {row[0]} reverted" in out
+    assert "1.01" in based.git("show", f"{row[0]}:train.py")
+
+
+def test_equal_is_not_better_and_min_improvement(based: Repo):
+    based.write("train.py", trainer("1.0") + "# a comment\n")
+    assert based.run("same value").stdout.count("status:       discard") == 1
+    based.write("train.py", trainer("0.99"))
+    based.run("small gain", AUTORESEARCH_MIN_IMPROVEMENT="0.02")
+    assert based.rows()[-1][3] == "discard"
+    based.write("train.py", trainer("0.99"))  # the discard put train.py back
+    based.run("small gain again", AUTORESEARCH_MIN_IMPROVEMENT="0.005")
+    assert based.rows()[-1][3] == "keep"
+
+
+@pytest.mark.parametrize(
+    "body, val, code, why",
+    [
+        ("raise RuntimeError('boom in the model')\n", "1.0", 0, "boom in the model"),
+        ("", "nan", 1, "exited with code 1"),  # NaN loss: train.py exits non-zero
+        ("", "nan", 0, "no finite val_bpb"),  # NaN printed, exit 0: still a crash
+        ("", "inf", 0, "no finite val_bpb"),
+        ("print('---')\n", "", 0, "no finite val_bpb"),  # no value at all
+    ],
+    ids=["exception", "nan-exit", "nan-printed", "inf", "missing"],
+)
+def test_crash(based: Repo, body, val, code, why):
+    kept = based.head()
+    based.write("train.py", trainer(val, body=body, exit_code=code))
+    based.write("scratchpad.md", "# keep me\n")
+    out = based.run("this crashes").stdout
+    row = based.rows()[-1]
+    assert row[1:5] == ["0.000000", "0.0", "crash", "this crashes"]
+    assert based.head() == kept and based.read("train.py") == trainer("1.0")
+    assert based.read("scratchpad.md") == "# keep me\n"
+    assert "last 50 lines of run.log" in out and why in out
+    if body.startswith("raise"):
+        assert "Traceback" in out and "RuntimeError" in out
+    assert "best:         1.000000" in out  # the best does not move
+
+
+def test_crash_prints_only_the_last_50_lines(based: Repo):
+    based.write("train.py", "for i in range(200): print(f'line {i}')\nraise SystemExit(3)\n")
+    out = based.run("noisy crash").stdout
+    assert "line 199" in out and "line 150" in out and "line 149" not in out
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_hang_is_killed_at_the_limit_with_its_children(based: Repo, box):
+    marker = f"hang-grandchild-{os.getpid()}-{box}"
+    based.write("train.py", trainer(body=GRANDCHILD.format(marker=marker) + "time.sleep(600)\n"))
+    t0 = time.time()
+    out = based.run("hangs", AUTORESEARCH_TIMEOUT="3", AUTORESEARCH_SANDBOX=box).stdout
+    assert 2.5 < time.time() - t0 < 15
+    assert based.rows()[-1][3] == "crash"
+    assert "timed out after 3s" in out and "started" in out
+    assert wait_gone(marker), f"grandchild still alive: {pids_with(marker)}"
+
+
+@pytest.mark.parametrize("box", CONTAINED)
+def test_network_is_unreachable(based: Repo, box):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(6)
+    port = srv.getsockname()[1]
+    accepted = []
+    t = threading.Thread(target=lambda: accepted.append(_accept(srv)))
+    t.start()
+    body = f"""
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=2).sendall(b"leak")
+        print("NETWORK: connected")
+    except OSError as e:
+        print("NETWORK: blocked", e)
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("phones home", AUTORESEARCH_SANDBOX=box).stdout
+    t.join()
+    srv.close()
+    assert accepted == [False]
+    assert "NETWORK: blocked" in based.read("run.log")
+    assert "no network" in out
+
+
+def _accept(srv: socket.socket) -> bool:
+    try:
+        srv.accept()[0].close()
+        return True
+    except OSError:
+        return False
+
+
+def test_the_network_test_would_notice_a_connection(based: Repo):
+    """Without a sandbox the same trainer does connect: the test above can fail."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    based.write("train.py", trainer("0.9", body=f"import socket; socket.create_connection(('127.0.0.1', {port}))\n"))
+    out = based.run("phones home", AUTORESEARCH_SANDBOX="none").stdout
+    srv.close()
+    assert "WARNING: training runs without an OS sandbox" in out
+    assert based.rows()[-1][3] == "keep"
+
+
+TAMPER = """
+import pathlib
+for target, text in [("prepare.py", "print('pwned')"), ("results.tsv", "fake\\trow"),
+                     (".git/hooks/pre-commit", "#!/bin/sh\\ntouch {marker}"),
+                     (".git/config", "[core]\\n\\tfsmonitor = touch {marker}"),
+                     ("{data}", "poisoned"), ("sitecustomize.py", "print('pwned')")]:
+    try:
+        with open(target, "a") as f:
+            f.write(text)
+        print("WROTE", target)
+    except OSError as e:
+        print("BLOCKED", target, e.strerror)
+"""
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_tampering_is_stopped_or_caught(based: Repo, box):
+    marker = based.tmp / "hook-ran"
+    body = TAMPER.format(marker=marker, data=based.cache / "data.bin")
+    based.write("train.py", trainer("0.9", body=body))
+    before = {p: (based.path / p).read_bytes() for p in ("prepare.py", "results.tsv", ".git/config")}
+    data_before = (based.cache / "data.bin").read_bytes()
+    out = based.run("tampers", AUTORESEARCH_SANDBOX=box).stdout
+    log = based.read("run.log")
+    if box == "none":
+        assert log.count("WROTE") == 6
+        assert based.rows()[-1][3] == "crash"
+        for what in ("prepare.py", "results.tsv", ".git/hooks", ".git/config", "sitecustomize.py",
+                     "prepared data"):
+            assert what in out, what
+        (based.cache / "data.bin").write_bytes(data_before)  # only data outside git is not put back
+    else:
+        assert log.count("BLOCKED") == 6 and "Read-only file system" in log
+        assert based.rows()[-1][3] == "keep"
+    for p, b in before.items():
+        p_now = (based.path / p).read_bytes()
+        assert p_now == b if p != "results.tsv" else p_now.startswith(b)
+    assert not (based.path / ".git/hooks/pre-commit").exists()
+    assert not (based.path / "sitecustomize.py").exists()
+    assert (based.cache / "data.bin").read_bytes() == data_before
+    assert len(based.rows()) == 2 and based.git("status", "--porcelain") == ""
+    based.write("train.py", trainer("0.8"))
+    based.run("after tampering")  # the next run works, and no hook ever ran
+    assert not marker.exists()
+
+
+def test_git_hooks_never_run(based: Repo):
+    marker = based.tmp / "hook-ran"
+    for hook in ("pre-commit", "commit-msg", "post-commit", "reference-transaction", "post-checkout"):
+        p = based.path / ".git/hooks" / hook
+        p.write_text(f"#!/bin/sh\necho {hook} >> {marker}\n")
+        p.chmod(0o755)
+    based.write("train.py", trainer("0.9"))
+    based.run("keep")
+    based.write("train.py", trainer("0.95"))
+    based.run("discard")
+    assert not marker.exists()
+
+
+def test_secrets_do_not_reach_training(based: Repo):
+    body = "print('ENV', sorted(os.environ))\nprint('VALUES', list(os.environ.values()))\n"
+    based.write("train.py", trainer("0.9", body=body))
+    based.run("env", OPENAI_API_KEY="sekrit-1", HF_TOKEN="sekrit-2", MY_PASSWORD="sekrit-3",
+              RANDOM_VAR="sekrit-4", CUDA_VISIBLE_DEVICES="7", OMP_NUM_THREADS="2")
+    log = based.read("run.log")
+    assert "sekrit" not in log
+    assert "'CUDA_VISIBLE_DEVICES'" in log and "'OMP_NUM_THREADS'" in log and "'AUTORESEARCH_CACHE'" in log
+
+
+@needs_bwrap
+def test_bwrap_sandbox_details(based: Repo):
+    (based.home / ".ssh").mkdir()
+    (based.home / ".ssh/id_rsa").write_text("PRIVATE KEY")
+    assert (based.cache / "compile").is_dir()  # run.sh made it
+    body = f"""
+    import pathlib, tempfile
+    print("SSH", os.listdir({str(based.home / '.ssh')!r}))
+    pathlib.Path({str(based.cache / 'compile/kernel')!r}).write_text("cached")
+    pathlib.Path("/tmp/scratch-{os.getpid()}").write_text("x")
+    print("TMP", sorted(os.listdir("/tmp")))
+    print("PID", os.getpid())
+    """
+    host_file = Path(f"/tmp/host-only-{os.getpid()}")
+    host_file.write_text("host")
+    try:
+        based.write("train.py", trainer("0.9", body=body))
+        out = based.run("sandboxed", AUTORESEARCH_SANDBOX="bwrap").stdout
+    finally:
+        host_file.unlink()
+    log = based.read("run.log")
+    assert "SSH []" in log  # credentials hidden
+    assert (based.cache / "compile/kernel").read_text() == "cached"  # the compile cache is writable
+    assert f"scratch-{os.getpid()}" in log and host_file.name not in log  # private /tmp
+    assert not Path(f"/tmp/scratch-{os.getpid()}").exists()
+    assert "PID 2" in log or "PID 1" in log  # its own PID namespace
+    assert "sandbox: bubblewrap" in out
+
+
+def path_without(tmp: Path, *tools: str) -> str:
+    """A PATH with every program of the current PATH except tools."""
+    d = tmp / ("bin-without-" + "-".join(tools))
+    d.mkdir(exist_ok=True)
+    for entry in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(entry):
+            continue
+        for name in os.listdir(entry):
+            link = d / name
+            if name not in tools and not link.exists() and os.access(os.path.join(entry, name), os.X_OK):
+                link.symlink_to(os.path.join(entry, name))
+    return str(d)
+
+
+def test_forced_sandbox_that_is_missing_refuses(repo: Repo):
+    _refuses(repo, ["x"], expect="AUTORESEARCH_SANDBOX=bwrap but bubblewrap (not installed)",
+             AUTORESEARCH_SANDBOX="bwrap", PATH=path_without(repo.tmp, "bwrap"))
+
+
+@needs_unshare
+def test_auto_falls_back_to_unshare_and_says_so(repo: Repo):
+    out = repo.run("baseline", PATH=path_without(repo.tmp, "bwrap")).stdout
+    assert "sandbox: unshare: no network" in out
+    assert "sandbox, not available: bubblewrap (not installed)" in out
+
+
+def test_no_sandbox_at_all_still_runs_and_says_so(repo: Repo):
+    out = repo.run("baseline", PATH=path_without(repo.tmp, "bwrap", "unshare")).stdout
+    assert "WARNING: training runs without an OS sandbox" in out and "sandbox: none" in out
+    assert repo.rows()[-1][3] == "keep"
+
+
+def test_refuses_without_uv_or_a_python(repo: Repo):
+    env = {k: v for k, v in repo.env.items() if k != "AUTORESEARCH_PYTHON"}
+    repo.env = env
+    _refuses(repo, ["x"], expect="uv is not installed", PATH=path_without(repo.tmp, "uv"))
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _refuses(repo: Repo, args, rc=3, expect="refused", **env) -> str:
+    before = repo.snapshot()
+    p = repo.run(*args, rc=rc, **env)
+    assert expect in p.stderr, p.stderr
+    assert repo.snapshot() == before
+    return p.stderr
+
+
+@pytest.mark.parametrize("path", ["prepare.py", "pyproject.toml", "uv.lock", "run.sh", "program.md",
+                                  "tests/test_x.py", ".gitignore"])
+def test_refuses_modified_files(based: Repo, path):
+    based.write("train.py", trainer("0.9"))
+    (based.path / path).write_text((based.path / path).read_text() + "\n# changed\n")
+    err = _refuses(based, ["try it"])
+    assert path in err
+
+
+def test_refuses_deleted_file(based: Repo):
+    (based.path / "program.md").unlink()
+    based.write("train.py", trainer("0.9"))
+    assert "program.md" in _refuses(based, ["try it"])
+
+
+def test_refuses_a_branch_committed_differently(based: Repo):
+    based.write("prepare.py", PREPARE + "# tweak\n")
+    based.git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-qam", "sneaky")
+    based.write("train.py", trainer("0.9"))
+    assert "prepare.py" in _refuses(based, ["try it"])
+
+
+def test_refuses_unchanged_train_py_after_the_baseline(based: Repo):
+    assert "unchanged" in _refuses(based, ["nothing changed"])
+
+
+def test_refuses_unchanged_after_a_discard(based: Repo):
+    based.write("train.py", trainer("1.5"))
+    based.run("worse")
+    assert "unchanged" in _refuses(based, ["again"])
+
+
+@pytest.mark.parametrize("args", [[], [""], ["  \n\t "]], ids=["none", "empty", "blank"])
+def test_refuses_no_description(based: Repo, args):
+    based.write("train.py", trainer("0.9"))
+    _refuses(based, args, rc=2, expect="description is required")
+
+
+def test_refuses_unknown_option(repo: Repo):
+    _refuses(repo, ["--fast", "x"], rc=2, expect="unknown option")
+
+
+@pytest.mark.parametrize("env", [{"AUTORESEARCH_TIMEOUT": "soon"}, {"AUTORESEARCH_TIMEOUT": "0"},
+                                 {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"}])
+def test_refuses_bad_settings(repo: Repo, env):
+    _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_", **env)
+
+
+def test_refuses_missing_data_and_names_the_command(repo: Repo):
+    (repo.cache / "data.bin").unlink()
+    err = _refuses(repo, ["baseline"])
+    assert "missing prepared data" in err and "uv run prepare.py" in err
+
+
+def test_refuses_data_that_does_not_match_its_fingerprint(based: Repo):
+    (based.cache / "data.bin").write_bytes(b"changed")
+    based.write("train.py", trainer("0.9"))
+    assert "fingerprint mismatch" in _refuses(based, ["x"])
+
+
+def test_refuses_missing_smoke_data_with_the_smoke_command(repo: Repo):
+    shutil.rmtree(repo.cache / "smoke")
+    err = _refuses(repo, ["x"], AUTORESEARCH_SMOKE="1")
+    assert "AUTORESEARCH_SMOKE=1 uv run prepare.py" in err
+
+
+def test_refuses_when_another_run_holds_the_checkout(based: Repo):
+    based.write("train.py", trainer("0.9"))
+    with open(based.path / ".git/autoresearch/lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert "already running" in _refuses(based, ["x"])
+
+
+def test_refuses_rerun_with_a_modified_train_py(based: Repo):
+    based.write("train.py", trainer("0.9"))
+    assert "uncommitted changes" in _refuses(based, ["--rerun", "noise"])
+
+
+def test_refuses_rerun_before_any_result(repo: Repo):
+    _refuses(repo, ["--rerun", "noise"])
+
+
+def test_refuses_an_existing_explicit_tag(based: Repo):
+    based.git("switch", "-q", "main")
+    _refuses(based, ["--tag", "t1", "x"], expect="already exists")
+
+
+def test_refuses_other_branches(repo: Repo):
+    repo.git("switch", "-q", "-c", "feature")
+    _refuses(repo, ["x"], expect="feature")
+
+
+def test_refuses_without_a_python(repo: Repo):
+    _refuses(repo, ["x"], AUTORESEARCH_PYTHON="/nonexistent/python")
+
+
+# ---------------------------------------------------------- concurrency, kills
+
+
+def test_two_runs_at_once_one_refuses(based: Repo):
+    based.write("train.py", trainer("0.9", body="print('started', flush=True); time.sleep(2)\n"))
+    first = based.popen("slow one")
+    try:
+        based.wait_for_log("started")
+        before = based.snapshot()
+        p = based.run("second", rc=3)
+        assert "already running in this checkout" in p.stderr
+        assert based.snapshot() == before
+    finally:
+        out = first.communicate(timeout=60)[0]
+    assert first.returncode == 0 and "status:       keep" in out
+    assert [r[4] for r in based.rows()] == ["baseline", "slow one"]
+
+
+def test_worktrees_share_a_gpu_lock_but_not_other_gpus(based: Repo):
+    other = based.tmp / "wt"
+    based.git("worktree", "add", "-q", "--detach", str(other), "main")
+    wt = Repo(based.tmp, "wt")
+    based.write("train.py", trainer("0.9", body="print('started', flush=True); time.sleep(2)\n"))
+    first = based.popen("gpu 0", CUDA_VISIBLE_DEVICES="0")
+    try:
+        based.wait_for_log("started")
+        before = wt.snapshot()
+        p = wt.run("also gpu 0", rc=3, CUDA_VISIBLE_DEVICES="0", AUTORESEARCH_TAG="t2")
+        assert "GPU 0 is in use" in p.stderr and str(based.path) in p.stderr
+        assert wt.snapshot() == before
+        p = wt.run("all gpus", rc=3, AUTORESEARCH_TAG="t2")  # unset: all GPUs
+        out = wt.run("gpu 1", CUDA_VISIBLE_DEVICES="1", AUTORESEARCH_TAG="t2").stdout
+        assert "status:       keep" in out and wt.branch() == "autoresearch/t2"
+    finally:
+        assert first.wait(timeout=60) == 0
+    assert based.rows()[-1][3] == "keep" and wt.rows()[-1][5] == "autoresearch/t2"
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_sigkill_mid_training_then_the_next_run_recovers(based: Repo, box):
+    kept = based.head()
+    marker = f"killed-grandchild-{os.getpid()}-{box}"
+    based.write("train.py", trainer("0.9", body=GRANDCHILD.format(marker=marker) + "time.sleep(600)\n"))
+    proc = based.popen("killed midway", AUTORESEARCH_SANDBOX=box)
+    based.wait_for_log("started")
+    tried = based.head()
+    assert tried != kept
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if box != "none":  # the sandbox dies with run.sh
+        assert wait_gone(marker), pids_with(marker)
+    # The change is still in train.py; the agent fixes the hang and runs again.
+    assert "time.sleep(600)" in based.read("train.py")
+    based.write("train.py", trainer("0.9"))
+    out = based.run("without the hang", AUTORESEARCH_SANDBOX=box).stdout
+    assert wait_gone(marker, timeout=2)  # without a sandbox the recovery stops leftovers
+    assert "recover" in out
+    rows = based.rows()
+    assert [r[3] for r in rows] == ["keep", "crash", "keep"]
+    assert rows[1][0] == tried[:7] and rows[1][4] == "killed midway [interrupted]"
+    assert based.git("rev-parse", "HEAD^") == kept
+    assert "0.9" in based.git("show", f"{tried}:train.py")
+    assert not (based.path / ".git/autoresearch/pending").exists()
+    assert based.table().shape[0] == 3
+
+
+def test_sigterm_records_a_crash_and_stops_training(based: Repo):
+    kept = based.head()
+    marker = f"term-grandchild-{os.getpid()}"
+    based.write("train.py", trainer("0.9", body=GRANDCHILD.format(marker=marker) + "time.sleep(600)\n"))
+    proc = based.popen("interrupted")
+    based.wait_for_log("started")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 130
+    assert wait_gone(marker)
+    assert based.rows()[-1][3:5] == ["crash", "interrupted [interrupted]"]
+    assert based.head() == kept and "0.9" in based.read("train.py")  # the change waits to be rerun
+
+
+def test_recovery_after_a_kill_right_after_the_commit(based: Repo):
+    """State as if run.sh died between its commit and training: journal with no tried commit."""
+    kept = based.head()
+    based.write("train.py", trainer("0.9"))
+    based.git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-qam", "half done")
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "mode": "experiment", "branch": "autoresearch/t1", "msg": "half done"}.items():
+        (pending / k).write_text(v)
+    based.run("again")
+    rows = based.rows()
+    assert [r[3:5] for r in rows[1:]] == [["crash", "half done [interrupted]"], ["keep", "again"]]
+
+
+def test_recovery_completes_a_decided_run_and_repairs_a_torn_row(based: Repo):
+    """State as if run.sh died while appending a discard row."""
+    kept = based.head()
+    based.write("train.py", trainer("1.2"))
+    based.git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-qam", "decided")
+    tried = based.head()
+    size = (based.path / "results.tsv").stat().st_size
+    row = f"{tried[:7]}\t1.200000\t2.0\tdiscard\tdecided\tautoresearch/t1"
+    with open(based.path / "results.tsv", "a") as f:
+        f.write(row[:12])  # a torn write
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "tried": tried, "mode": "experiment", "branch": "autoresearch/t1",
+                 "msg": "decided", "status": "discard", "row": row, "size": str(size)}.items():
+        (pending / k).write_text(v)
+    p = based.run("nothing new", rc=3)  # recovered, then refused: train.py is the kept one again
+    assert "recover" in p.stdout and "unchanged" in p.stderr
+    assert based.head() == kept and based.read("train.py") == trainer("1.0")
+    assert [r[3] for r in based.rows()] == ["keep", "discard"]
+    assert based.rows()[-1] == row.split("\t")
+
+
+# --------------------------------------------------------- results and noise
+
+
+DESCRIPTIONS = [
+    ("tab\there", "tab here"),
+    ("two\nlines\r\nthree", "two / lines / three"),
+    ('say "hi" to it', 'say "hi" to it'),
+    ('"leading quote', '"leading quote'),
+    ("it's a $(touch pwned) `x` \\n", "it's a $(touch pwned) `x` \\n"),
+    ("énergie → 更好 🚀", "énergie → 更好 🚀"),
+    ("  padded  ", "padded"),
+    ("-starts with a dash", "-starts with a dash"),
+]
+
+
+def test_descriptions_are_made_safe(based: Repo):
+    for i, (desc, _) in enumerate(DESCRIPTIONS):
+        based.write("train.py", trainer(f"0.9{9 - i}"))
+        args = ["--", desc] if desc.startswith("-") else [desc]
+        based.run(*args)
+        assert based.git("log", "-1", "--format=%B").strip() == desc.strip().replace("\r\n", "\n")
+    df = based.table()
+    assert df["description"].tolist()[1:] == [want for _, want in DESCRIPTIONS]
+    assert len(based.rows()) == len(DESCRIPTIONS) + 1 and all(len(r) == 6 for r in based.rows())
+    assert not (based.path / "pwned").exists()
+
+
+def test_results_tsv_reads_with_pandas_with_the_right_types(based: Repo):
+    based.write("train.py", trainer("0.9", mem="45060.2"))
+    based.run("keep")
+    based.write("train.py", trainer("0.95"))
+    based.run("discard")
+    based.write("train.py", "raise SystemExit(1)\n")
+    based.run("crash")
+    df = based.table()
+    assert list(df.columns[:5]) == HEADER
+    assert df["val_bpb"].dtype == "float64" and df["memory_gb"].dtype == "float64"
+    assert pd.api.types.is_string_dtype(df["commit"]) and pd.api.types.is_string_dtype(df["status"])
+    assert df["status"].tolist() == ["keep", "keep", "discard", "crash"]
+    assert df["val_bpb"].tolist() == [1.0, 0.9, 0.95, 0.0]
+    assert df["memory_gb"].tolist() == [2.0, 44.0, 2.0, 0.0]
+    assert all(len(c) == 7 for c in df["commit"])
+    text = based.read("results.tsv")
+    assert text.startswith("commit\tval_bpb\tmemory_gb\tstatus\tdescription") and text.endswith("\n")
+
+
+def test_results_tsv_is_created_then_appended(based: Repo):
+    first = based.read("results.tsv")
+    assert first.count("commit\t") == 1
+    based.write("train.py", trainer("0.9"))
+    based.run("second")
+    text = based.read("results.tsv")
+    assert text.startswith(first) and text.count("commit\t") == 1 and len(text.splitlines()) == 3
+
+
+def test_results_tsv_created_when_missing_mid_branch(based: Repo):
+    (based.path / "results.tsv").unlink()
+    based.write("train.py", trainer("0.9"))
+    based.run("after deletion")
+    lines = based.read("results.tsv").splitlines()
+    assert lines[0].startswith("commit\tval_bpb") and len(lines) == 2
+
+
+def test_discarded_commit_survives_gc(based: Repo):
+    based.write("train.py", trainer("1.3"))
+    based.run("discard me")
+    tried = based.rows()[-1][0]
+    based.git("reflog", "expire", "--expire=now", "--all")
+    based.git("gc", "-q", "--prune=now")
+    assert "1.3" in based.git("show", f"{tried}:train.py")
+    assert based.git("log", "-1", "--format=%s", tried) == "discard me"
+
+
+def test_rerun_never_moves_the_best_and_shows_the_spread(based: Repo):
+    best = based.head()
+    out = based.run("--rerun", "noise 1").stdout
+    assert based.rows()[-1] == [best[:7], "1.000000", "2.0", "rerun", "noise 1", "autoresearch/t1"]
+    assert based.head() == best and based.git("status", "--porcelain") == ""
+    assert "status:       rerun" in out and "best:         1.000000" in out
+    assert "noise:        val_bpb spread 0.000000 over 2 runs of " + best[:7] in out
+    based.write("train.py", trainer("0.995"))
+    out = based.run("small gain").stdout
+    assert "status:       keep" in out and "(beyond the rerun spread)" in out
+
+
+# The same code measuring differently each time, as on a GPU: the value comes from a file.
+NOISY = """import os
+v = open(os.environ["AUTORESEARCH_CACHE"] + "/v").read().strip()
+print("---")
+print("val_bpb:", v)
+print("peak_vram_mb: 1024")
+"""
+
+
+def test_rerun_spread_flags_noise(based: Repo):
+    noisy = NOISY
+    (based.cache / "v").write_text("0.98")
+    (based.cache / "v").write_text("0.98")
+    based.write("train.py", noisy)
+    based.run("noisy trainer, 0.98")
+    (based.cache / "v").write_text("0.97")
+    out = based.run("--rerun", "noise").stdout
+    assert "status:       rerun" in out and "val_bpb:      0.970000" in out
+    assert "noise:        val_bpb spread 0.010000 over 2 runs" in out
+    assert "best:         0.980000" in out  # a lucky rerun does not move the best
+    based.write("train.py", noisy + "# tweak\n")
+    (based.cache / "v").write_text("0.975")
+    out = based.run("within noise").stdout
+    assert "status:       keep" in out and "(within the rerun spread: may be noise)" in out
+
+
+def test_smoke_rows_are_marked(repo: Repo):
+    out = repo.run("baseline", AUTORESEARCH_SMOKE="1").stdout
+    assert "smoke profile" in out
+    assert repo.rows()[-1][4] == "[smoke] baseline"
+    assert repo.git("log", "-1", "--format=%s") == "[smoke] baseline"
+    repo.write("train.py", trainer("0.9"))
+    repo.run('a "quoted" change', AUTORESEARCH_SMOKE="1")
+    assert repo.table()["description"].tolist() == ["[smoke] baseline", '[smoke] a "quoted" change']
+    # A GPU run on the same branch does not compare itself with smoke results.
+    repo.write("train.py", trainer("0.95"))
+    out = repo.run("first gpu run").stdout
+    assert "status:       keep" in out and "change:       -\n" in out
+
+
+def test_fallback_git_identity(repo: Repo):
+    out = repo.run("baseline").stdout
+    assert "no git identity configured" in out
+    assert repo.git("log", "-1", "--format=%an <%ae>") == "autoresearch run.sh <run.sh@autoresearch.invalid>"
+    assert "email" not in (repo.path / ".git/config").read_text()  # nothing written to the config
+
+
+def test_configured_git_identity_is_used(repo: Repo):
+    repo.git("config", "user.name", "Ada")
+    repo.git("config", "user.email", "ada@example.com")
+    out = repo.run("baseline").stdout
+    assert "no git identity" not in out
+    assert repo.git("log", "-1", "--format=%an <%ae>") == "Ada <ada@example.com>"
+
+
+def test_help(repo: Repo):
+    assert "usage: ./run.sh" in repo.run("--help").stdout
+
+
+def test_tags_from_option_and_date_and_suffix(repo: Repo):
+    env = {k: v for k, v in repo.env.items() if k != "AUTORESEARCH_TAG"}
+    repo.env = env
+    repo.run("--tag", "mytag", "first")
+    assert repo.branch() == "autoresearch/mytag"
+    repo.git("switch", "-q", "main")
+    repo.run("dated")
+    dated = repo.branch()
+    assert dated == "autoresearch/" + time.strftime("%b%d").lower()
+    repo.git("switch", "-q", "main")
+    repo.run("dated again")
+    assert repo.branch() == dated + "b"
+    assert repo.git("rev-parse", f"refs/autoresearch/base/{dated[13:]}b") == repo.git("rev-parse", "main")
+
+
+def test_detached_worktree_starts_its_own_branch(based: Repo):
+    based.git("worktree", "add", "-q", "--detach", str(based.tmp / "wt2"), "main")
+    wt = Repo(based.tmp, "wt2")
+    out = wt.run("baseline gpu1", AUTORESEARCH_TAG="gpu1", CUDA_VISIBLE_DEVICES="1").stdout
+    assert "started branch autoresearch/gpu1" in out and wt.branch() == "autoresearch/gpu1"
+    assert based.branch() == "autoresearch/t1"
+    assert not (based.path / ".git/worktrees/wt2/autoresearch/pending").exists()
