@@ -214,7 +214,7 @@ main() {
   # ------------------------------------------------------------ the result
   local val mem reason=""
   val=$(summary_value val_bpb); mem=$(summary_value peak_vram_mb)
-  if [ "$rc" -ne 0 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
+  if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
     reason="timed out after ${limit}s (process group killed)"
   elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
   elif ! is_number "$val"; then reason="no finite val_bpb in run.log (got '${val:-nothing}')"

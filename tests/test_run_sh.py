@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -40,8 +41,10 @@ def _works(cmd: list[str]) -> bool:
 HAVE_BWRAP = shutil.which("bwrap") is not None and _works(
     ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
 )
+_TMP = tempfile.gettempdir()  # where the test repositories live
 HAVE_UNSHARE = shutil.which("unshare") is not None and _works(
-    ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "true"]
+    ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+     f"mount --bind {_TMP} {_TMP} && mount -o remount,bind,ro {_TMP}"]
 )
 needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed or not usable here")
 needs_unshare = pytest.mark.skipif(not HAVE_UNSHARE, reason="unprivileged unshare is not usable here")
@@ -921,3 +924,9 @@ def test_detached_worktree_starts_its_own_branch(based: Repo):
     assert "started branch autoresearch/gpu1" in out and wt.branch() == "autoresearch/gpu1"
     assert based.branch() == "autoresearch/t1"
     assert not (based.path / ".git/worktrees/wt2/autoresearch/pending").exists()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_is_clean():
+    p = subprocess.run(["shellcheck", str(RUN_SH)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
