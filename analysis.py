@@ -189,18 +189,15 @@ def plot(df, out_path, title_prefix):
 
     ax.set_xlim(0.5, df["n"].max() + 0.5)
 
-    # Zoom on the interesting band: from the best run to a bit above the
-    # baseline. Runs far above it are drawn on the top edge.
-    finite = df[df["status"] != "crash"]
-    if not keeps.empty:
-        base, best = keeps.iloc[0]["val_bpb"], keeps["val_bpb"].min()
-        span = max(base - best, 0.002 * base, 1e-6)
-        low, high = best - 0.2 * span, base + 0.8 * span
-        ax.set_ylim(low, high)
-    elif not finite.empty:
-        low, high = finite["val_bpb"].min(), finite["val_bpb"].max()
-        pad = max(high - low, 0.01) * 0.2
-        low, high = low - pad, high + pad
+    # Zoom on the interesting band: the kept runs and the reruns (the noise),
+    # plus some room above. Discarded runs far above it go on the top edge.
+    measured = df[df["status"].isin(["keep", "rerun"])]
+    if measured.empty:
+        measured = df[df["status"] == "discard"]
+    if not measured.empty:
+        low, high = measured["val_bpb"].min(), measured["val_bpb"].max()
+        span = max(high - low, 0.002 * abs(high), 1e-6)
+        low, high = low - 0.2 * span, high + 0.8 * span
         ax.set_ylim(low, high)
     else:
         low, high = 0.0, 1.0
@@ -218,7 +215,7 @@ def plot(df, out_path, title_prefix):
 
     reruns = df[df["status"] == "rerun"]
     if not reruns.empty:
-        ax.scatter(reruns["n"], reruns["val_bpb"].clip(upper=high), s=45,
+        ax.scatter(reruns["n"], reruns["val_bpb"], s=45,
                    marker="D", facecolors="none", edgecolors="#2c7fb8",
                    linewidths=1.5, zorder=4, label="rerun (same code)")
 
