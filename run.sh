@@ -200,6 +200,7 @@ main() {
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
   mkdir -p "$cache/compile"; [ "$smoke" = 0 ] || mkdir -p "$cache/smoke/compile"
   local t0=$EPOCHREALTIME rc=0
+  rm -f run.log   # a fresh file, never through a link left in its place
   run_boxed "$limit" "$py" train.py >run.log 2>&1 || rc=$?
   local secs
   secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
