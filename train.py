@@ -78,12 +78,13 @@ GPU_PEAK_FLOPS = [
     (("H100", "PCIe"), 756e12),
     (("H100", "NVL"), 835e12),
     (("H100",), 989.5e12),    # SXM / HBM3
+    (("GH200",), 989.5e12),
     (("H200", "NVL"), 835e12),
     (("H200",), 989.5e12),
-    (("GH200",), 989.5e12),
     (("B200",), 2250e12),
     (("A100",), 312e12),
     (("L40S",), 362e12),
+    (("L40",), 181e12),
     (("L4",), 121e12),
     (("RTX 4090",), 165.2e12),
 ]
@@ -680,5 +681,5 @@ print(f"num_steps:        {step}")
 print(f"num_params_M:     {num_params / 1e6:.1f}")
 print(f"depth:            {DEPTH}")
 if SMOKE:
-    print(f"profile:          SMOKE ({device.type.upper()}) - not a GPU result")
+    print(f"profile:          SMOKE ({device.type.upper()}) - a tiny check, not a real result")
 
