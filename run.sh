@@ -53,7 +53,7 @@ main() {
   fi
   is_number "$min_imp" || die 2 "AUTORESEARCH_MIN_IMPROVEMENT must be a number >= 0, not '$min_imp'"
   local smoke=0 prep_cmd="uv run prepare.py"
-  if [ "${AUTORESEARCH_SMOKE:-0}" = 1 ]; then smoke=1; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py"; fi
+  case ${AUTORESEARCH_SMOKE:-} in ""|0) ;; *) smoke=1; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py" ;; esac
   local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
   case $cache in /*) ;; *) cache=$PWD/$cache ;; esac
   local want_box=${AUTORESEARCH_SANDBOX:-auto}
@@ -65,6 +65,7 @@ main() {
   while IFS= read -r name; do
     case $name in
       *KEY*|*TOKEN*|*SECRET*|*PASSW*|*CREDENTIAL*|*COOKIE*|*AUTH*) continue ;;
+      TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR) continue ;;   # train.py puts them in $CACHE/compile
       PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_*|TERM|TZ|LD_LIBRARY_PATH) ;;
       CUDA_*|NVIDIA_*|NCCL_*|OMP_*|MKL_*|TORCH*|PYTORCH_*|TRITON_*) ;;
       *) continue ;;

@@ -473,9 +473,11 @@ def test_secrets_do_not_reach_training(based: Repo):
     body = "print('ENV', sorted(os.environ))\nprint('VALUES', list(os.environ.values()))\n"
     based.write("train.py", trainer("0.9", body=body))
     based.run("env", OPENAI_API_KEY="sekrit-1", HF_TOKEN="sekrit-2", MY_PASSWORD="sekrit-3",
-              RANDOM_VAR="sekrit-4", CUDA_VISIBLE_DEVICES="7", OMP_NUM_THREADS="2")
+              RANDOM_VAR="sekrit-4", CUDA_VISIBLE_DEVICES="7", OMP_NUM_THREADS="2",
+              TRITON_CACHE_DIR="/read-only/elsewhere", AUTORESEARCH_SMOKE="0")
     log = based.read("run.log")
-    assert "sekrit" not in log
+    assert "sekrit" not in log and "elsewhere" not in log
+    assert based.rows()[-1][4] == "env"  # AUTORESEARCH_SMOKE=0 is not the smoke profile
     assert "'CUDA_VISIBLE_DEVICES'" in log and "'OMP_NUM_THREADS'" in log and "'AUTORESEARCH_CACHE'" in log
 
 
