@@ -543,8 +543,9 @@ def check_prepared():
 # ---------------------------------------------------------------------------
 
 def _documents(split, bos):
-    """Endless (tokens, start, length, epoch) over the split's documents, in file order.
-    Documents are found by their BOS token, which encode_ordinary never produces inside text."""
+    """(number of documents, endless iterator of (tokens, start, length, epoch)) over the split's
+    documents in file order. Documents are found by their BOS token, which encode_ordinary never
+    produces inside text."""
     files = split_files(split)
     if not files:
         raise PrepareError(f"no {split} tokens in {TOKENS_DIR}: run `{PREPARE_CMD}`")
@@ -552,23 +553,28 @@ def _documents(split, bos):
     if not arrays:
         raise PrepareError(f"the {split} split in {TOKENS_DIR} is empty: run `{PREPARE_CMD}`")
     starts = [np.flatnonzero(a == bos) for a in arrays]
-    epoch = 1
-    while True:
-        for a, s in zip(arrays, starts):
-            ends = np.append(s[1:], a.size)
-            for start, end in zip(s.tolist(), ends.tolist()):
-                yield a, start, end - start, epoch
-        epoch += 1
+
+    def endless():
+        epoch = 1
+        while True:
+            for a, s in zip(arrays, starts):
+                ends = np.append(s[1:], a.size)
+                for start, end in zip(s.tolist(), ends.tolist()):
+                    yield a, start, end - start, epoch
+            epoch += 1
+
+    return sum(len(s) for s in starts), endless()
 
 
 def _pack_rows(docs, bos, B, T, buffer_size):
     """Endless (uint16 array [B, T+1], epoch). Every row starts with BOS and is filled with the
-    largest buffered document that fits; when none fits, the longest one is cut to fill the row
-    and its remainder goes back into the buffer behind a fresh BOS, so no text is thrown away
-    (the reference drops the tails of cut documents) and a document too long for any row is
-    consumed piece by piece instead of waiting in the buffer."""
+    largest buffered document that fits. When none fits, the oldest buffered document is cut to
+    fill the row and its remainder goes to the back of the buffer behind a fresh BOS: no text is
+    thrown away (the reference drops the tails of cut documents, which biases training and the
+    metric towards the beginnings of documents), and no document waits in the buffer for ever."""
     cap = T + 1
-    lens, items = [], []  # buffered documents sorted by length (BOS included); items: (array, start, needs_bos)
+    lens, items = [], []  # buffered documents sorted by length (BOS included); items: (seq, array, start, needs_bos)
+    seq = 0  # arrival order
     epoch = 1
     while True:
         rows = np.empty((B, cap), dtype=np.uint16)
@@ -579,14 +585,15 @@ def _pack_rows(docs, bos, B, T, buffer_size):
                     a, start, n, epoch = next(docs)
                     j = bisect.bisect_right(lens, n)
                     lens.insert(j, n)
-                    items.insert(j, (a, start, False))
+                    items.insert(j, (seq, a, start, False))
+                    seq += 1
                 room = cap - pos
                 i = bisect.bisect_right(lens, room) - 1  # the largest document that fits
                 cut = i < 0
                 if cut:
-                    i = len(lens) - 1  # none fits: cut the longest, so long documents never starve
+                    i = min(range(len(items)), key=lambda k: items[k][0])  # none fits: the oldest
                 n = lens.pop(i)
-                a, start, needs_bos = items.pop(i)
+                _, a, start, needs_bos = items.pop(i)
                 take = room if cut else n
                 if needs_bos:  # a remainder: BOS first, then its text from `start`
                     rows[r, pos] = bos
@@ -595,11 +602,12 @@ def _pack_rows(docs, bos, B, T, buffer_size):
                 else:
                     rows[r, pos:pos + take] = a[start:start + take]
                     used = take
-                if cut:  # the rest of the document goes back into the buffer behind a new BOS
+                if cut:
                     rest = n - take + 1
                     j = bisect.bisect_right(lens, rest)
                     lens.insert(j, rest)
-                    items.insert(j, (a, start + used, True))
+                    items.insert(j, (seq, a, start + used, True))
+                    seq += 1
                 pos += take
         yield rows, epoch
 
@@ -611,7 +619,9 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
     assert split in ("train", "val")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bos = tokenizer.get_bos_token_id()
-    rows = _pack_rows(_documents(split, bos), bos, B, T, buffer_size)
+    ndocs, docs = _documents(split, bos)
+    # a buffer larger than the split would hold several copies of each document
+    rows = _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
     pin = device.type == "cuda"
     slots = [torch.empty((B, T + 1), dtype=torch.int64, pin_memory=pin) for _ in range(prefetch + 1)]
     free, ready = queue.Queue(), queue.Queue()  # at most len(slots) batches exist at once

@@ -125,17 +125,18 @@ def test_packing_keeps_every_token(smoke):
             epoch += 1
 
     rows = smoke._pack_rows(stream(), bos, 4, 127, buffer_size=16)
-    seen, first_epoch = [], []
-    while len(seen) < 2.5 * total_text:
+    seen = []
+    while len(seen) < 1.3 * total_text:  # one epoch plus what the buffer can hold back
         packed, epoch = next(rows)
         assert packed.shape == (4, 128) and (packed[:, 0] == bos).all()
         for row in packed:
-            text = row[row != bos]
-            seen.extend(text.tolist())
-            assert (np.diff(text.astype(np.int64)) != 0).all()
-    assert set(seen) == set(range(total_text))
-    first = seen[:total_text - 16 * 300]  # well inside the first epoch
-    assert len(first) == len(set(first)), "a token was emitted twice within an epoch"
+            seen.extend(row[row != bos].tolist())
+    assert set(seen) == set(range(total_text)), "some text was dropped (or starved in the buffer)"
+    first = np.array(seen[:total_text - 16 * 300])  # well inside the first epoch
+    assert len(first) == len(set(first.tolist())), "a token was emitted twice within an epoch"
+    doc_of = np.searchsorted(np.cumsum(lengths - 1), first, side="right")
+    for d in np.unique(doc_of):  # a document's pieces come out in order
+        assert (np.diff(first[doc_of == d]) > 0).all()
 
 
 def test_train_and_val_never_mix(tmp_path):
