@@ -69,6 +69,10 @@ if SMOKE:
     TOTAL_BATCH_SIZE = DEVICE_BATCH_SIZE * MAX_SEQ_LEN  # no gradient accumulation
     COMPILE = torch.cuda.is_available()  # compiling on a CPU takes longer than the whole run
 
+# Low precision for matmuls, embeddings and Muon's orthogonalization: bf16 on a GPU. A CPU runs
+# bf16 several times slower than fp32, so the smoke profile computes in fp32 there.
+LOW_PRECISION = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
 if not SMOKE and not torch.cuda.is_available():
     sys.exit("train.py: no CUDA GPU found. Experiments need one; "
              "AUTORESEARCH_SMOKE=1 runs a tiny smoke profile on the CPU instead.")
@@ -266,16 +270,16 @@ class GPT(nn.Module):
         self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim, device=device)
         self.attn_masks = [build_attn_mask(w, self.config.sequence_len, device) for w in self.window_sizes]
         # Embedding tables are stored in bf16: they are large and only ever gathered from.
-        self.transformer.wte.to(dtype=torch.bfloat16)
+        self.transformer.wte.to(dtype=LOW_PRECISION)
         for ve in self.value_embeds.values():
-            ve.to(dtype=torch.bfloat16)
+            ve.to(dtype=LOW_PRECISION)
 
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
         if device is None:
             device = self.transformer.wte.weight.device
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        cos, sin = freqs.cos().to(LOW_PRECISION), freqs.sin().to(LOW_PRECISION)
         return cos[None, :, None, :], sin[None, :, None, :]  # broadcast over (B, T, H, D/2)
 
     def _compute_window_sizes(self, config):
@@ -399,7 +403,7 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
     # Orthogonalize (Polar Express), iterating on the smaller Gram matrix
-    X = g.bfloat16()
+    X = g.to(LOW_PRECISION)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     if g.size(-2) > g.size(-1):
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
@@ -532,7 +536,7 @@ t_start = time.time()
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
+autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=LOW_PRECISION == torch.bfloat16)
 if SMOKE:
     print(f"=== SMOKE profile on {device.type.upper()}: tiny model, {TIME_BUDGET}s budget; not a real result ===")
 
