@@ -161,7 +161,7 @@ def _is_parquet(path):
 
 
 def download_climbmix(num_train, workers):
-    ids = list(range(min(num_train, MAX_SHARD))) + [VAL_SHARD]
+    ids = [VAL_SHARD] + list(range(min(num_train, MAX_SHARD)))  # validation first: its index never moves
     os.makedirs(DATA_DIR, exist_ok=True)
     missing = [i for i in ids if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
     print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
@@ -468,6 +468,10 @@ def _tokenize_task(args):
 def tokenize_sources(sources):
     """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'."""
     os.makedirs(TOKENS_DIR, exist_ok=True)
+    keep = {os.path.basename(p) for i in range(len(sources)) for p in _out_paths(i).values()}
+    for name in os.listdir(TOKENS_DIR):  # files of sources no longer asked for (fewer shards than before)
+        if name not in keep:
+            os.remove(os.path.join(TOKENS_DIR, name))
     tok_fp = tokenizer_fingerprint()
     todo = [(i, src, mode) for i, (src, mode) in enumerate(sources) if not _task_done(i, src, tok_fp)]
     print(f"Tokens: {len(sources) - len(todo)} of {len(sources)} sources already tokenized" +

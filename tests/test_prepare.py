@@ -253,6 +253,14 @@ def test_rerun_does_only_what_is_missing_and_rebuilds_corrupt_files(tmp_path):
     assert os.path.getmtime(os.path.join(P.TOKENS_DIR, "train_00000.bin")) == mtime0
     assert run_prepare(cache, "--check").returncode == 0
 
+    # fewer sources than before: the files of the dropped one go, so they are never read
+    cache2 = tmp_path / "cache2"
+    assert run_prepare(cache2, "--data", *srcs).returncode == 0
+    assert run_prepare(cache2, "--data", *srcs[:2]).returncode == 1  # a different corpus: refused
+    os.remove(cache2 / "smoke" / "manifest.json")  # the user deleted it to reuse the cache
+    assert run_prepare(cache2, "--data", *srcs[:2]).returncode == 0
+    assert sorted(os.listdir(cache2 / "smoke" / "tokens")) == sorted(f for f in files if "00002" not in f)
+
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """A file server that honours Range requests and fails each path's first request."""
@@ -300,7 +308,7 @@ def test_download_is_retried_resumed_and_atomic(tmp_path):
         whole = (served / "shard_00001.parquet").read_bytes()
         (data_dir / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted download
         files = P.download_climbmix(2, workers=3)
-        assert [os.path.basename(f) for f in files] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+        assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
         assert ("/shard_00001.parquet", len(whole) // 2) in RangeHandler.ranges  # resumed, not restarted
         for i in (0, 1, 6542):  # each path failed once (503) and was retried
             assert (data_dir / f"shard_{i:05d}.parquet").read_bytes() == (served / f"shard_{i:05d}.parquet").read_bytes()
