@@ -253,7 +253,7 @@ main() {
   if [ "$status" != crash ] && [ -n "$best" ]; then
     change="$(awk -v v="$val" -v b="$best" 'BEGIN { printf "%+.6f", v - b }') vs the best before this run"
     if [ "$spread" != - ]; then
-      change="$change $(awk -v c="$change" -v s="$spread" 'BEGIN { print ((c < 0 ? -c : c) <= s ? "(within the rerun spread: may be noise)" : "(beyond the rerun spread)") }')"
+      change="$change $(awk -v c="$change" -v s="$spread" 'BEGIN { c += 0; print ((c < 0 ? -c : c) <= s ? "(within the rerun spread: may be noise)" : "(beyond the rerun spread)") }')"
     fi
   fi
   printf -- '---\n'

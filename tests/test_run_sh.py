@@ -879,6 +879,10 @@ def test_rerun_spread_flags_noise(based: Repo):
     (based.cache / "v").write_text("0.975")
     out = based.run("within noise").stdout
     assert "status:       keep" in out and "(within the rerun spread: may be noise)" in out
+    based.write("train.py", noisy + "# much worse\n")
+    (based.cache / "v").write_text("1.5")
+    out = based.run("far worse").stdout  # a loss far outside the spread is not called noise
+    assert "status:       discard" in out and "+0.525000 vs the best before this run (beyond the rerun spread)" in out
 
 
 def test_smoke_rows_are_marked(repo: Repo):
