@@ -407,8 +407,9 @@ resolve_python() {
     die 3 "refused: uv is not installed; install it, or set AUTORESEARCH_PYTHON to a Python with PyTorch"
   fi
   case $py in /*) ;; *) py=$PWD/$py ;; esac
-  mapfile -t py_dirs < <("$py" -I -S -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)
-  py_dirs+=("$(dirname -- "$(readlink -f -- "$py")")")
+  # without -S: site is what sets sys.prefix to a virtual environment
+  mapfile -t py_dirs < <("$py" -I -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)
+  py_dirs+=("$(dirname -- "$py")" "$(dirname -- "$(readlink -f -- "$py")")")
 }
 
 # GPUs are shared by all worktrees of this repository: CUDA_VISIBLE_DEVICES=0,1 takes

@@ -524,6 +524,18 @@ def path_without(tmp: Path, *tools: str) -> str:
     return str(d)
 
 
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_a_virtualenv_under_tmp_stays_visible(based: Repo, box):
+    """A checkout (and its .venv) under /tmp, as on a CI machine: bubblewrap's private /tmp
+    must not hide the interpreter, whose prefix is the venv's only once site has run."""
+    venv = based.tmp / "venv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    based.write("train.py", trainer("0.9", body="print('prefix', sys.prefix)\n"))
+    out = based.run("venv python", AUTORESEARCH_PYTHON=str(venv / "bin" / "python"), AUTORESEARCH_SANDBOX=box).stdout
+    assert "status:       keep" in out
+    assert f"prefix {venv}" in based.read("run.log")
+
+
 def test_forced_sandbox_that_is_missing_refuses(repo: Repo):
     _refuses(repo, ["x"], expect="AUTORESEARCH_SANDBOX=bwrap but bubblewrap (not installed)",
              AUTORESEARCH_SANDBOX="bwrap", PATH=path_without(repo.tmp, "bwrap"))
