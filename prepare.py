@@ -167,13 +167,16 @@ def download_climbmix(num_train, workers):
     print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
           (f", downloading {len(missing)}" if missing else ""))
     t0, done_bytes = time.time(), 0
-    with ThreadPoolExecutor(max(1, min(workers, len(missing) or 1))) as pool:
+    pool = ThreadPoolExecutor(max(1, min(workers, len(missing) or 1)))
+    try:
         futures = [pool.submit(download_shard, i) for i in missing]
         for n, fut in enumerate(as_completed(futures), 1):
             path, nbytes = fut.result()
             done_bytes += nbytes
             rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
             print(f"  [{n}/{len(missing)}] {os.path.basename(path)}  {rate:.1f} MB/s", flush=True)
+    finally:  # on an error or Ctrl-C, do not wait for the shards still queued
+        pool.shutdown(wait=False, cancel_futures=True)
     return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
 
 # ---------------------------------------------------------------------------
@@ -331,11 +334,11 @@ def train_tokenizer(train_texts):
     return ranks
 
 
-def save_tokenizer(ranks):
+def save_tokenizer(ranks, source_desc):
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
     lines = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
     write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
-        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE}, indent=1))
+        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE, "trained_on": source_desc}, indent=1))
     write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken"), lines)
 
 
@@ -579,14 +582,19 @@ def _pack_rows(docs, bos, B, T, buffer_size):
     cap = T + 1
     lens, items = [], []  # buffered documents sorted by length (BOS included); items: (seq, array, start, needs_bos)
     seq = 0  # arrival order
-    epoch = 1
+    epoch, waiting = 1, None  # waiting: the first document of the next epoch
     while True:
         rows = np.empty((B, cap), dtype=np.uint16)
         for r in range(B):
             pos = 0
             while pos < cap:
                 while len(lens) < buffer_size:
-                    a, start, n, epoch = next(docs)
+                    doc = waiting or next(docs)
+                    if doc[3] > epoch and lens:  # let this epoch drain first, so a small split
+                        waiting = doc            # is read once per epoch, not partly twice
+                        break
+                    a, start, n, epoch = doc
+                    waiting = None
                     j = bisect.bisect_right(lens, n)
                     lens.insert(j, n)
                     items.insert(j, (seq, a, start, False))
@@ -621,6 +629,8 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
     available), targets = inputs shifted by one. A background thread packs rows into pinned
     buffers ahead of time; the copy to the GPU is asynchronous, so the GPU does not wait."""
     assert split in ("train", "val")
+    if split == "train":
+        check_prepared()  # a mismatched tokenizer or validation set fails now, not after training
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bos = tokenizer.get_bos_token_id()
     ndocs, docs = _documents(split, bos)
@@ -698,7 +708,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
             total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
     loader.close()
-    return (total_nats / (math.log(2) * total_bytes)).item()
+    return (total_nats / (math.log(2) * total_bytes.double())).item()
 
 # ---------------------------------------------------------------------------
 # Main
@@ -732,7 +742,13 @@ def prepare(args):
         print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})")
 
     tok_path = os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken")
-    if os.path.exists(tok_path) and os.path.exists(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+    meta_path = os.path.join(TOKENIZER_DIR, "tokenizer.json")
+    if os.path.exists(tok_path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            trained_on = json.load(f).get("trained_on")
+        if trained_on != source_desc:  # e.g. an interrupted run on another corpus
+            raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} was trained on [{trained_on}], not on this corpus; "
+                               f"use AUTORESEARCH_CACHE=<another dir>, or delete {TOKENIZER_DIR}")
         print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
     else:
         print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...")
@@ -752,7 +768,7 @@ def prepare(args):
                     if chars >= TOKENIZER_TRAIN_CHARS:
                         return
 
-        save_tokenizer(train_tokenizer(train_texts()))
+        save_tokenizer(train_tokenizer(train_texts()), source_desc)
         tok = Tokenizer.from_directory()
         sample = "Hello world! Numbers: 12345. Unicode: naïve 你好 🙂\n\tdef f(x): return x**2"
         assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"

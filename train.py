@@ -102,9 +102,10 @@ GPU_PEAK_FLOPS = [
 # (smoke profile only) the window is a dense boolean mask given to SDPA instead.
 
 def sliding_window(window):
-    """mask_mod for FlexAttention: query q sees key k when k <= q and q - k < window."""
+    """mask_mod for FlexAttention: query q sees itself and the `window` keys before it
+    (k <= q and q - k <= window), as the reference's flash-attention window (window, 0)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
     return mask_mod
 
 

@@ -58,12 +58,12 @@ def attention_bench(iters=20):
 
     def window_mask(w):
         def mod(b, h, q, k):
-            return (k <= q) & (q - k < w)
+            return (k <= q) & (q - k <= w)  # train.py's window: the query and w keys before it
         return mod
 
     def candidates(w):
         bm = create_block_mask(window_mask(w), None, None, T, T, device="cuda")
-        dense = torch.ones(T, T, dtype=torch.bool, device="cuda").tril() & ~torch.ones(T, T, dtype=torch.bool, device="cuda").tril(-w)
+        dense = torch.ones(T, T, dtype=torch.bool, device="cuda").tril() & ~torch.ones(T, T, dtype=torch.bool, device="cuda").tril(-w - 1)
         c = {"flex (block mask)": lambda q, k, v: flex(q, k, v, block_mask=bm)}
         if w >= T:
             for name, be in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -84,12 +84,12 @@ def attention_bench(iters=20):
         q, k, v = q.float(), k.float(), v.float()
         s = q @ k.transpose(-1, -2) / D ** 0.5
         i = torch.arange(T, device="cuda")
-        s = s.masked_fill(~((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < w)), float("-inf"))
+        s = s.masked_fill(~((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= w)), float("-inf"))
         return s.softmax(-1) @ v
 
     rows = []
     for w in (2048, 1024, 256):
-        pairs = sum(min(t + 1, w) for t in range(T))
+        pairs = sum(min(t + 1, w + 1) for t in range(T))
         flops = 3.5 * 4 * B * H * D * pairs  # forward 4*D per (q,k) pair; backward 2.5x forward
         for name, fn in candidates(w).items():
             try:

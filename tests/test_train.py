@@ -40,14 +40,15 @@ T = load_train_definitions()
 
 
 def reference_attention(q, k, v, window):
-    """softmax(q k^T / sqrt(d) + mask) v, with key j visible to query i iff j <= i and i - j < window."""
+    """softmax(q k^T / sqrt(d) + mask) v, with key j visible to query i iff j <= i and i - j <= window
+    (the reference's flash-attention window (window, 0): the query and the `window` keys before it)."""
     if k.size(1) != q.size(1):  # grouped-query attention: share each key/value head
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     n = q.size(2)
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
-    visible = (j <= i) & (i - j < window)
+    visible = (j <= i) & (i - j <= window)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
