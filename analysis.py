@@ -144,7 +144,7 @@ def report(df, path):
         hits = hits.iloc[1:].sort_values("delta")
         if not hits.empty:
             print()
-            print(f"top improvements (delta val_bpb against the previous kept run):")
+            print("top improvements (delta val_bpb against the previous kept run):")
             for rank, (_, row) in enumerate(hits.head(TOP_N).iterrows(), start=1):
                 print(f"  {rank:2d}. #{row['n']:<4d} {row['commit']:<8s} "
                       f"{row['val_bpb']:.6f}  {row['delta']:+.6f}  "

@@ -510,17 +510,18 @@ def write_manifest(source_desc, sources):
     for i in range(len(sources)):
         with open(_out_paths(i)["sidecar"]) as f:
             sides.append(json.load(f))
+    train_tokens = sum(s["train"]["tokens"] for s in sides)
     val_tokens = sum(s["val"]["tokens"] for s in sides)
     if val_tokens == 0:
         raise PrepareError("the validation split is empty: give more documents")
-    if sum(s["train"]["tokens"] for s in sides) == 0:
+    if train_tokens == 0:
         raise PrepareError("the training split is empty: give more documents")
     manifest = {
         "source": source_desc,
         "vocab_size": VOCAB_SIZE,
         "tokenizer_sha256": tokenizer_fingerprint(),
         "val_sha256": val_fingerprint(),
-        "train_tokens": sum(s["train"]["tokens"] for s in sides),
+        "train_tokens": train_tokens,
         "val_tokens": val_tokens,
         "files": [{"source": s["source"], "train_tokens": s["train"]["tokens"], "val_tokens": s["val"]["tokens"]} for s in sides],
     }

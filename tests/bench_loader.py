@@ -10,7 +10,6 @@ an H100 consumes about 1.7 M tokens/s with the default train.py.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
