@@ -7,6 +7,7 @@ Usage:
     uv run prepare.py --num-shards 40     # more training data (-1 = all 6542 shards)
     uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
     uv run prepare.py --check             # exit 0 if the prepared data matches its fingerprints
+    uv run prepare.py --verify-run run.log <record   # (run.sh) the result of a run, from its record
     AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
 
 Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
@@ -19,6 +20,7 @@ Nothing is pickled: every file is plain data that cannot execute code when read.
 """
 
 import argparse
+import atexit
 import base64
 import bisect
 import glob
@@ -547,6 +549,52 @@ def check_prepared():
     return m
 
 # ---------------------------------------------------------------------------
+# The run record: what the harness itself saw, for run.sh
+# ---------------------------------------------------------------------------
+# run.sh opens a file that training cannot see and passes its descriptor in
+# AUTORESEARCH_RECORD_FD. The training loader and evaluate_bpb write one JSON line per event
+# to it, and run.sh takes val_bpb, the training time and the tokens from this record (checked
+# by `prepare.py --verify-run` in a separate process), never from what train.py prints.
+
+TRAIN_SLACK = (1.1, 15)  # training may run TIME_BUDGET x 1.1 + 15 s by the harness's clock (README)
+LOADER_BUFFER = 1000     # documents the loader packs from; evaluation and its check must agree
+
+_record_fd = None
+if os.environ.get("AUTORESEARCH_RECORD_FD", "").isdigit():
+    _record_fd = int(os.environ.pop("AUTORESEARCH_RECORD_FD"))
+    try:
+        os.set_inheritable(_record_fd, False)  # not for train.py's subprocesses
+    except OSError:
+        _record_fd = None
+# Training batches served: the harness's own clock for the budget. gaps: the two longest pauses
+# between batches, where torch.compile builds the model's and the optimizer's kernels.
+_served = {"batches": 0, "tokens": 0, "first": None, "last": None, "gaps": [0.0, 0.0]}
+_written = [0.0]
+
+
+def _record(kind, **fields):
+    if _record_fd is not None:
+        os.write(_record_fd, (json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n").encode())
+
+
+def _served_batch(tokens):
+    now, s = time.time(), _served
+    if s["first"] is None:
+        s["first"] = now
+    else:
+        s["gaps"] = sorted(s["gaps"] + [now - s["last"]], reverse=True)[:2]
+    s["batches"] += 1
+    s["tokens"] += tokens
+    s["last"] = now
+    if s["batches"] == 1 or now - _written[0] >= 1.0:  # a line a second at most: nothing on the hot path
+        _written[0] = now
+        _record("train", **s)
+
+
+atexit.register(lambda: _served["batches"] and _record("train", **_served))
+
+
+# ---------------------------------------------------------------------------
 # Loader: best-fit packing of pre-tokenized documents, built in a background thread
 # ---------------------------------------------------------------------------
 
@@ -625,13 +673,23 @@ def _pack_rows(docs, bos, B, T, buffer_size):
         yield rows, epoch
 
 
-def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefetch=3):
-    """Endless (inputs, targets, epoch) with inputs/targets int64 [B, T] on `device` (CUDA when
-    available), targets = inputs shifted by one. A background thread packs rows into pinned
-    buffers ahead of time; the copy to the GPU is asynchronous, so the GPU does not wait."""
-    assert split in ("train", "val")
-    if split == "train":
-        check_prepared()  # a mismatched tokenizer or validation set fails now, not after training
+def make_dataloader(tokenizer, B, T, split="train", buffer_size=LOADER_BUFFER, device=None, prefetch=3):
+    """Endless training batches (inputs, targets, epoch): inputs/targets int64 [B, T] on `device`
+    (CUDA when available), targets = inputs shifted by one. The validation split is evaluate_bpb's
+    alone: training never sees it, through this API or any other in this file."""
+    if split != "train":
+        raise PrepareError(f"make_dataloader serves the training split only, not {split!r}: "
+                           "the validation split is read by evaluate_bpb alone")
+    check_prepared()  # a mismatched tokenizer or validation set fails now, not after training
+    return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch, on_batch=_served_batch)
+
+
+def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, prefetch=3, on_batch=None, digest=None):
+    """Endless (inputs, targets, epoch) of a split. A background thread packs rows into pinned
+    buffers ahead of time; the copy to the GPU is asynchronous, so the GPU does not wait.
+    on_batch(tokens) is called as each batch is handed out (the record of training);
+    digest, a hashlib object, receives the sha256 of each batch handed out (evaluate_bpb's
+    fingerprint of what it scored; hashed in the background thread)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bos = tokenizer.get_bos_token_id()
     ndocs, docs = _documents(split, bos)
@@ -657,17 +715,21 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
                 if copied is not None:
                     copied.synchronize()  # the last copy out of this buffer has finished
                 slot.numpy()[:] = packed
-                ready.put((slot, epoch))
+                ready.put((slot, epoch, digest and hashlib.sha256(packed).digest()))
         except BaseException as e:  # surfaced in the consumer
-            ready.put((e, None))
+            ready.put((e, None, None))
 
     thread = threading.Thread(target=producer, daemon=True)
     thread.start()
     try:
         while True:
-            slot, epoch = ready.get()
+            slot, epoch, batch_digest = ready.get()
             if isinstance(slot, BaseException):
                 raise slot
+            if digest:
+                digest.update(batch_digest)
+            if on_batch:
+                on_batch(B * T)
             batch = slot.to(device, non_blocking=pin)
             event = None
             if pin:
@@ -684,18 +746,26 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device=None, prefe
 # Evaluation: the fixed metric (do not change)
 # ---------------------------------------------------------------------------
 
+def eval_steps(batch_size):
+    return max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
+
+
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
     over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets.
-    The model only sees the inputs: model(x) returns logits and the loss is computed here."""
+    The model only sees the inputs: model(x) returns logits and the loss is computed here.
+    The run record gets the result and a fingerprint of the tokens scored."""
+    t0 = time.time()
+    _record("eval_start", train=_served)
     manifest = check_prepared()  # refuses a tokenizer or validation set other than the prepared one
     if tokenizer.get_vocab_size() != manifest["vocab_size"]:
         raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
-    steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
+    digest = hashlib.sha256()
+    loader = _loader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device, digest=digest)
+    steps = eval_steps(batch_size)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(steps):
@@ -709,7 +779,91 @@ def evaluate_bpb(model, tokenizer, batch_size):
             total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
             total_bytes += nbytes.sum()
     loader.close()
-    return (total_nats / (math.log(2) * total_bytes.double())).item()
+    bpb = (total_nats / (math.log(2) * total_bytes.double())).item()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    _record("eval", val_bpb=bpb, batch_size=batch_size, seq_len=MAX_SEQ_LEN, tokens=steps * batch_size * MAX_SEQ_LEN,
+            sha256=digest.hexdigest(), start=t0, peak_vram_mb=peak, train=_served)
+    return bpb
+
+
+def eval_rows(tokenizer, batch_size):
+    """The uint16 rows [batch_size, MAX_SEQ_LEN + 1] that evaluate_bpb scores, batch by batch,
+    computed without a model (for checks and tests): inputs row[:-1], targets row[1:]."""
+    bos = tokenizer.get_bos_token_id()
+    ndocs, docs = _documents("val", bos)
+    rows = _pack_rows(docs, bos, batch_size, MAX_SEQ_LEN, min(LOADER_BUFFER, ndocs))
+    for _ in range(eval_steps(batch_size)):
+        yield next(rows)[0]
+
+
+def verify_run(record, log_text):
+    """The result of one training run as the harness recorded it, checked in a separate process
+    against prepare.py's own constants and data. Returns a dict for run.sh; raises PrepareError
+    with the reason when the record does not show an honest run."""
+    check_prepared()
+    events = []
+    for line in record.splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short when training was killed
+    starts = [e for e in events if e.get("kind") == "eval_start"]
+    evals = [e for e in events if e.get("kind") == "eval"]
+    if not starts:
+        raise PrepareError("train.py never called prepare.evaluate_bpb, so there is no val_bpb to trust "
+                           "(whatever run.log says)")
+    if len(starts) > 1:
+        raise PrepareError(f"evaluate_bpb ran {len(starts)} times: the validation split is scored once, "
+                           "at the end of training (scoring it during training selects on validation data)")
+    if not evals:
+        raise PrepareError("evaluate_bpb started but did not finish")
+    ev, train = evals[0], starts[0]["train"]
+    if not train["batches"]:
+        raise PrepareError("train.py never took a training batch from prepare.make_dataloader: "
+                           "the harness measures the time budget by the batches it serves")
+    if max(e["train"]["batches"] if "train" in e else e["batches"] for e in events
+           if e.get("kind") in ("train", "eval")) > train["batches"]:
+        raise PrepareError("training batches were taken after evaluate_bpb started: evaluation comes last")
+
+    # the tokens scored: exactly what evaluate_bpb serves at that batch size, from the pinned split
+    B = ev["batch_size"]
+    if not isinstance(B, int) or B < 1 or ev["seq_len"] != MAX_SEQ_LEN:
+        raise PrepareError(f"evaluate_bpb ran with batch size {B!r} and sequence length {ev['seq_len']!r}")
+    tokens = eval_steps(B) * B * MAX_SEQ_LEN
+    if ev["tokens"] != tokens:
+        raise PrepareError(f"the evaluation scored {ev['tokens']:,} tokens, but at batch size {B} the harness "
+                           f"scores {tokens:,} (EVAL_TOKENS = {EVAL_TOKENS:,} in prepare.py)")
+    digest = hashlib.sha256()
+    for rows in eval_rows(Tokenizer.from_directory(), B):
+        digest.update(hashlib.sha256(rows).digest())
+    if ev["sha256"] != digest.hexdigest():
+        raise PrepareError("the evaluation scored other tokens than the first EVAL_TOKENS of the pinned "
+                           "validation split")
+    if not math.isfinite(ev["val_bpb"]):
+        raise PrepareError(f"val_bpb is {ev['val_bpb']}")
+
+    # the budget, by the harness's clock: first training batch to evaluation, less the two longest
+    # pauses (compilation); what remains is training steps, warm-up included
+    seconds = starts[0]["time"] - train["first"] - sum(train["gaps"])
+    allowed = TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]
+    if seconds > allowed:
+        raise PrepareError(f"training ran {seconds:.1f}s by the harness's clock (from the first training batch to "
+                           f"evaluation, less the two longest pauses, where compilation happens); the budget is "
+                           f"{TIME_BUDGET}s and at most {allowed:.0f}s is allowed")
+
+    # what train.py printed must agree with what the harness computed
+    printed = [line.split(":", 1)[1].strip() for line in log_text.splitlines() if line.startswith("val_bpb:")]
+    if printed:
+        try:
+            agrees = abs(float(printed[-1]) - ev["val_bpb"]) <= 1e-6
+        except ValueError:
+            agrees = False
+        if not agrees:
+            raise PrepareError(f"train.py printed val_bpb {printed[-1]}, but evaluate_bpb computed "
+                               f"{ev['val_bpb']:.6f}")
+    return {"val_bpb": f"{ev['val_bpb']:.6f}", "training_seconds": f"{seconds:.1f}",
+            "training_tokens": train["tokens"], "eval_seconds": f"{ev['time'] - ev['start']:.1f}",
+            "peak_vram_mb": f"{ev['peak_vram_mb']:.1f}", "time_budget": TIME_BUDGET}
 
 # ---------------------------------------------------------------------------
 # Main
@@ -787,11 +941,23 @@ if __name__ == "__main__":
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
     parser.add_argument("--check", action="store_true", help="only check the prepared data against its fingerprints")
+    parser.add_argument("--verify-run", metavar="LOG", help="(run.sh) check the run record on stdin against LOG")
     args = parser.parse_args()
     try:
         if args.check:
             m = check_prepared()
             print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens)")
+            print(f"time_budget: {TIME_BUDGET}")
+        elif args.verify_run:
+            with open(args.verify_run, errors="replace") as f:
+                log_text = f.read()
+            try:
+                result = verify_run(sys.stdin.read(), log_text)
+            except (PrepareError, KeyError, TypeError) as e:  # a record missing fields is no record
+                print(f"reason: {e}" if isinstance(e, PrepareError) else f"reason: the run record is malformed ({e!r})")
+                sys.exit(1)
+            for k, v in result.items():
+                print(f"{k}: {v}")
         else:
             print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
             prepare(args)

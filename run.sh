@@ -47,13 +47,13 @@ main() {
   fi
 
   # ------------------------------------------------------------ configuration
-  local limit=${AUTORESEARCH_TIMEOUT:-600} min_imp=${AUTORESEARCH_MIN_IMPROVEMENT:-0}
-  if ! is_number "$limit" || ! awk -v t="$limit" 'BEGIN { exit !(t > 0) }'; then
+  local limit=${AUTORESEARCH_TIMEOUT:-} min_imp=${AUTORESEARCH_MIN_IMPROVEMENT:-0}
+  if [ -n "$limit" ] && { ! is_number "$limit" || ! awk -v t="$limit" 'BEGIN { exit !(t > 0) }'; }; then
     die 2 "AUTORESEARCH_TIMEOUT must be a positive number of seconds, not '$limit'"
   fi
   is_number "$min_imp" || die 2 "AUTORESEARCH_MIN_IMPROVEMENT must be a number >= 0, not '$min_imp'"
-  local smoke=0 prep_cmd="uv run prepare.py"
-  case ${AUTORESEARCH_SMOKE:-} in ""|0) ;; *) smoke=1; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py" ;; esac
+  local smoke=0 profile=gpu prep_cmd="uv run prepare.py"
+  case ${AUTORESEARCH_SMOKE:-} in ""|0) ;; *) smoke=1; profile=smoke; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py" ;; esac
   local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
   case $cache in /*) ;; *) cache=$PWD/$cache ;; esac
   local want_box=${AUTORESEARCH_SANDBOX:-auto}
@@ -104,6 +104,11 @@ main() {
 
   # --------------------------------------- recover a run that was interrupted
   if [ -d "$state/pending" ]; then recover || exit $?; fi
+  # results.tsv from before the profile column: add it (such rows marked smoke runs "[smoke] ")
+  if [ "$(head -n 1 results.tsv 2>/dev/null)" = "$(printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch')" ]; then
+    awk -F'\t' -v OFS='\t' 'NR == 1 { print $0, "profile"; next } { print $0, ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }' \
+      results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
+  fi
 
   # ----------------------------------------------------------------- refusals
   # Everything up to "changes start here" only reads.
@@ -141,7 +146,7 @@ main() {
 
   local h7=${head:0:7} baseline=0 best="" stats
   [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
-  stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$smoke")
+  stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$profile")
   best=${stats%% *}; [ "$best" != - ] || best=""
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
@@ -154,10 +159,16 @@ main() {
   choose_sandbox
   take_gpu_locks || exit $?
 
-  if ! run_boxed 600 "$py" prepare.py --check >"$tmp/check.out" 2>&1; then
+  if ! run_boxed 600 "$py" -I prepare.py --check </dev/null >"$tmp/check.out" 2>&1; then
     die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
       "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
   fi
+  # The hard limit follows from prepare.py's TIME_BUDGET: twice the budget plus a minute
+  # (a cold start on an H100 spends ~90 s compiling and evaluating outside the budget).
+  local budget
+  budget=$(awk -F': *' '$1 == "time_budget" { print $2 }' "$tmp/check.out")
+  is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
+  [ -n "$limit" ] || limit=$(awk -v b="$budget" 'BEGIN { print 2 * b + 60 }')
 
   # ------------------------------------------------------ changes start here
   if [ -n "$new_branch" ]; then
@@ -173,9 +184,10 @@ main() {
   [ "$rerun" = 1 ] && mode=rerun
   [ "$baseline" = 1 ] && [ "$rerun" = 0 ] && mode=baseline
   [ "$smoke" = 1 ] && msg="[smoke] $desc"
-  row_desc=$(tsv_field "$msg")
+  row_desc=$(tsv_field "$desc")
   mkdir "$state/pending"                      # the journal of this run
-  put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put runid "$run_id"
+  put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put desc "$desc"; put profile "$profile"
+  put runid "$run_id"
 
   local tried=$head
   if [ "$rerun" = 0 ]; then
@@ -202,24 +214,29 @@ main() {
   mkdir -p "$cache/compile"; [ "$smoke" = 0 ] || mkdir -p "$cache/smoke/compile"
   local t0=$EPOCHREALTIME rc=0
   rm -f run.log   # a fresh file, never through a link left in its place
-  run_boxed "$limit" "$py" train.py >run.log 2>&1 || rc=$?
+  # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
+  : >"$tmp/record"
+  run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >run.log 2>&1 3>>"$tmp/record" || rc=$?
   local secs
   secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
 
   # ------------------------------------------------ what did training touch?
   local touched
   touched=$(check_untouched "$branch" "$tried")
-  if ! run_boxed 600 "$py" prepare.py --check >"$tmp/check.out" 2>&1; then
-    touched="${touched:+$touched, }the prepared data (prepare.py --check fails now: run $prep_cmd)"
-  fi
 
   # ------------------------------------------------------------ the result
-  local val mem reason=""
-  val=$(summary_value val_bpb); mem=$(summary_value peak_vram_mb)
+  # prepare.py, in a separate process, checks the record against its own constants and data
+  # and gives the numbers; run.log only has to agree with them.
+  local verdict=0 val mem reason=""
+  run_boxed 600 "$py" -I prepare.py --verify-run run.log <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+  val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
   if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
     reason="timed out after ${limit}s (process group killed)"
   elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
-  elif ! is_number "$val"; then reason="no finite val_bpb in run.log (got '${val:-nothing}')"
+  elif [ "$verdict" -ne 0 ]; then
+    reason=$(record_value reason)
+    reason=${reason:-"the run could not be checked: $(tail -n 1 "$tmp/verify.out")"}
+  elif ! is_number "$val"; then reason="no val_bpb in the run record"
   fi
   [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
   local status
@@ -234,7 +251,7 @@ main() {
     fi
   fi
   put status "$status"
-  put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch")"
+  put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile")"
   finish_pending                                 # revert if needed, append the row
 
   # ----------------------------------------------------------------- report
@@ -246,7 +263,7 @@ main() {
     printf '\n'; summary_block
   fi
   local n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
-  read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c <<<"$(tsv_stats "$branch" "$t7" "$smoke")"
+  read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c <<<"$(tsv_stats "$branch" "$t7" "$profile")"
   if [ "$spread" = - ]; then noise="unknown: no reruns yet (./run.sh --rerun \"why\" measures it)"
   else noise="val_bpb spread $spread over $spread_n runs of $spread_c"
   fi
@@ -261,6 +278,8 @@ main() {
   [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
   printf 'val_bpb:      %s\n' "$val"
   printf 'memory_gb:    %s\n' "$mem"
+  [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss), %s tokens; evaluation %ss\n' \
+    "$(record_value training_seconds)" "$budget" "$(record_value training_tokens)" "$(record_value eval_seconds)"
   case $status in
     keep) printf 'best:         %s (%s, this run)\n' "$val" "$t7" ;;
     *) if [ -n "$best" ]; then printf 'best:         %s (%s)\n' "$best" "$h7"; else printf 'best:         none yet\n'; fi ;;
@@ -303,19 +322,18 @@ tsv_field() {
   printf '%s' "$d"
 }
 
-# One line from results.tsv for BRANCH, COMMIT7 and profile (SMOKE 0/1):
+# One line from results.tsv for BRANCH, COMMIT7 and PROFILE (gpu or smoke):
 # best n_all n_keep n_discard n_crash n_rerun spread spread_n spread_commit
 # best: val_bpb of COMMIT7's keep row; spread: max-min of the measurements
 # (keep + rerun rows) of the commit most recently rerun on this branch.
 tsv_stats() {
   local f=results.tsv; [ -f "$f" ] || f=/dev/null
-  awk -F'\t' -v br="$1" -v head="$2" -v smoke="$3" '
+  awk -F'\t' -v br="$1" -v head="$2" -v prof="$3" '
     NR == 1 && $1 == "commit" { next }
-    { sm = ($5 ~ /^"?\[smoke\] /) ? 1 : 0 }
-    $1 == head && $4 == "keep" && sm == smoke { best = $2 }
+    $1 == head && $4 == "keep" && $7 == prof { best = $2 }
     $6 != br { next }
     { n++; c[$4]++ }
-    sm == smoke && ($4 == "keep" || $4 == "rerun") {
+    $7 == prof && ($4 == "keep" || $4 == "rerun") {
       k = $1; v = $2 + 0
       if (!(k in lo) || v < lo[k]) lo[k] = v
       if (!(k in hi) || v > hi[k]) hi[k] = v
@@ -328,8 +346,8 @@ tsv_stats() {
     }' "$f"
 }
 
-# The last "name: value" line of run.log for a name (train.py's summary block).
-summary_value() { awk -F: -v k="$1" '$1 == k { v = $2 } END { gsub(/^[ \t]+|[ \t\r]+$/, "", v); print v }' run.log; }
+# A value from prepare.py --verify-run's output (the run record, checked).
+record_value() { awk -v k="$1: " 'index($0, k) == 1 { v = substr($0, length(k) + 1) } END { print v }' "$tmp/verify.out"; }
 summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ { b = b "  " $0 "\n" } END { printf "training summary:\n%s", b }' run.log; }
 
 # ---------------------------------------------------------------- sandbox
@@ -442,7 +460,7 @@ run_boxed() {
   mkdir -p "$tmp/t"
   "${pdeath[@]}" timeout -s KILL "$limit" "${box[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
-    AUTORESEARCH_RUN="$run_id" "$@" </dev/null 8>&- &
+    AUTORESEARCH_RUN="$run_id" "$@" <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
   wait "$child" || rc=$?
   kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
@@ -512,7 +530,7 @@ finish_pending() {
     # A row cut short by a kill is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
     {
-      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\n'
+      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\n'
       [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || printf '\n'
       printf '%s\n' "$row"
     } >"$tmp/row"
@@ -524,12 +542,12 @@ finish_pending() {
 # An earlier run.sh died (killed, machine lost) before finishing: stop what it left
 # running, record it as a crash, put HEAD back to the kept commit.
 recover() {
-  local kept tried mode head branch
+  local kept tried mode head branch desc saved_profile
   if [ -n "$(get runid)" ] && kill_run "$(get runid)"; then
     say "recover: stopped processes the interrupted run left running"
     sleep 0.5   # let them go, and their GPU locks with them
   fi
-  kept=$(get kept); tried=$(get tried); mode=$(get mode); branch=$(get branch)
+  kept=$(get kept); tried=$(get tried); mode=$(get mode); branch=$(get branch); desc=$(get desc); saved_profile=$(get profile)
   head=$(g rev-parse -q --verify HEAD)
   if [ -n "$branch" ] && [ "$(g symbolic-ref -q --short HEAD)" != "$branch" ]; then
     die 4 "cannot recover: the interrupted run was on $branch, but HEAD is elsewhere now; its journal is $state/pending"
@@ -537,17 +555,20 @@ recover() {
   if [ -z "$(get status)" ]; then
     if [ -z "$tried" ] && [ "$mode" != rerun ] && [ -n "$kept" ] && [ "$head" != "$kept" ]; then
       tried=$head; put tried "$tried"                      # killed right after its commit
+      g update-ref "refs/autoresearch/tried/$tried" "$tried"
     fi
     if [ "$mode" = rerun ] || [ -z "$tried" ]; then
       rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
     fi
     put status interrupted
-    put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s' "${tried:0:7}" "$(tsv_field "$(get msg) [interrupted]")" "$branch")"
+    put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s\t%s' "${tried:0:7}" "$(tsv_field "${desc:-$(get msg)} [interrupted]")" "$branch" "${saved_profile:-$profile}")"
   fi
   if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
     die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"
   fi
-  say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}"
+  if [ "$(get status)" = keep ]; then say "recover: the run of ${tried:0:7} was kept; recording it"
+  else say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}"
+  fi
   [ "$(get status)" != interrupted ] || say "recover: train.py keeps the interrupted change; run it again to measure it"
   finish_pending
 }

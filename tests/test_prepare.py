@@ -156,7 +156,7 @@ def test_train_and_val_never_mix(tmp_path):
     assert val_ids and train_ids
     for split, own in (("train", train_ids), ("val", val_ids)):
         text = ""
-        loader = P.make_dataloader(tok, 8, 128, split, device="cpu")
+        loader = P._loader(tok, 8, 128, split, device="cpu")
         for _ in range(30):
             x, _, _ = next(loader)
             text += "".join(tok.decode(row.tolist()) for row in x)
@@ -182,11 +182,9 @@ def hand_bpb(P, tok, logits_row, batch_size):
     """The metric computed independently with numpy over the same validation batches."""
     tb = P.get_token_bytes().numpy()
     logp = logits_row.double().numpy() - np.log(np.exp(logits_row.double().numpy()).sum())
-    loader = P.make_dataloader(tok, batch_size, P.MAX_SEQ_LEN, "val", device="cpu")
     nats = nbytes = counted = 0
-    for _ in range(P.EVAL_TOKENS // (batch_size * P.MAX_SEQ_LEN)):
-        _, y, _ = next(loader)
-        y = y.numpy().ravel()
+    for rows in P.eval_rows(tok, batch_size):
+        y = rows[:, 1:].astype(np.int64).ravel()
         keep = tb[y] > 0
         nats += -logp[y[keep]].sum()
         nbytes += tb[y].sum()

@@ -56,32 +56,51 @@ SANDBOXES = [
 CONTAINED = SANDBOXES[:2]
 
 PREPARE = '''\
-"""Stand-in prepare.py: --check verifies data.bin against its recorded fingerprint."""
-import hashlib, os, sys
+"""Stand-in prepare.py: --check verifies data.bin against its recorded fingerprint;
+--verify-run gives the result from the last evaluation in the run record on stdin."""
+import hashlib, json, math, os, sys
 cache = os.environ["AUTORESEARCH_CACHE"]
 if os.environ.get("AUTORESEARCH_SMOKE") == "1":
     cache = os.path.join(cache, "smoke")
 data = os.path.join(cache, "data.bin")
+try:
+    digest = hashlib.sha256(open(data, "rb").read()).hexdigest()
+    recorded = open(data + ".sha256").read().strip()
+except OSError as e:
+    sys.exit(f"missing prepared data: {e}")
+if digest != recorded:
+    print(f"reason: the prepared data do not match their fingerprint ({data}: fingerprint mismatch)")
+    sys.exit(1)
 if "--check" in sys.argv:
-    try:
-        digest = hashlib.sha256(open(data, "rb").read()).hexdigest()
-        recorded = open(data + ".sha256").read().strip()
-    except OSError as e:
-        sys.exit(f"missing prepared data: {e}")
-    if digest != recorded:
-        sys.exit(f"{data}: fingerprint mismatch")
     print("prepared data ok")
+    print("time_budget: 1")
+if "--verify-run" in sys.argv:
+    evals = [json.loads(line) for line in sys.stdin if '"eval"' in line]
+    if not evals:
+        print("reason: no evaluation in the run record")
+        sys.exit(1)
+    v = evals[-1]["val_bpb"]
+    if not math.isfinite(v):
+        print(f"reason: val_bpb is {v}")
+        sys.exit(1)
+    print(f"val_bpb: {v:.6f}\\ntraining_seconds: 0.1\\ntraining_tokens: 1000\\neval_seconds: 0.0")
+    print(f"peak_vram_mb: {evals[-1]['peak_vram_mb']}")
 '''
 
 
 def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0) -> str:
-    """A stand-in train.py: runs `body`, then prints the summary block."""
+    """A stand-in train.py: runs `body`, writes an evaluation to the run record as the real
+    evaluate_bpb would (when val is a number), then prints the summary block."""
     return (
         "import os, subprocess, sys, time\n"
         + textwrap.dedent(body)
         + textwrap.dedent(
             f"""
             print("step 1 | loss 3.0", flush=True)
+            if {val!r} and "AUTORESEARCH_RECORD_FD" in os.environ:
+                import json
+                record = {{"kind": "eval", "val_bpb": float({val!r}), "peak_vram_mb": {mem}}}
+                os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), (json.dumps(record) + "\\n").encode())
             print("---")
             print("val_bpb:          {val}")
             print("training_seconds: 0.1")
@@ -275,7 +294,7 @@ def test_first_run_starts_a_branch_and_keeps_the_unchanged_baseline(repo: Repo):
     assert repo.git("log", "-1", "--format=%s") == "baseline"
     assert repo.git("rev-parse", "HEAD^") == main_head
     rows = repo.rows()
-    assert rows == [[repo.head()[:7], "1.000000", "2.0", "keep", "baseline", "autoresearch/t1"]]
+    assert rows == [[repo.head()[:7], "1.000000", "2.0", "keep", "baseline", "autoresearch/t1", "gpu"]]
     assert "status:       keep" in out and "change:       baseline" in out
     assert "experiments:  1 on autoresearch/t1" in out
 
@@ -283,7 +302,7 @@ def test_first_run_starts_a_branch_and_keeps_the_unchanged_baseline(repo: Repo):
 def test_keep_when_lower_and_report(based: Repo):
     based.write("train.py", trainer("0.95", mem="45060.2"))
     out = based.run("lower is better").stdout
-    assert based.rows()[-1] == [based.head()[:7], "0.950000", "44.0", "keep", "lower is better", "autoresearch/t1"]
+    assert based.rows()[-1] == [based.head()[:7], "0.950000", "44.0", "keep", "lower is better", "autoresearch/t1", "gpu"]
     assert based.git("log", "-1", "--format=%s") == "lower is better"
     assert based.git("show", "--name-only", "--format=", "HEAD") == "train.py"  # train.py alone
     for line in ("status:       keep", "val_bpb:      0.950000", "memory_gb:    44.0",
@@ -325,9 +344,9 @@ def test_equal_is_not_better_and_min_improvement(based: Repo):
     [
         ("raise RuntimeError('boom in the model')\n", "1.0", 0, "boom in the model"),
         ("", "nan", 1, "exited with code 1"),  # NaN loss: train.py exits non-zero
-        ("", "nan", 0, "no finite val_bpb"),  # NaN printed, exit 0: still a crash
-        ("", "inf", 0, "no finite val_bpb"),
-        ("print('---')\n", "", 0, "no finite val_bpb"),  # no value at all
+        ("", "nan", 0, "val_bpb is nan"),  # NaN evaluated, exit 0: still a crash
+        ("", "inf", 0, "val_bpb is inf"),
+        ("print('---')\n", "", 0, "no evaluation in the run record"),  # no value at all
     ],
     ids=["exception", "nan-exit", "nan-printed", "inf", "missing"],
 )
@@ -805,7 +824,7 @@ def test_descriptions_are_made_safe(based: Repo):
         assert based.git("log", "-1", "--format=%B").strip() == desc.strip().replace("\r\n", "\n")
     df = based.table()
     assert df["description"].tolist()[1:] == [want for _, want in DESCRIPTIONS]
-    assert len(based.rows()) == len(DESCRIPTIONS) + 1 and all(len(r) == 6 for r in based.rows())
+    assert len(based.rows()) == len(DESCRIPTIONS) + 1 and all(len(r) == 7 for r in based.rows())
     assert not (based.path / "pwned").exists()
 
 
@@ -858,7 +877,7 @@ def test_discarded_commit_survives_gc(based: Repo):
 def test_rerun_never_moves_the_best_and_shows_the_spread(based: Repo):
     best = based.head()
     out = based.run("--rerun", "noise 1").stdout
-    assert based.rows()[-1] == [best[:7], "1.000000", "2.0", "rerun", "noise 1", "autoresearch/t1"]
+    assert based.rows()[-1] == [best[:7], "1.000000", "2.0", "rerun", "noise 1", "autoresearch/t1", "gpu"]
     assert based.head() == best and based.git("status", "--porcelain") == ""
     assert "status:       rerun" in out and "best:         1.000000" in out
     assert "noise:        val_bpb spread 0.000000 over 2 runs of " + best[:7] in out
@@ -870,9 +889,9 @@ def test_rerun_never_moves_the_best_and_shows_the_spread(based: Repo):
 # The same code measuring differently each time, as on a GPU: the value comes from a file.
 NOISY = """import os
 v = open(os.environ["AUTORESEARCH_CACHE"] + "/v").read().strip()
+os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), b'{"kind": "eval", "val_bpb": %s, "peak_vram_mb": 1024}\\n' % v.encode())
 print("---")
 print("val_bpb:", v)
-print("peak_vram_mb: 1024")
 """
 
 
@@ -900,12 +919,35 @@ def test_rerun_spread_flags_noise(based: Repo):
 def test_smoke_rows_are_marked(repo: Repo):
     out = repo.run("baseline", AUTORESEARCH_SMOKE="1").stdout
     assert "smoke profile" in out
-    assert repo.rows()[-1][4] == "[smoke] baseline"
+    assert repo.rows()[-1][4:] == ["baseline", "autoresearch/t1", "smoke"]
     assert repo.git("log", "-1", "--format=%s") == "[smoke] baseline"
     repo.write("train.py", trainer("0.9"))
     repo.run('a "quoted" change', AUTORESEARCH_SMOKE="1")
-    assert repo.table()["description"].tolist() == ["[smoke] baseline", '[smoke] a "quoted" change']
-    # A GPU run on the same branch does not compare itself with smoke results.
+    assert repo.table()["description"].tolist() == ["baseline", 'a "quoted" change']
+    assert repo.table()["profile"].tolist() == ["smoke", "smoke"]
+
+
+def test_the_profile_comes_from_run_sh_not_the_description(based: Repo):
+    """A GPU row whose description looks like a smoke row is still a GPU row: the best stays."""
+    based.write("train.py", trainer("1.5"))
+    assert "status:       discard" in based.run("[smoke] pretend").stdout
+    based.write("train.py", trainer("1.2"))
+    assert "status:       discard" in based.run("[smoke] again").stdout
+    assert [r[6] for r in based.rows()] == ["gpu", "gpu", "gpu"]
+
+
+def test_results_tsv_from_before_the_profile_column_is_upgraded(based: Repo):
+    old = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\n"
+           "aaaaaaa\t2.000000\t0.0\tkeep\t[smoke] baseline\tautoresearch/t1\n"
+           f"{based.head()[:7]}\t1.000000\t2.0\tkeep\tbaseline\tautoresearch/t1\n")
+    based.write("results.tsv", old)
+    based.write("train.py", trainer("0.99"))
+    assert "status:       keep" in based.run("better").stdout
+    assert based.table()["profile"].tolist() == ["smoke", "gpu", "gpu"]
+
+
+def test_smoke_and_gpu_results_are_never_compared(repo: Repo):
+    repo.run("baseline", AUTORESEARCH_SMOKE="1")
     repo.write("train.py", trainer("0.95"))
     out = repo.run("first gpu run").stdout
     assert "status:       keep" in out and "change:       -\n" in out
