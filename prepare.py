@@ -40,8 +40,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_compl
 import numpy as np
 import pyarrow.parquet as pq
 import tiktoken
-import torch
-import torch.nn.functional as F
+# torch is imported in the functions that use it: run.sh calls --check and --verify-run twice
+# per experiment, they need none of it, and importing it takes 2-4 s.
 
 # ---------------------------------------------------------------------------
 # Fixed constants (the smoke profile shrinks them so the same code runs on a CPU)
@@ -412,6 +412,7 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu"):
+    import torch
     return torch.from_numpy(Tokenizer.from_directory().token_byte_lengths()).to(device)
 
 # ---------------------------------------------------------------------------
@@ -690,6 +691,7 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
     on_batch(tokens) is called as each batch is handed out (the record of training);
     digest, a hashlib object, receives the sha256 of each batch handed out (evaluate_bpb's
     fingerprint of what it scored; hashed in the background thread)."""
+    import torch
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bos = tokenizer.get_bos_token_id()
     ndocs, docs = _documents(split, bos)
@@ -750,12 +752,13 @@ def eval_steps(batch_size):
     return max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
 
 
-@torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
     over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets.
     The model only sees the inputs: model(x) returns logits and the loss is computed here.
     The run record gets the result and a fingerprint of the tokens scored."""
+    import torch
+    import torch.nn.functional as F
     t0 = time.time()
     _record("eval_start", train=_served)
     manifest = check_prepared()  # refuses a tokenizer or validation set other than the prepared one
@@ -768,16 +771,17 @@ def evaluate_bpb(model, tokenizer, batch_size):
     steps = eval_steps(batch_size)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for _ in range(steps):
-        x, y, _ = next(loader)
-        logits = model(x)
-        rows = max(1, (1 << 27) // (MAX_SEQ_LEN * logits.size(-1)))  # bound the fp32 copy to 512 MB
-        for i in range(0, y.size(0), rows):
-            yy = y[i:i + rows].reshape(-1)
-            nats = F.cross_entropy(logits[i:i + rows].reshape(yy.numel(), -1).float(), yy, reduction="none")
-            nbytes = token_bytes[yy]
-            total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
-            total_bytes += nbytes.sum()
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y, _ = next(loader)
+            logits = model(x)
+            rows = max(1, (1 << 27) // (MAX_SEQ_LEN * logits.size(-1)))  # bound the fp32 copy to 512 MB
+            for i in range(0, y.size(0), rows):
+                yy = y[i:i + rows].reshape(-1)
+                nats = F.cross_entropy(logits[i:i + rows].reshape(yy.numel(), -1).float(), yy, reduction="none")
+                nbytes = token_bytes[yy]
+                total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
+                total_bytes += nbytes.sum()
     loader.close()
     bpb = (total_nats / (math.log(2) * total_bytes.double())).item()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0

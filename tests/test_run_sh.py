@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -577,6 +578,120 @@ def test_refuses_without_uv_or_a_python(repo: Repo):
     env = {k: v for k, v in repo.env.items() if k != "AUTORESEARCH_PYTHON"}
     repo.env = env
     _refuses(repo, ["x"], expect="uv is not installed", PATH=path_without(repo.tmp, "uv"))
+
+
+# ------------------------------------------------- results the harness vouches for
+# The real prepare.py in the smoke profile, with small trainers that use its API the way
+# train.py does. Each attempt to forge a result, stretch the budget or read the validation
+# split must end as a crash with a reason, and an honest run must still be kept.
+
+REAL_PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
+
+TINY = """
+import sys, time
+import torch
+import torch.nn.functional as F
+import prepare
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
+tok = Tokenizer.from_directory()
+V = tok.get_vocab_size()
+model = torch.nn.Embedding(V, V)  # a bigram model: model(x) gives logits
+opt = torch.optim.Adam(model.parameters(), lr=0.05)
+{setup}
+loader = make_dataloader(tok, 8, MAX_SEQ_LEN, {split})
+t0 = time.time()
+while time.time() - t0 < {seconds}:
+    x, y, _ = next(loader)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    opt.zero_grad(); loss.backward(); opt.step()
+{evaluate}
+print("---")
+print(f"val_bpb:          {{val:.6f}}")
+print(f"training_seconds: {{min(time.time() - t0, TIME_BUDGET) if {honest_time} else (time.time() - t0) / 3:.1f}}")
+"""
+
+
+def tiny(setup="", split='"train"', seconds=1.0, evaluate="val = evaluate_bpb(model, tok, 8)", honest_time=True):
+    return TINY.format(setup=setup, split=split, seconds=seconds, evaluate=evaluate, honest_time=honest_time)
+
+
+@pytest.fixture(scope="session")
+def harness_template(tmp_path_factory) -> Path:
+    """A repository with the real prepare.py, prepared smoke data and a kept tiny baseline."""
+    repo = Repo(tmp_path_factory.mktemp("harness")).init()
+    repo.env.update(AUTORESEARCH_SMOKE="1", AUTORESEARCH_TIMEOUT="120")
+    shutil.copy(REAL_PREPARE, repo.path / "prepare.py")
+    repo.write("train.py", tiny())
+    repo.git("add", "-A")
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "the real harness")
+    prep = subprocess.run([PY, "prepare.py"], cwd=repo.path, env={**os.environ, **repo.env},
+                          capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    out = repo.run("baseline").stdout
+    assert "status:       keep" in out, out
+    return repo.tmp
+
+
+@pytest.fixture
+def harness(tmp_path: Path, harness_template: Path) -> Repo:
+    shutil.copytree(harness_template, tmp_path / "h", symlinks=True)
+    repo = Repo.__new__(Repo)
+    repo.tmp, repo.path, repo.cache, repo.home = tmp_path / "h", tmp_path / "h/repo", tmp_path / "h/cache", tmp_path / "h/home"
+    repo.env = {**Repo(tmp_path / "unused").env, "HOME": str(repo.home), "AUTORESEARCH_CACHE": str(repo.cache),
+                "AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_TIMEOUT": "120"}
+    return repo
+
+
+def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
+    harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
+    out = harness.run("honest").stdout
+    assert "status:       " in out and "crash" not in out.split("status:")[1].split("\n")[0], out
+    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s\), (\d+) tokens", out)
+    assert rec and 0.5 < float(rec.group(1)) < 5 and int(rec.group(2)) > 0, out
+    printed = re.search(r"^val_bpb:\s+(\S+)", harness.read("run.log"), re.M).group(1)
+    assert harness.rows()[-1][1] == printed  # the record's value, which train.py printed faithfully
+
+
+FORGERIES = {
+    "prints a value without evaluating": (
+        tiny(evaluate="val = 0.01"), "never called prepare.evaluate_bpb"),
+    "prints 0.9 x the value": (
+        tiny(evaluate="val = 0.9 * evaluate_bpb(model, tok, 8)"), "but evaluate_bpb computed"),
+    "wraps evaluate_bpb to subtract 0.05": (
+        tiny(setup="real = prepare.evaluate_bpb\nevaluate_bpb = lambda *a: real(*a) - 0.05"), "but evaluate_bpb computed"),
+    "shrinks EVAL_TOKENS": (
+        tiny(setup="prepare.EVAL_TOKENS = 1024"), "the harness scores 65,536"),
+    "evaluates on the training split": (
+        tiny(setup="orig = prepare._loader\n"
+                   "prepare._loader = lambda tok, B, T, split, *a, **k: orig(tok, B, T, 'train', *a, **k)"),
+        "other tokens than the first EVAL_TOKENS"),
+    "trains on the validation split": (
+        tiny(split='"val"'), "the validation split is read by evaluate_bpb alone"),
+    "evaluates twice and keeps the better": (
+        tiny(evaluate="val = min(evaluate_bpb(model, tok, 8), evaluate_bpb(model, tok, 8))"), "evaluate_bpb ran 2 times"),
+    "trains after evaluating": (
+        tiny(evaluate="val = evaluate_bpb(model, tok, 8)\nfor _ in range(3): next(loader)"),
+        "training batches were taken after evaluate_bpb started"),
+    "trains 3 x the budget and reports a third": (
+        tiny(seconds="3 * TIME_BUDGET", honest_time=False), "by the harness's clock"),
+}
+
+
+@pytest.mark.parametrize("attempt", FORGERIES, ids=[k.replace(" ", "-") for k in FORGERIES])
+def test_a_forged_result_is_a_crash_with_its_reason(harness: Repo, attempt):
+    code, reason = FORGERIES[attempt]
+    harness.write("train.py", code)
+    out = harness.run(attempt).stdout
+    assert "status:       crash" in out and reason in out, out
+    assert harness.rows()[-1][1:4] == ["0.000000", "0.0", "crash"]
+
+
+def test_patching_the_training_loader_cannot_redirect_evaluation(harness: Repo):
+    """evaluate_bpb does not go through make_dataloader: patching it leaves the metric honest."""
+    harness.write("train.py", tiny(setup="orig = prepare.make_dataloader\n"
+                                         "prepare.make_dataloader = lambda tok, B, T, split='train', **k: orig(tok, B, T, 'train', **k)"))
+    out = harness.run("patched make_dataloader").stdout
+    assert "status:       crash" not in out, out
 
 
 # ------------------------------------------------------------------ refusals
