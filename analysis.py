@@ -5,10 +5,12 @@
 
 results.tsv is written by run.sh, one row per experiment:
 
-    commit  val_bpb  memory_gb  status  description  [more columns...]
+    commit  val_bpb  memory_gb  status  description  branch  profile  [more columns...]
 
-status is keep, discard, crash or rerun. Rows from smoke runs
-(AUTORESEARCH_SMOKE=1) have descriptions starting with "[smoke] ".
+status is keep, discard, crash or rerun; profile is gpu, or smoke for the CPU
+smoke profile (AUTORESEARCH_SMOKE=1). The reference's files have the first five
+columns only; files from before the profile column marked smoke rows with a
+"[smoke] " prefix on the description.
 
 The report is printed; the plot is written as progress.png next to the
 results file. A malformed row stops the script with its line number and
@@ -43,7 +45,7 @@ def read_results(path):
         lines = f.read().splitlines()
 
     rows = []
-    header_seen = False
+    header_seen, profile_col = False, None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -53,6 +55,7 @@ def read_results(path):
                 fail(f"{path} line {lineno}: expected the header "
                      f"{'<tab>'.join(HEADER)!r}, got {line!r}")
             header_seen = True
+            profile_col = fields.index("profile") if "profile" in fields else None
             continue
         if len(fields) < 5:
             fail(f"{path} line {lineno}: expected at least 5 tab-separated "
@@ -73,9 +76,12 @@ def read_results(path):
         # run.sh quotes a description holding a double quote, CSV-style.
         if len(description) >= 2 and description[0] == description[-1] == '"':
             description = description[1:-1].replace('""', '"')
-        smoke = description.startswith(SMOKE_PREFIX)
-        if smoke:
-            description = description[len(SMOKE_PREFIX):]
+        if profile_col is not None and len(fields) > profile_col:
+            smoke = fields[profile_col].strip() == "smoke"
+        else:
+            smoke = description.startswith(SMOKE_PREFIX)
+            if smoke:
+                description = description[len(SMOKE_PREFIX):]
         rows.append({
             "n": len(rows) + 1,  # experiment number, in file order
             "line": lineno,

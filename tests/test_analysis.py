@@ -150,6 +150,19 @@ def test_all_smoke_rows_are_flagged(tmp_path):
     assert_png(tmp_path / "progress.png")
 
 
+def test_the_profile_column_marks_smoke_rows(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\n"
+                    "a1b2c3d\t3.100000\t0.0\tkeep\tbaseline\tautoresearch/x\tsmoke\n"
+                    "b2c3d4e\t1.000000\t40.0\tkeep\t[smoke] looks like smoke\tautoresearch/x\tgpu\n"
+                    "c3d4e5f\t0.990000\t40.0\tkeep\tbetter\tautoresearch/x\tgpu\n")
+    proc = subprocess.run([sys.executable, ANALYSIS, str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[smoke] 1 smoke rows left out" in proc.stdout
+    # the GPU rows, whatever a description says, are the report
+    assert "experiments: 2 " in proc.stdout and "baseline 1.000000 -> best 0.990000" in proc.stdout
+
+
 def test_mixed_smoke_rows_are_left_out(tmp_path):
     proc = run_analysis(tmp_path, rows(
         ("a1b2c3d", "3.100000", "0.0", "keep", "[smoke] baseline"),
