@@ -169,7 +169,7 @@ def test_a_night_in_the_smoke_profile(night):
     # --- learn the noise: the same code again.
     rerun = agent.run("--rerun", "baseline noise")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert rerun.report["status"] == "rerun"
+    assert rerun.report["status"] == "rerun", rerun.stdout
     assert "spread" in rerun.report["noise"]
     assert git(repo, "rev-parse", "--short=7", "HEAD") == best_commit
     runs.append(("baseline noise", "rerun"))
