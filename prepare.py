@@ -801,10 +801,11 @@ def eval_rows(tokenizer, batch_size):
         yield next(rows)[0]
 
 
-def verify_run(record, log_text):
+def verify_run(record, log_text, launched=None, exited=None):
     """The result of one training run as the harness recorded it, checked in a separate process
     against prepare.py's own constants and data. Returns a dict for run.sh; raises PrepareError
-    with the reason when the record does not show an honest run."""
+    with the reason when the record does not show an honest run. launched/exited: when run.sh
+    started and saw the end of the training process, for the time spent outside the budget."""
     check_prepared()
     events = []
     for line in record.splitlines():
@@ -865,9 +866,15 @@ def verify_run(record, log_text):
         if not agrees:
             raise PrepareError(f"train.py printed val_bpb {printed[-1]}, but evaluate_bpb computed "
                                f"{ev['val_bpb']:.6f}")
-    return {"val_bpb": f"{ev['val_bpb']:.6f}", "training_seconds": f"{seconds:.1f}",
-            "training_tokens": train["tokens"], "eval_seconds": f"{ev['time'] - ev['start']:.1f}",
-            "peak_vram_mb": f"{ev['peak_vram_mb']:.1f}", "time_budget": TIME_BUDGET}
+    # where the process's time went, outside the budget
+    clock = train["clock"] or starts[0]["time"]
+    phases = {"startup_seconds": train["first"] - launched if launched else None,  # imports, model, data checks
+              "warmup_seconds": clock - train["first"],  # compilation, warm-up steps
+              "eval_seconds": ev["time"] - ev["start"],
+              "exit_seconds": exited - ev["time"] if exited else None}
+    return {"val_bpb": f"{ev['val_bpb']:.6f}", "training_seconds": f"{seconds:.1f}", "training_tokens": train["tokens"],
+            "peak_vram_mb": f"{ev['peak_vram_mb']:.1f}", "time_budget": TIME_BUDGET,
+            **{k: f"{v:.1f}" for k, v in phases.items() if v is not None}}
 
 # ---------------------------------------------------------------------------
 # Main
@@ -946,6 +953,8 @@ if __name__ == "__main__":
     parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
     parser.add_argument("--check", action="store_true", help="only check the prepared data against its fingerprints")
     parser.add_argument("--verify-run", metavar="LOG", help="(run.sh) check the run record on stdin against LOG")
+    parser.add_argument("--launched", type=float, help="(with --verify-run) when training was started, epoch seconds")
+    parser.add_argument("--exited", type=float, help="(with --verify-run) when training ended, epoch seconds")
     args = parser.parse_args()
     try:
         if args.check:
@@ -956,7 +965,7 @@ if __name__ == "__main__":
             with open(args.verify_run, errors="replace") as f:
                 log_text = f.read()
             try:
-                result = verify_run(sys.stdin.read(), log_text)
+                result = verify_run(sys.stdin.read(), log_text, args.launched, args.exited)
             except (PrepareError, KeyError, TypeError) as e:  # a record missing fields is no record
                 print(f"reason: {e}" if isinstance(e, PrepareError) else f"reason: the run record is malformed ({e!r})")
                 sys.exit(1)

@@ -22,6 +22,7 @@
 
 main() {
   set -uo pipefail
+  local t_called=$EPOCHREALTIME
   local usage='usage: ./run.sh [--tag TAG] "description of the change"
        ./run.sh [--tag TAG] --rerun "why the best is measured again"'
 
@@ -217,8 +218,8 @@ main() {
   # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
   : >"$tmp/record"
   run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >run.log 2>&1 3>>"$tmp/record" || rc=$?
-  local secs
-  secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  local secs t_exit=$EPOCHREALTIME
+  secs=$(awk -v a="$t0" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
 
   # ------------------------------------------------ what did training touch?
   local touched
@@ -228,7 +229,8 @@ main() {
   # prepare.py, in a separate process, checks the record against its own constants and data
   # and gives the numbers; run.log only has to agree with them.
   local verdict=0 val mem reason=""
-  run_boxed 600 "$py" -I prepare.py --verify-run run.log <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+  run_boxed 600 "$py" -I prepare.py --verify-run run.log --launched "$t0" --exited "$t_exit" \
+    <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
   val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
   if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
     reason="timed out after ${limit}s (process group killed)"
@@ -298,6 +300,7 @@ main() {
        else printf 'commit:       %s reverted; train.py is back at %s (git show %s:train.py)\n' "$t7" "$h7" "$t7"; fi ;;
   esac
   printf 'seconds:      %s\n' "$secs"
+  [ "$status" = crash ] || outside_budget "$t_called" "$t0" "$t_exit"
   printf 'log:          run.log (all results: results.tsv)\n'
   return 0
 }
@@ -344,6 +347,16 @@ tsv_stats() {
       printf "%s %d %d %d %d %d ", (best == "" ? "-" : best), n, c["keep"], c["discard"], c["crash"], c["rerun"]
       if (last == "") print "- - -"; else printf "%.6f %d %s\n", hi[last] - lo[last], m[last], last
     }' "$f"
+}
+
+# The report's line on where the time outside the training budget went.
+outside_budget() {
+  awk -v called="$1" -v t0="$2" -v t1="$3" -v now="$EPOCHREALTIME" -v train="$(record_value training_seconds)" \
+      -v up="$(record_value startup_seconds)" -v warm="$(record_value warmup_seconds)" \
+      -v ev="$(record_value eval_seconds)" -v ex="$(record_value exit_seconds)" 'BEGIN {
+    printf "outside:      %.1fs of %.1fs outside the budget: run.sh before %.1f, start-up %.1f, compile and warm-up %.1f, ", \
+      now - called - train, now - called, t0 - called, up, warm
+    printf "evaluation %.1f, exit %.1f, run.sh after %.1f\n", ev, ex, now - t1 }'
 }
 
 # A value from prepare.py --verify-run's output (the run record, checked).
