@@ -897,9 +897,28 @@ def test_recovery_after_a_kill_right_after_the_commit(based: Repo):
     pending.mkdir()
     for k, v in {"kept": kept, "mode": "experiment", "branch": "autoresearch/t1", "msg": "half done"}.items():
         (pending / k).write_text(v)
+    half_done = based.head()
     based.run("again")
     rows = based.rows()
     assert [r[3:5] for r in rows[1:]] == [["crash", "half done [interrupted]"], ["keep", "again"]]
+    assert based.git("rev-parse", f"refs/autoresearch/tried/{half_done}") == half_done  # gc keeps it
+
+
+def test_recovery_of_a_decided_keep_says_it_stays(based: Repo):
+    """State as if run.sh died after deciding to keep, before the row was written."""
+    kept = based.head()
+    based.write("train.py", trainer("0.9"))
+    based.git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-qam", "better")
+    tried = based.head()
+    row = f"{tried[:7]}\t0.900000\t2.0\tkeep\tbetter\tautoresearch/t1\tgpu"
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "tried": tried, "mode": "experiment", "branch": "autoresearch/t1",
+                 "msg": "better", "status": "keep", "row": row}.items():
+        (pending / k).write_text(v)
+    p = based.run("nothing new", rc=3)
+    assert "was kept; recording it" in p.stdout and "putting HEAD back" not in p.stdout
+    assert based.head() == tried and based.rows()[-1] == row.split("\t")
 
 
 def test_recovery_completes_a_decided_run_and_repairs_a_torn_row(based: Repo):
