@@ -25,17 +25,20 @@ import base64
 import bisect
 import glob
 import hashlib
+import http.client
 import json
 import math
 import os
 import queue
+import re
 import sys
 import sysconfig
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -73,7 +76,13 @@ TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
 
 # ClimbMix: parquet shards shard_00000 ... shard_06542 with a "text" column; the last is the validation shard.
-BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
+# HF_ENDPOINT points at a hub mirror, as for huggingface_hub; AUTORESEARCH_BASE_URL at a plain file server.
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL") or f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+DOWNLOAD_CHUNK = 1 << 18   # bytes per read: a stop request is seen within one chunk
+DOWNLOAD_TIMEOUT = 60      # seconds without a byte before a connection counts as dead
+STATUS_EVERY = 10          # seconds between progress lines when stdout is not a terminal
+QUIET = False              # --quiet: stage summaries and errors only
 MAX_SHARD = 6542
 VAL_SHARD = MAX_SHARD
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # text the BPE trainer sees (training split only)
@@ -104,54 +113,167 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 # ---------------------------------------------------------------------------
-# Download (ClimbMix): parallel, retried, resumable, atomic
+# Progress: rewritten in place on a terminal, one line now and then in a log, nothing with --quiet
+# ---------------------------------------------------------------------------
+
+def log(msg):
+    """An event line (a shard done, a source tokenized); --quiet keeps only the stage summaries."""
+    if not QUIET:
+        print(("\r\x1b[K" if _status[1] else "") + msg, flush=True)
+        _status[1] = False
+
+
+def status(msg):
+    """A progress line: on a terminal it replaces the previous one; in a log, one per STATUS_EVERY s."""
+    if QUIET:
+        return
+    if sys.stdout.isatty():
+        print("\r\x1b[K" + msg, end="", flush=True)
+        _status[1] = True
+    elif time.time() - _status[0] >= STATUS_EVERY:
+        print(msg, flush=True)
+    else:
+        return
+    _status[0] = time.time()
+
+
+def done_status():
+    if _status[1]:
+        print(flush=True)
+        _status[1] = False
+
+
+_status = [time.time(), False]  # when the last progress line was printed; whether one is open on the terminal
+
+
+def fmt_bytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+# ---------------------------------------------------------------------------
+# Download (ClimbMix): parallel, retried, resumable, verified against the hub's sha256, atomic
 # ---------------------------------------------------------------------------
 
 def shard_name(i):
     return f"shard_{i:05d}.parquet"
 
 
-def download_shard(index, attempts=6):
-    """Fetch one shard into DATA_DIR. A .part file resumes with an HTTP Range request; the
-    final name appears only once the file parses as parquet (its footer is the last thing to
-    arrive, so a truncated file never does)."""
-    path = os.path.join(DATA_DIR, shard_name(index))
+def hf_token():
+    """HF_TOKEN, or the token `hf auth login` saved (huggingface_hub's own lookup)."""
+    try:
+        from huggingface_hub import get_token
+        return get_token()
+    except ImportError:
+        return os.environ.get("HF_TOKEN")
+
+
+class _HubRedirects(urllib.request.HTTPRedirectHandler):
+    """The hub answers a resolve URL with a redirect to its CDN; the file's sha256 (X-Linked-Etag,
+    the LFS object id) and size (X-Linked-Size) come with that redirect, so they are kept here.
+    The token goes to the hub's own host only, never to the CDN."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.linked = req.linked
+            if headers.get("X-Linked-Etag"):
+                req.linked.update(etag=headers["X-Linked-Etag"], size=headers.get("X-Linked-Size"))
+            auth = req.unredirected_hdrs.get("Authorization")
+            if auth and urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(req.full_url).netloc:
+                new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_HubRedirects)
+
+
+def _sha256_etag(etag):
+    """The hub's etag of an LFS file is its sha256; a small git file's is a git sha1 (not a content hash)."""
+    etag = (etag or "").removeprefix("W/").strip('"')
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def _get(url, start, token):
+    """GET url from byte `start`: (response, the file's total size or None, its published sha256 or None)."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    if token:
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    req.linked = {}
+    resp = _OPENER.open(req, timeout=DOWNLOAD_TIMEOUT)
+    sha = _sha256_etag(req.linked.get("etag") or resp.headers.get("X-Linked-Etag"))
+    size = req.linked.get("size") or resp.headers.get("X-Linked-Size")  # the published size first
+    if not size and resp.status == 206 and "/" in (resp.headers.get("Content-Range") or ""):
+        size = resp.headers["Content-Range"].rsplit("/", 1)[1]
+    elif not size and resp.status == 200:
+        size = resp.headers.get("Content-Length")
+    return resp, int(size) if size and size.isdigit() else None, sha
+
+
+def download_shard(index, stop, rename_lock, count=lambda n: None, token=None, attempts=6):
+    """Fetch one shard into DATA_DIR; None if `stop` was set. A .part file resumes with an HTTP Range
+    request, also after a connection closed cleanly short of the promised length. The whole file
+    must match the sha256 the hub publishes before it gets its final name: a mismatch is fetched
+    again once from scratch, then it is an error naming the shard. (Without a published sha256,
+    e.g. a plain mirror, the file must at least parse as parquet.)"""
+    name = shard_name(index)
+    path = os.path.join(DATA_DIR, name)
     if os.path.exists(path):
-        return path, 0
-    part = path + ".part"
-    url = f"{BASE_URL}/{shard_name(index)}"
-    err = None
-    for attempt in range(1, attempts + 1):
+        return path, 0, None
+    part, url = path + ".part", f"{BASE_URL}/{name}"
+    err, mismatches, failures = None, 0, 0
+    while not stop.is_set():
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        received = 0
         try:
-            have = os.path.getsize(part) if os.path.exists(part) else 0
-            if have and _is_parquet(part):  # finished before an interruption, not yet renamed
-                break
-            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                resumed = have and resp.status == 206  # a server may ignore the range: start over
-                with open(part, "ab" if resumed else "wb") as f:
-                    while chunk := resp.read(1 << 20):
+            resp, total, sha = _get(url, have, token)
+            with resp:
+                if have and resp.status != 206:  # the server ignored the range: start over
+                    have = 0
+                with open(part, "r+b" if have else "wb") as f:
+                    f.seek(have)
+                    f.truncate()
+                    while chunk := resp.read1(DOWNLOAD_CHUNK):
+                        if stop.is_set():
+                            return None
                         f.write(chunk)
-            if _is_parquet(part):
-                break
-            os.remove(part)  # complete but not parquet: resuming would not help
-            err = "the downloaded file is not a valid parquet file"
+                        have += len(chunk)
+                        received += len(chunk)
+                        count(len(chunk))
+            if total is not None and have < total:  # kept: the next attempt resumes from here
+                raise ConnectionError(f"connection closed after {have:,} of {total:,} bytes")
+            if sha is not None:
+                got = sha256_file(part)
+                if got != sha:
+                    os.remove(part)  # a wrong byte anywhere: resuming would keep it
+                    mismatches += 1
+                    if mismatches == 2:
+                        raise PrepareError(f"{name}: the download does not match the sha256 the hub publishes for it, "
+                                           f"twice (got {got}, expected {sha}; from {url})")
+                    log(f"  {name}: sha256 mismatch (got {got[:12]}..., expected {sha[:12]}...), downloading it again")
+                    continue
+            elif not _is_parquet(part):
+                os.remove(part)
+                raise ValueError("the downloaded file is not a valid parquet file (and no sha256 was published to check it)")
+            with rename_lock:  # nothing gets its final name after an error elsewhere or Ctrl-C
+                if stop.is_set():
+                    return None
+                os.replace(part, path)
+            return path, have, sha is not None
         except urllib.error.HTTPError as e:
             if e.code == 416 and os.path.exists(part):
                 os.remove(part)
             elif 400 <= e.code < 500 and e.code not in (408, 429):
-                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from e
+                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}" +
+                                   (" (set HF_TOKEN, or log in with `hf auth login`)" if e.code in (401, 403) else "")) from e
             err = e
-        except Exception as e:  # connection reset, time-out, truncated transfer: resume
+        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, time-out, short body: resume
             err = e
-        if attempt < attempts:
-            print(f"  {shard_name(index)}: attempt {attempt} failed ({err}), retrying", flush=True)
-            time.sleep(min(2 ** attempt, 30))
-    else:
-        raise PrepareError(f"download of {shard_name(index)} failed after {attempts} attempts: {err}")
-    size = os.path.getsize(part)
-    os.replace(part, path)
-    return path, size
+        failures = 0 if received else failures + 1  # a link that delivers is retried at once, for ever
+        if failures >= attempts:
+            raise PrepareError(f"download of {name} failed {attempts} times in a row: {err}")
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        log(f"  {name}: {err}; " + (f"resuming at byte {have:,}" if have else "retrying"))
+        stop.wait(min(2 ** (failures - 1), 30) if failures else 0)
+    return None
 
 
 def _is_parquet(path):
@@ -163,22 +285,61 @@ def _is_parquet(path):
 
 
 def download_climbmix(num_train, workers):
+    """The validation shard and the first num_train training shards, `workers` at a time. The
+    first error, or Ctrl-C, stops every download in flight at its next chunk: worker threads are
+    daemons, so nobody waits for them, and none renames a shard into place after it."""
     ids = [VAL_SHARD] + list(range(min(num_train, MAX_SHARD)))  # validation first: its index never moves
     os.makedirs(DATA_DIR, exist_ok=True)
     missing = [i for i in ids if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
     print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
-          (f", downloading {len(missing)}" if missing else ""))
-    t0, done_bytes = time.time(), 0
-    pool = ThreadPoolExecutor(max(1, min(workers, len(missing) or 1)))
+          (f", downloading {len(missing)} from {BASE_URL}" if missing else ""), flush=True)
+    if not missing:
+        return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
+    token = hf_token()
+    stop, rename_lock = threading.Event(), threading.Lock()
+    todo, results = queue.Queue(), queue.Queue()
+    for i in missing:
+        todo.put(i)
+    got, got_lock = [0], threading.Lock()  # bytes received by all workers
+
+    def count(n):
+        with got_lock:
+            got[0] += n
+
+    def worker():
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((i, download_shard(i, stop, rename_lock, count, token), None))
+            except BaseException as e:
+                results.put((i, None, e))
+                return
+
+    for _ in range(max(1, min(workers, len(missing)))):
+        threading.Thread(target=worker, daemon=True).start()
+    t0 = time.time()
     try:
-        futures = [pool.submit(download_shard, i) for i in missing]
-        for n, fut in enumerate(as_completed(futures), 1):
-            path, nbytes = fut.result()
-            done_bytes += nbytes
-            rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
-            print(f"  [{n}/{len(missing)}] {os.path.basename(path)}  {rate:.1f} MB/s", flush=True)
-    finally:  # on an error or Ctrl-C, do not wait for the shards still queued
-        pool.shutdown(wait=False, cancel_futures=True)
+        for n in range(1, len(missing) + 1):
+            while True:
+                try:
+                    i, res, e = results.get(timeout=0.25)
+                    break
+                except queue.Empty:
+                    rate = got[0] / max(time.time() - t0, 1e-9)
+                    status(f"  downloading: {n - 1}/{len(missing)} shards done, {fmt_bytes(got[0])} at {rate / 1e6:.1f} MB/s")
+            if e is not None:
+                raise e
+            rate = got[0] / max(time.time() - t0, 1e-9)
+            log(f"  [{n}/{len(missing)}] {shard_name(i)}  {fmt_bytes(res[1])}, "
+                f"{'sha256 ok' if res[2] else 'parses as parquet (no sha256 published)'}  "
+                f"({fmt_bytes(got[0])} so far, {rate / 1e6:.1f} MB/s)")
+    finally:  # an error or Ctrl-C: the others stop at their next chunk, and rename nothing
+        with rename_lock:
+            stop.set()
+    print(f"Data: downloaded {fmt_bytes(got[0])} in {time.time() - t0:.0f}s", flush=True)
     return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
 
 # ---------------------------------------------------------------------------
@@ -975,8 +1136,10 @@ if __name__ == "__main__":
             print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
             prepare(args)
     except PrepareError as e:
+        done_status()
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        done_status()
         print("prepare.py: interrupted; finished files are kept and a rerun resumes", file=sys.stderr)
         sys.exit(130)

@@ -1,15 +1,15 @@
 """prepare.py: tokenizer, loader, metric, resume and bad input. Real tokenizer, real files, real torch."""
 
-import http.server
 import importlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
-import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tests.hf_mirror import Mirror  # noqa: E402
 
 
 def run_prepare(cache, *args, smoke=True, env=None):
@@ -299,64 +300,126 @@ def test_rerun_does_only_what_is_missing_and_rebuilds_corrupt_files(tmp_path):
     assert sorted(os.listdir(cache2 / "smoke" / "tokens")) == sorted(f for f in files if "00002" not in f)
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """A file server that honours Range requests and fails each path's first request."""
-    failed, ranges = set(), []
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        if self.path not in self.failed:
-            self.failed.add(self.path)
-            self.send_error(503)
-            return
-        if not os.path.exists(path):
-            self.send_error(404)
-            return
-        data = open(path, "rb").read()
-        start = 0
-        if "Range" in self.headers:
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            self.ranges.append((self.path, start))
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
+def shard_bytes(i, n_docs=120):
+    """A real parquet shard of pseudo-word documents, as bytes."""
+    docs = words_corpus(n_docs, seed=i)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), buf, row_group_size=40)
+    return buf.getvalue().to_pybytes()
 
 
-def test_download_is_retried_resumed_and_atomic(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
+@pytest.fixture
+def mirror(tmp_path):
+    """A local hub with the validation shard and training shards 0-3; prepare.py imported against it."""
+    m = Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 2, 3, 6542)})
+    saved = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_TOKEN")}
+    os.environ["HF_ENDPOINT"] = m.endpoint
+    os.environ.pop("HF_TOKEN", None)
+    m.P = load_prepare(tmp_path / "cache", smoke=False)
+    m.data = tmp_path / "cache" / "data"
+    yield m
+    m.close()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_download_is_retried_resumed_and_atomic(mirror):
+    P, data = mirror.P, mirror.data
+    assert P.BASE_URL == mirror.base_url  # HF_ENDPOINT, as huggingface_hub reads it
+    data.mkdir(parents=True)
+    whole = mirror.files["shard_00001.parquet"]
+    (data / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted run
+    mirror.faults["shard_00000.parquet"] = ["500", "truncated", "close"]
+    mirror.faults["shard_06542.parquet"] = ["reset", "norange"]
+    files = P.download_climbmix(2, workers=3)
+    assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
+        assert (data / name).read_bytes() == mirror.files[name]
+    assert not list(data.glob("*.part"))
+    assert [r[3] for r in mirror.requests("cdn", "shard_00001.parquet")] == [len(whole) // 2]  # resumed, not restarted
+    # after a 500: a complete response 1000 bytes short of the published size, then a clean close
+    # mid-body: each time the rest is asked for with Range, where the file stopped
+    n = len(mirror.files["shard_00000.parquet"])
+    assert [r[3] for r in mirror.requests("cdn", "shard_00000.parquet")] == [0, n - 1000, n - 500]
+    # a reset mid-body is resumed; a server that ignores the Range (200) is read from the start
+    starts = [r[3] for r in mirror.requests("cdn", "shard_06542.parquet")]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0
+
+
+def test_download_is_verified_against_the_published_sha256(mirror):
+    P, data = mirror.P, mirror.data
+    mirror.faults["shard_00000.parquet"] = ["corrupt"]  # one flipped byte: same size, parses as parquet
+    P.download_climbmix(1, workers=2)
+    assert (data / "shard_00000.parquet").read_bytes() == mirror.files["shard_00000.parquet"]
+    assert len(mirror.requests("cdn", "shard_00000.parquet")) == 2  # fetched again from scratch
+    # a file that never matches: fetched twice, then an error naming the shard; nothing left behind
+    mirror.sticky["shard_00001.parquet"] = "wrongsha"
+    with pytest.raises(P.PrepareError, match="shard_00001.parquet: the download does not match the sha256"):
+        P.download_climbmix(2, workers=1)
+    assert len(mirror.requests("cdn", "shard_00001.parquet")) == 2
+    assert not (data / "shard_00001.parquet").exists() and not (data / "shard_00001.parquet.part").exists()
+
+
+def test_a_bad_resumed_beginning_is_caught(mirror):
+    """A .part whose first bytes are wrong (from another file, or a bad disk): the Range request
+    completes it, the sha256 refuses it, and the next download starts from byte 0."""
+    P, data = mirror.P, mirror.data
+    data.mkdir(parents=True)
+    whole = mirror.files["shard_00000.parquet"]
+    (data / "shard_00000.parquet.part").write_bytes(b"x" * 100 + whole[100:len(whole) // 2])
+    P.download_climbmix(1, workers=2)
+    assert (data / "shard_00000.parquet").read_bytes() == whole
+    assert [r[3] for r in mirror.requests("cdn", "shard_00000.parquet")] == [len(whole) // 2, 0]
+
+
+def test_hf_token_goes_to_the_hub_only(mirror):
+    P = mirror.P
+    mirror.token = "hf_secret"
+    with pytest.raises(P.PrepareError, match="HTTP 401.*HF_TOKEN"):
+        P.download_climbmix(1, workers=2)
+    os.environ["HF_TOKEN"] = "hf_secret"
+    P.download_climbmix(1, workers=2)
+    assert (mirror.data / "shard_00000.parquet").read_bytes() == mirror.files["shard_00000.parquet"]
+    hub = [r for r in mirror.log if r[1] == "hub" and r[2] == "shard_00000.parquet"]
+    cdn = mirror.requests("cdn", "shard_00000.parquet")
+    assert hub[-1][4] and cdn and not any(r[4] for r in cdn)  # the CDN never sees the token
+
+
+def test_an_error_stops_the_other_downloads_at_once(mirror):
+    """A 404 on one shard while the others crawl: the error comes at once, the others stop, and
+    nothing is renamed into place afterwards (their .part files stay for a rerun to resume)."""
+    P, data = mirror.P, mirror.data
+    mirror.rate = 100_000  # about 1.5 s per shard
     for i in (0, 1, 6542):
-        docs = words_corpus(120, seed=i)
-        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), served / f"shard_{i:05d}.parquet",
-                       row_group_size=40)
-    handler = lambda *a, **k: RangeHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+        mirror.sticky[f"shard_{i:05d}.parquet"] = "slow"
+    mirror.sticky["shard_00002.parquet"] = "404"
+    t0 = time.time()
+    with pytest.raises(P.PrepareError, match="HTTP 404"):
+        P.download_climbmix(3, workers=4)
+    assert time.time() - t0 < 1.0
+    time.sleep(2.5)  # longer than the slow shards need
+    assert not list(data.glob("*.parquet"))
+    parts = list(data.glob("*.part"))
+    assert parts and all(p.stat().st_size < len(mirror.files[p.name[:-5]]) for p in parts)
+
+
+def test_ctrl_c_stops_prepare_at_once(tmp_path):
+    with Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 6542)}, rate=50_000) as m:
+        for name in m.files:
+            m.sticky[name] = "slow"  # about 3 s per shard
         cache = tmp_path / "cache"
-        os.environ["AUTORESEARCH_BASE_URL"] = f"http://127.0.0.1:{server.server_port}"
-        P = load_prepare(cache, smoke=False)
-        data_dir = cache / "data"
-        data_dir.mkdir(parents=True)
-        whole = (served / "shard_00001.parquet").read_bytes()
-        (data_dir / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted download
-        files = P.download_climbmix(2, workers=3)
-        assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
-        assert ("/shard_00001.parquet", len(whole) // 2) in RangeHandler.ranges  # resumed, not restarted
-        for i in (0, 1, 6542):  # each path failed once (503) and was retried
-            assert (data_dir / f"shard_{i:05d}.parquet").read_bytes() == (served / f"shard_{i:05d}.parquet").read_bytes()
-        assert not list(data_dir.glob("*.part"))
-        with pytest.raises(P.PrepareError, match="HTTP 404"):
-            RangeHandler.failed.add("/shard_00002.parquet")
-            P.download_climbmix(3, workers=1)
-        assert not (data_dir / "shard_00002.parquet").exists()
-    finally:
-        os.environ.pop("AUTORESEARCH_BASE_URL")
-        server.shutdown()
+        e = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_SMOKE": "0", "HF_ENDPOINT": m.endpoint}
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--num-shards", "2"], env=e,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not any(p.stat().st_size for p in (cache / "data").glob("*.part")) and time.time() < deadline:
+            time.sleep(0.05)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert time.time() - t0 < 1.5  # no waiting for the downloads in flight
+        assert not list((cache / "data").glob("*.parquet")) and list((cache / "data").glob("*.part"))
 
 
 # --- bad input ---------------------------------------------------------------------
