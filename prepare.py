@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import math
+import multiprocessing
 import os
 import queue
 import re
@@ -38,9 +39,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 # torch is imported in the functions that use it: run.sh calls --check and --verify-run twice
@@ -359,6 +361,9 @@ def iter_documents(path):
             raise PrepareError(f"{path}: not a readable parquet file ({e})") from e
         if "text" not in pf.schema_arrow.names:
             raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"):
+            raise PrepareError(f"{path}: the 'text' column holds {kind}, not strings")
         for rg in range(pf.num_row_groups):
             for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
                 if text:
@@ -420,13 +425,29 @@ def expand_data_paths(paths):
 
 
 def validate_sources(files):
-    """Read every document once before anything is written, so bad input fails early and cleanly."""
-    total_docs = 0
+    """Read every document once before anything is written, so bad input fails early and cleanly,
+    including a corpus whose training or validation split would be empty."""
+    total_docs = val_docs = 0
     for f in files:
-        n = sum(1 for _ in iter_documents(f))
+        n = 0
+        for text in iter_documents(f):
+            n += 1
+            val_docs += is_val_document(text)
+            if n % 10000 == 0:
+                status(f"  reading {os.path.basename(f)}: {n:,} documents")
         if n == 0:
             raise PrepareError(f"{f}: no documents (empty file?)")
         total_docs += n
+    how = f"one document in {VAL_ONE_IN}, chosen by a hash of its text, goes to validation"
+    if total_docs == 1 and val_docs == 1:
+        raise PrepareError(f"{files[0]}: its only document went to validation ({how}), so nothing is left to train on; "
+                           f"give more documents (a .txt file holds several when lines holding only <|endoftext|> separate them)")
+    if val_docs == 0:
+        raise PrepareError(f"the validation split would be empty: none of the {total_docs:,} documents was chosen for it "
+                           f"({how}); give more documents")
+    if val_docs == total_docs:
+        raise PrepareError(f"the training split would be empty: all {total_docs:,} documents went to validation ({how}); "
+                           f"give more documents")
     return total_docs
 
 
@@ -482,7 +503,7 @@ def train_tokenizer(train_texts):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trainer = trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
+                                  special_tokens=[], show_progress=sys.stderr.isatty() and not QUIET)
     hf.train_from_iterator(train_texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
     dec = _byte_decoder()
@@ -500,9 +521,10 @@ def train_tokenizer(train_texts):
 def save_tokenizer(ranks, source_desc):
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
     lines = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
-        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE, "trained_on": source_desc}, indent=1))
     write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken"), lines)
+    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
+        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE, "trained_on": source_desc,
+         "tiktoken_sha256": hashlib.sha256(lines.encode()).hexdigest()}, indent=1))
 
 
 def tokenizer_fingerprint(tokenizer_dir=None):
@@ -586,14 +608,15 @@ def _out_paths(index):
             "sidecar": os.path.join(d, f"source_{index:05d}.json")}
 
 
-def _task_done(index, source, tok_fp):
-    """A source is done when its sidecar names it and the tokenizer, and both token files
-    match the recorded sizes and sha256 (so a truncated or corrupted file is rebuilt)."""
+def _task_done(index, source, source_sha, tok_fp):
+    """A source is done when its sidecar names it, its content (sha256) and the tokenizer, and both
+    token files match the recorded sizes and sha256 (so a truncated or corrupted file is rebuilt,
+    and so is a source edited in place)."""
     paths = _out_paths(index)
     try:
         with open(paths["sidecar"]) as f:
             side = json.load(f)
-        if side["source"] != source or side["tokenizer"] != tok_fp:
+        if side["source"] != source or side.get("source_sha256") != source_sha or side["tokenizer"] != tok_fp:
             return False
         for split in ("train", "val"):
             p = paths[split]
@@ -604,8 +627,23 @@ def _task_done(index, source, tok_fp):
         return False
 
 
+def _worker_init(counter):
+    """Tokenizing workers hold ~400 MB each for minutes: each leaves as soon as its parent is gone,
+    even after a SIGKILL that gave nobody the chance to stop it (it is then re-parented)."""
+    global _docs_done
+    _docs_done = counter
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _tokenize_task(args):
-    index, source, split_mode, threads = args
+    index, source, source_sha, split_mode, threads = args
     enc = _load_encoding(TOKENIZER_DIR)
     bos = enc.encode_single_token(BOS_TOKEN)
     paths = _out_paths(index)
@@ -616,6 +654,8 @@ def _tokenize_task(args):
         splits = [split_mode] * len(batch) if split_mode != "hash" else ["val" if is_val_document(t) else "train" for t in batch]
         for split, ids in zip(splits, enc.encode_ordinary_batch(batch, num_threads=threads)):
             out[split].append(np.array([bos] + ids, dtype=np.uint16))
+        with _docs_done.get_lock():
+            _docs_done.value += len(batch)
         batch.clear()
 
     for text in iter_documents(source):
@@ -623,7 +663,7 @@ def _tokenize_task(args):
         if len(batch) == 1024:
             flush()
     flush()
-    side = {"source": source, "tokenizer": tokenizer_fingerprint()}
+    side = {"source": source, "source_sha256": source_sha, "tokenizer": tokenizer_fingerprint()}
     for split in ("train", "val"):
         arr = np.concatenate(out[split]) if out[split] else np.zeros(0, dtype=np.uint16)
         write_atomic(paths[split], arr.tobytes())
@@ -632,29 +672,58 @@ def _tokenize_task(args):
     return index, side
 
 
-def tokenize_sources(sources):
-    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'."""
+def hash_sources(paths):
+    """sha256 of every source file, several at a time (hashlib lets go of the GIL)."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def tokenize_sources(sources, source_shas):
+    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'; source_shas:
+    their sha256, which the token files are keyed on."""
     os.makedirs(TOKENS_DIR, exist_ok=True)
     keep = {os.path.basename(p) for i in range(len(sources)) for p in _out_paths(i).values()}
     for name in os.listdir(TOKENS_DIR):  # files of sources no longer asked for (fewer shards than before)
         if name not in keep:
             os.remove(os.path.join(TOKENS_DIR, name))
     tok_fp = tokenizer_fingerprint()
-    todo = [(i, src, mode) for i, (src, mode) in enumerate(sources) if not _task_done(i, src, tok_fp)]
+    todo = [(i, src, sha, mode) for i, ((src, mode), sha) in enumerate(zip(sources, source_shas))
+            if not _task_done(i, src, sha, tok_fp)]
     print(f"Tokens: {len(sources) - len(todo)} of {len(sources)} sources already tokenized" +
-          (f", tokenizing {len(todo)}" if todo else ""))
-    if todo:
-        cores = os.cpu_count() or 1
-        workers = min(cores, len(todo))
-        threads = max(1, cores // workers)
-        t0 = time.time()
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_tokenize_task, (i, src, mode, threads)) for i, src, mode in todo]
-            for n, fut in enumerate(as_completed(futures), 1):
-                index, side = fut.result()
-                print(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
-                      f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+          (f", tokenizing {len(todo)}" if todo else ""), flush=True)
+    if not todo:
+        return
+    cores = os.cpu_count() or 1
+    workers = min(cores, len(todo))
+    threads = max(1, cores // workers)
+    rows = [_num_rows(src) for _, src, _, _ in todo]
+    total = sum(rows) if None not in rows else None  # known for parquet (its metadata), else not
+    counter = multiprocessing.Value("q", 0)
+    t0 = time.time()
+    # the pool's context exit terminates the workers on an error or Ctrl-C
+    with multiprocessing.Pool(workers, initializer=_worker_init, initargs=(counter,)) as pool:
+        results = pool.imap_unordered(_tokenize_task, [(i, src, sha, mode, threads) for i, src, sha, mode in todo])
+        for n in range(1, len(todo) + 1):
+            while True:
+                try:
+                    index, side = results.next(timeout=0.25)
+                    break
+                except multiprocessing.TimeoutError:
+                    docs = counter.value
+                    status(f"  tokenizing: {docs:,}" + (f" of {total:,} ({100 * docs / max(total, 1):.0f}%)" if total else "") +
+                           f" documents, {n - 1}/{len(todo)} sources done, {time.time() - t0:.0f}s")
+            log(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
+                f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
+                f"({time.time() - t0:.0f}s)")
+
+
+def _num_rows(path):
+    if path.endswith(".parquet"):
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:
+            return None
+    return None
 
 
 def split_files(split, tokens_dir=None):
@@ -669,7 +738,15 @@ def val_fingerprint():
     return h.hexdigest()
 
 
-def write_manifest(source_desc, sources):
+def rebuild_hint(what):
+    return (f"{what}: val_bpb from it would not be comparable with earlier runs, so it is not re-blessed. "
+            f"Rebuild everything from scratch: rm -r {TOKENIZER_DIR} {TOKENS_DIR} {MANIFEST} && {PREPARE_CMD}")
+
+
+def write_manifest(source_desc, sources, source_shas):
+    """manifest.json: the corpus, and the fingerprints every check compares with. Each token file is
+    recorded with its sha256 and with its size, mtime and inode (what --check --quick compares).
+    Not rewritten when nothing changed. Returns (manifest, whether it was written)."""
     sides = []
     for i in range(len(sources)):
         with open(_out_paths(i)["sidecar"]) as f:
@@ -680,6 +757,12 @@ def write_manifest(source_desc, sources):
         raise PrepareError("the validation split is empty: give more documents")
     if train_tokens == 0:
         raise PrepareError("the training split is empty: give more documents")
+    token_files = {}
+    for i, side in enumerate(sides):
+        for split in ("train", "val"):
+            st = os.stat(_out_paths(i)[split])
+            token_files[os.path.basename(_out_paths(i)[split])] = {
+                "bytes": st.st_size, "sha256": side[split]["sha256"], "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     manifest = {
         "source": source_desc,
         "vocab_size": VOCAB_SIZE,
@@ -687,26 +770,62 @@ def write_manifest(source_desc, sources):
         "val_sha256": val_fingerprint(),
         "train_tokens": train_tokens,
         "val_tokens": val_tokens,
-        "files": [{"source": s["source"], "train_tokens": s["train"]["tokens"], "val_tokens": s["val"]["tokens"]} for s in sides],
+        "files": [{"source": s["source"], "source_sha256": sha, "train_tokens": s["train"]["tokens"],
+                   "val_tokens": s["val"]["tokens"]} for s, sha in zip(sides, source_shas)],
+        "token_files": token_files,
     }
-    write_atomic(MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
+    text = json.dumps(manifest, indent=1)
+    try:
+        with open(MANIFEST) as f:
+            if f.read() == text:
+                return manifest, False
+    except OSError:
+        pass
+    write_atomic(MANIFEST, text)
+    return manifest, True
 
 
-def check_prepared():
-    """Raise PrepareError unless the tokenizer and validation tokens match the manifest."""
+def check_prepared(full=False):
+    """Raise PrepareError unless the prepared data matches manifest.json; return the manifest.
+    Always: the tokenizer and the validation tokens by sha256, and the set of token files.
+    Quick (the default; training, evaluate_bpb and `prepare.py --check --quick` for run.sh): each
+    training token file by the size, mtime and inode recorded, so a rewritten or replaced file is
+    caught without reading gigabytes. Full (`prepare.py --check`): every token file by sha256, and
+    each source file still present by sha256 (an edited source means stale tokens)."""
     if not os.path.exists(MANIFEST):
         raise PrepareError(f"no prepared data at {CACHE_DIR}: run `{PREPARE_CMD}`")
     try:
         with open(MANIFEST) as f:
             m = json.load(f)
         if tokenizer_fingerprint() != m["tokenizer_sha256"]:
-            raise PrepareError(f"the tokenizer at {TOKENIZER_DIR} does not match manifest.json: run `{PREPARE_CMD}`")
+            raise PrepareError(rebuild_hint(f"the tokenizer in {TOKENIZER_DIR} does not match manifest.json"))
         if val_fingerprint() != m["val_sha256"]:
             raise PrepareError(f"the validation tokens in {TOKENS_DIR} do not match manifest.json: run `{PREPARE_CMD}`")
+        if "token_files" not in m:
+            raise PrepareError(f"manifest.json was written by an older prepare.py: run `{PREPARE_CMD}` to verify and update it")
+        recorded = m["token_files"]
+        present = {os.path.basename(p) for p in split_files("train") + split_files("val")}
+        if present != set(recorded):
+            odd = sorted(present ^ set(recorded))
+            raise PrepareError(f"token files in {TOKENS_DIR} missing or not made by prepare.py ({', '.join(odd[:3])}"
+                               f"{', ...' if len(odd) > 3 else ''}): run `{PREPARE_CMD}`")
         if not split_files("train"):
             raise PrepareError(f"no training tokens in {TOKENS_DIR}: run `{PREPARE_CMD}`")
-    except (OSError, ValueError, KeyError) as e:
+        for name, rec in sorted(recorded.items()):
+            path = os.path.join(TOKENS_DIR, name)
+            st = os.stat(path)
+            if st.st_size != rec["bytes"]:
+                raise PrepareError(f"{path} has {st.st_size:,} bytes, manifest.json records {rec['bytes']:,}: run `{PREPARE_CMD}`")
+            if full and sha256_file(path) != rec["sha256"]:
+                raise PrepareError(f"{path} does not match its sha256 in manifest.json: run `{PREPARE_CMD}` to rebuild it")
+            if not full and (st.st_mtime_ns, st.st_ino) != (rec["mtime_ns"], rec["inode"]):
+                raise PrepareError(f"{path} was rewritten or replaced after it was prepared (its time or inode differ "
+                                   f"from manifest.json): run `{PREPARE_CMD}` to verify it")
+        if full:
+            for f in m["files"]:
+                if os.path.exists(f["source"]) and sha256_file(f["source"]) != f["source_sha256"]:
+                    raise PrepareError(f"{f['source']} changed after it was tokenized: run `{PREPARE_CMD}` to tokenize it again")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PrepareError(f"prepared data at {CACHE_DIR} is incomplete ({e}): run `{PREPARE_CMD}`") from e
     return m
 
@@ -1052,11 +1171,12 @@ def prepare(args):
     else:
         source_desc = "climbmix"
         sources = None
+    old = None
     if os.path.exists(MANIFEST):
         with open(MANIFEST) as f:
-            old = json.load(f).get("source")
-        if old != source_desc:
-            raise PrepareError(f"{CACHE_DIR} holds data prepared from [{old}]; keep corpora apart with "
+            old = json.load(f)
+        if old.get("source") != source_desc:
+            raise PrepareError(f"{CACHE_DIR} holds data prepared from [{old.get('source')}]; keep corpora apart with "
                                f"AUTORESEARCH_CACHE=<another dir>, or delete {TOKENS_DIR}, {TOKENIZER_DIR} and {MANIFEST}")
     if sources is None:
         num = MAX_SHARD if args.num_shards == -1 else args.num_shards
@@ -1066,19 +1186,25 @@ def prepare(args):
         sources = [(f, "val" if f.endswith(shard_name(VAL_SHARD)) else "train") for f in files]
     else:
         ndocs = validate_sources(files)
-        print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})")
+        print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})", flush=True)
 
     tok_path = os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken")
     meta_path = os.path.join(TOKENIZER_DIR, "tokenizer.json")
     if os.path.exists(tok_path) and os.path.exists(meta_path):
         with open(meta_path) as f:
-            trained_on = json.load(f).get("trained_on")
-        if trained_on != source_desc:  # e.g. an interrupted run on another corpus
-            raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} was trained on [{trained_on}], not on this corpus; "
+            meta = json.load(f)
+        if meta.get("trained_on") != source_desc:  # e.g. an interrupted run on another corpus
+            raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} was trained on [{meta.get('trained_on')}], not on this corpus; "
                                f"use AUTORESEARCH_CACHE=<another dir>, or delete {TOKENIZER_DIR}")
-        print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
+        # a tokenizer changed on disk is never re-blessed: the manifest (or, before there is one, the
+        # tokenizer's own record of its ranks file) must still match it
+        if old is not None and tokenizer_fingerprint() != old.get("tokenizer_sha256"):
+            raise PrepareError(rebuild_hint(f"the tokenizer in {TOKENIZER_DIR} does not match manifest.json"))
+        if meta.get("tiktoken_sha256", sha256_file(tok_path)) != sha256_file(tok_path):
+            raise PrepareError(rebuild_hint(f"{tok_path} is not the file that was trained"))
+        print(f"Tokenizer: already trained at {TOKENIZER_DIR}", flush=True)
     else:
-        print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...")
+        print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...", flush=True)
         t0 = time.time()
 
         def train_texts():
@@ -1091,20 +1217,34 @@ def prepare(args):
                         continue
                     text = text[:TOKENIZER_DOC_CAP]
                     chars += len(text)
+                    status(f"  reading training text: {chars / 1e6:,.0f}M of at most {TOKENIZER_TRAIN_CHARS / 1e6:,.0f}M "
+                           f"characters, {time.time() - t0:.0f}s")
                     yield text
                     if chars >= TOKENIZER_TRAIN_CHARS:
-                        return
+                        break
+                if chars >= TOKENIZER_TRAIN_CHARS:
+                    break
+            log(f"  read {chars / 1e6:,.1f}M characters in {time.time() - t0:.0f}s; learning the merges...")
 
         save_tokenizer(train_tokenizer(train_texts()), source_desc)
         tok = Tokenizer.from_directory()
         sample = "Hello world! Numbers: 12345. Unicode: naïve 你好 🙂\n\tdef f(x): return x**2"
         assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
-        print(f"Tokenizer: trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
+        if old is not None and tokenizer_fingerprint() != old.get("tokenizer_sha256"):
+            raise PrepareError(rebuild_hint(f"the tokenizer was missing and training gave a different one than manifest.json records"))
+        print(f"Tokenizer: trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}", flush=True)
 
-    tokenize_sources(sources)
-    m = write_manifest(source_desc, sources)
+    t0 = time.time()
+    status(f"Sources: hashing {len(sources)} files...")
+    source_shas = hash_sources([src for src, _ in sources])
+    log(f"  hashed {len(sources)} source files ({fmt_bytes(sum(os.path.getsize(src) for src, _ in sources))}) "
+        f"in {time.time() - t0:.1f}s")
+    tokenize_sources(sources, source_shas)
+    m, written = write_manifest(source_desc, sources, source_shas)
+    if old is not None and old.get("val_sha256") != m["val_sha256"]:
+        print("Note: the validation tokens changed (a source changed): val_bpb is not comparable with earlier runs", flush=True)
     print(f"Done: {m['train_tokens'] / 1e6:.1f}M training and {m['val_tokens'] / 1e6:.1f}M validation tokens "
-          f"in {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+          f"in {CACHE_DIR}" + ("" if written else " (unchanged)") + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
 
 
 if __name__ == "__main__":
@@ -1112,15 +1252,22 @@ if __name__ == "__main__":
     parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation shard is always added")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
-    parser.add_argument("--check", action="store_true", help="only check the prepared data against its fingerprints")
+    parser.add_argument("--check", action="store_true", help="only check the prepared data: every token file by sha256")
+    parser.add_argument("--quick", action="store_true", help="with --check: token files by size, time and inode "
+                        "(the tokenizer and validation tokens still by sha256); what run.sh uses")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only each stage's summary and errors")
     parser.add_argument("--verify-run", metavar="LOG", help="(run.sh) check the run record on stdin against LOG")
     parser.add_argument("--launched", type=float, help="(with --verify-run) when training was started, epoch seconds")
     parser.add_argument("--exited", type=float, help="(with --verify-run) when training ended, epoch seconds")
     args = parser.parse_args()
+    QUIET = args.quiet
     try:
+        if args.quick and not args.check:
+            raise PrepareError("--quick goes with --check")
         if args.check:
-            m = check_prepared()
-            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens)")
+            m = check_prepared(full=not args.quick)
+            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens; "
+                  f"{'quick' if args.quick else 'every file by sha256'})")
             print(f"time_budget: {TIME_BUDGET}")
         elif args.verify_run:
             with open(args.verify_run, errors="replace") as f:
@@ -1133,7 +1280,7 @@ if __name__ == "__main__":
             for k, v in result.items():
                 print(f"{k}: {v}")
         else:
-            print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+            print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
             prepare(args)
     except PrepareError as e:
         done_status()

@@ -435,6 +435,13 @@ def bad_inputs(tmp_path):
     notjson.write_text('{"text": "fine"}\nnot json\n')
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    P = load_prepare(tmp_path / "unused")
+    one = tmp_path / "one.txt"  # a single document, one that the hash sends to validation
+    one.write_text(next(d for d in words_corpus(200, seed=5) if P.is_val_document(d)))
+    few = tmp_path / "few.jsonl"  # documents, none of which the hash sends to validation
+    few.write_text("".join(json.dumps({"text": d}) + "\n" for d in words_corpus(40, seed=6) if not P.is_val_document(d)))
     return {
         "no such file": [str(tmp_path / "missing.parquet")],
         "no documents": [str(empty)],
@@ -442,11 +449,16 @@ def bad_inputs(tmp_path):
         "no 'text' column": [str(notext)],
         ":2: expected a JSON object": [str(notjson)],
         "unsupported file type": [str(csv)],
+        "numbers.parquet: the 'text' column holds int64, not strings": [str(numbers)],
+        "one.txt: its only document went to validation": [str(one)],
+        "the validation split would be empty": [str(few)],
     }
 
 
 @pytest.mark.parametrize("case", ["no such file", "no documents", "not UTF-8", "no 'text' column",
-                                  ":2: expected a JSON object", "unsupported file type"])
+                                  ":2: expected a JSON object", "unsupported file type",
+                                  "numbers.parquet: the 'text' column holds int64, not strings",
+                                  "one.txt: its only document went to validation", "the validation split would be empty"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case):
     paths = bad_inputs(tmp_path)[case]
     cache = tmp_path / "cache"
@@ -472,3 +484,97 @@ def test_a_different_corpus_is_refused_not_overwritten(tmp_path):
     os.remove(cache / "smoke" / "manifest.json")  # as if interrupted after the tokenizer was trained
     r = run_prepare(cache, "--data", str(a))
     assert r.returncode == 1 and "tokenizer" in r.stderr and "trained on [smoke: python stdlib]" in r.stderr
+
+
+# --- prepared data keyed on content; --check ------------------------------------------
+
+def two_sources(tmp_path):
+    srcs = []
+    for i in range(2):
+        p = tmp_path / f"part{i}.txt"
+        p.write_text("\n<|endoftext|>\n".join(words_corpus(150, seed=20 + i)))
+        srcs.append(str(p))
+    return srcs
+
+
+def test_an_edited_source_is_tokenized_again(tmp_path):
+    cache, srcs = tmp_path / "cache", two_sources(tmp_path)
+    assert run_prepare(cache, "--data", *srcs).returncode == 0
+    manifest = cache / "smoke" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    r = run_prepare(cache, "--data", *srcs)  # nothing changed: nothing rebuilt, manifest.json left alone
+    assert r.returncode == 0 and "2 of 2 sources already tokenized" in r.stdout and "(unchanged)" in r.stdout
+    assert manifest.stat().st_mtime_ns == stamp
+    # the same size and the same mtime, different content: found by its sha256
+    st = os.stat(srcs[1])
+    text = open(srcs[1]).read()
+    open(srcs[1], "w").write(text.replace("Number", "NUMBER"))
+    os.utime(srcs[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    P = load_prepare(cache)
+    with pytest.raises(P.PrepareError, match="part1.txt changed after it was tokenized"):
+        P.check_prepared(full=True)
+    P.check_prepared()  # quick: the prepared files only, and they are intact
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "1 of 2 sources already tokenized, tokenizing 1" in r.stdout
+    tok = P.Tokenizer.from_directory()
+    train = tok.decode(np.fromfile(P.split_files("train")[1], dtype=np.uint16).tolist())
+    assert "NUMBER" in train and "Number" not in train
+    P.check_prepared(full=True)
+
+
+def test_check_covers_every_token_file_and_a_changed_tokenizer_is_never_reblessed(tmp_path):
+    cache, srcs = tmp_path / "cache", two_sources(tmp_path)
+    assert run_prepare(cache, "--data", *srcs).returncode == 0
+    tokens = cache / "smoke" / "tokens"
+    r = run_prepare(cache, "--check")
+    assert r.returncode == 0 and "every file by sha256" in r.stdout
+    P = load_prepare(cache)
+
+    # a flipped byte in a training file, its size and mtime kept: the full check reads it, quick cannot
+    f = tokens / "train_00001.bin"
+    st, good = f.stat(), f.read_bytes()
+    with open(f, "r+b") as fh:
+        fh.seek(11)
+        fh.write(bytes([good[11] ^ 1]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(P.PrepareError, match="train_00001.bin does not match its sha256"):
+        P.check_prepared(full=True)
+    P.check_prepared()
+    os.utime(f)  # written now: the quick check sees it
+    r = run_prepare(cache, "--check", "--quick")
+    assert r.returncode == 1 and "train_00001.bin was rewritten or replaced" in r.stderr and "prepare.py" in r.stderr
+    f.write_bytes(good)  # the right content again, but not the recorded file: prepare.py verifies and records it
+    P.check_prepared(full=True)
+    with pytest.raises(P.PrepareError, match="rewritten or replaced"):
+        P.check_prepared()
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "2 of 2 sources already tokenized" in r.stdout
+    P.check_prepared()
+    (tokens / "train_00000.bin").rename(tmp_path / "moved.bin")
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="missing or not made by prepare.py"):
+            P.check_prepared(full)
+    (tmp_path / "moved.bin").rename(tokens / "train_00000.bin")
+    (tokens / "train_00007.bin").write_bytes(good)  # the loader would read it: refused
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="missing or not made by prepare.py"):
+            P.check_prepared(full)
+    (tokens / "train_00007.bin").unlink()
+
+    # the tokenizer changed on disk (two ranks swapped: still a valid tokenizer): an error that says
+    # how to rebuild, never re-blessed; nothing is rewritten
+    tok = cache / "smoke" / "tokenizer" / "tokenizer.tiktoken"
+    lines = tok.read_text().splitlines(keepends=True)
+    lines[300], lines[301] = lines[300].split()[0] + " 301\n", lines[301].split()[0] + " 300\n"
+    tok.write_text("".join(lines))
+    before = {p.name: p.read_bytes() for p in (cache / "smoke").rglob("*") if p.is_file()}
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 1 and "does not match manifest.json" in r.stderr and "rm -r" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in (cache / "smoke").rglob("*") if p.is_file()} == before
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="does not match manifest.json.*rm -r"):
+            P.check_prepared(full)
+    os.remove(cache / "smoke" / "manifest.json")  # as after an interrupted first run: the tokenizer's own record
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 1 and "tokenizer.tiktoken is not the file that was trained" in r.stderr
