@@ -578,3 +578,47 @@ def test_check_covers_every_token_file_and_a_changed_tokenizer_is_never_reblesse
     os.remove(cache / "smoke" / "manifest.json")  # as after an interrupted first run: the tokenizer's own record
     r = run_prepare(cache, "--data", *srcs)
     assert r.returncode == 1 and "tokenizer.tiktoken is not the file that was trained" in r.stderr
+
+
+def test_sigkill_of_prepare_leaves_no_tokenizing_worker(tmp_path):
+    """Workers hold ~400 MB each for minutes: when prepare.py is killed outright, they go too."""
+    cache, src = tmp_path / "cache", tmp_path / "corpus.txt"
+    docs = words_corpus(150, seed=30)
+    src.write_text("\n<|endoftext|>\n".join(docs))
+    assert run_prepare(cache, "--data", str(src)).returncode == 0  # the tokenizer, trained on a small corpus
+    src.write_text("\n<|endoftext|>\n".join(docs * 150))  # the same file grown: tokenized again (many seconds)
+    e = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_SMOKE": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--data", str(src)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def children():
+        found = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid):
+                    found.append(int(d))
+            except OSError:
+                pass
+        return found
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+
+    for line in proc.stdout:
+        if "tokenizing 1" in line:
+            break
+    time.sleep(1.0)  # the worker is busy now
+    workers = children()
+    assert workers and proc.poll() is None, "tokenization ended before the test could kill prepare.py"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 2.0
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [p for p in workers if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "tokenizing workers outlived prepare.py"
