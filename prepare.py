@@ -6,7 +6,11 @@ Usage:
     uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation shard
     uv run prepare.py --num-shards 40     # more training data (-1 = all 6542 shards)
     uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
-    uv run prepare.py --check             # exit 0 if the prepared data matches its fingerprints
+    uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
+    uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
+    uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
+    uv run prepare.py --check --quick     # the same by sizes, mtimes and inodes (tokenizer, validation: sha256)
+    uv run prepare.py --quiet             # no progress lines (for logs)
     uv run prepare.py --verify-run run.log <record   # (run.sh) the result of a run, from its record
     AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
 
@@ -14,8 +18,9 @@ Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
     data/       downloaded ClimbMix parquet shards
     tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
     tokens/     train_*.bin and val_*.bin: uint16 token ids, each document preceded by BOS,
-                with a .json sidecar per source recording token counts and sha256
-    manifest.json  the corpus, the tokenizer's and the validation tokens' fingerprints
+                with a .json sidecar per source recording its sha256, token counts and sha256s
+    manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
+                file, with each token file's size, mtime and inode
 Nothing is pickled: every file is plain data that cannot execute code when read.
 """
 
@@ -351,10 +356,27 @@ def download_climbmix(num_train, workers):
 SUFFIXES = (".parquet", ".jsonl", ".txt")
 
 
+def _is_text_type(kind):
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"
+
+
 def iter_documents(path):
     """Yield the text documents of one source file. A .txt file is one document, or several
-    separated by lines holding only <|endoftext|> (the TinyStories convention)."""
-    if path.endswith(".parquet"):
+    separated by lines holding only <|endoftext|> (the TinyStories convention). An .arrow file is
+    one of a `datasets` dataset's own files (Arrow IPC stream), found by dataset_files()."""
+    if path.endswith(".arrow"):
+        try:
+            with pa.memory_map(path) as src:
+                reader = pa.ipc.open_stream(src)
+                if "text" not in reader.schema.names or not _is_text_type(reader.schema.field("text").type):
+                    raise PrepareError(f"{path}: no 'text' column of strings")
+                for batch in reader:
+                    for text in batch.column("text").to_pylist():
+                        if text:
+                            yield text
+        except (OSError, pa.ArrowInvalid) as e:
+            raise PrepareError(f"{path}: not a readable Arrow stream ({e})") from e
+    elif path.endswith(".parquet"):
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
@@ -362,7 +384,7 @@ def iter_documents(path):
         if "text" not in pf.schema_arrow.names:
             raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
         kind = pf.schema_arrow.field("text").type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"):
+        if not _is_text_type(kind):
             raise PrepareError(f"{path}: the 'text' column holds {kind}, not strings")
         for rg in range(pf.num_row_groups):
             for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
@@ -404,24 +426,58 @@ def is_val_document(text):
     return int.from_bytes(h, "little") % VAL_ONE_IN == 0
 
 
-def expand_data_paths(paths):
+def dataset_files(name):
+    """A dataset saved with `datasets` (save_to_disk: a directory) or a Hugging Face dataset by name
+    (load_dataset: downloaded and cached by `datasets`, with HF_TOKEN and HF_ENDPOINT): the Arrow
+    files behind every split, in split-name order, read like any other source through their
+    `text` column."""
+    try:
+        import datasets
+        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+    except Exception as e:
+        where = "a dataset saved with datasets" if os.path.isdir(name) else \
+            "no such file or directory here, and as a Hugging Face dataset"
+        raise PrepareError(f"{name}: {where} it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    splits = {"": ds} if isinstance(ds, datasets.Dataset) else dict(sorted(ds.items()))
     files = []
+    for split_name, split in splits.items():
+        what = f"{name}{'[' + split_name + ']' if split_name else ''}"
+        feature = split.features.get("text")
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise PrepareError(f"{what}: no 'text' column of strings (columns: {', '.join(split.column_names)})")
+        if not split.cache_files:
+            raise PrepareError(f"{what}: the dataset has no files on disk")
+        files += [f["filename"] for f in split.cache_files]
+    return files
+
+
+def expand_data_paths(paths):
+    """--data arguments -> (source files, the corpus's description for manifest.json)."""
+    files, desc = [], []
     for p in paths:
-        if os.path.isdir(p):
+        if os.path.isdir(p) and any(os.path.exists(os.path.join(p, f)) for f in ("state.json", "dataset_dict.json")):
+            found = dataset_files(p)  # saved with datasets' save_to_disk
+            desc.append(os.path.abspath(p))
+        elif os.path.isdir(p):
             found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if f.endswith(SUFFIXES))
             if not found:
-                raise PrepareError(f"{p}: directory holds no {', '.join(SUFFIXES)} files")
-            files += found
+                raise PrepareError(f"{p}: directory holds no {', '.join(SUFFIXES)} files (nor a dataset saved with datasets)")
+            desc += [os.path.abspath(f) for f in found]
         elif os.path.isfile(p):
             if not p.endswith(SUFFIXES):
                 raise PrepareError(f"{p}: unsupported file type (use {', '.join(SUFFIXES)})")
-            files.append(p)
+            found = [p]
+            desc.append(os.path.abspath(p))
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", p):  # owner/name: a Hugging Face dataset
+            found = dataset_files(p)
+            desc.append(f"hf:{p}")
         else:
             raise PrepareError(f"{p}: no such file or directory")
+        files += found
     files = [os.path.abspath(f) for f in files]
     if len(set(files)) != len(files):
         raise PrepareError("the same file is given twice")
-    return files
+    return files, "data: " + " ".join(desc)
 
 
 def validate_sources(files):
@@ -1162,8 +1218,7 @@ def verify_run(record, log_text, launched=None, exited=None):
 
 def prepare(args):
     if args.data:
-        files = expand_data_paths(args.data)
-        source_desc = "data: " + " ".join(files)
+        files, source_desc = expand_data_paths(args.data)
         sources = [(f, "hash") for f in files]
     elif SMOKE:
         files, source_desc = smoke_corpus(), "smoke: python stdlib"
@@ -1251,7 +1306,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Prepare data, tokenizer and token files for autoresearch")
     parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation shard is always added")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
+    parser.add_argument("--data", nargs="+", metavar="PATH", help="instead of ClimbMix: .parquet/.jsonl/.txt files or directories, "
+                        "a directory saved with datasets' save_to_disk, or a Hugging Face dataset name (owner/name)")
     parser.add_argument("--check", action="store_true", help="only check the prepared data: every token file by sha256")
     parser.add_argument("--quick", action="store_true", help="with --check: token files by size, time and inode "
                         "(the tokenizer and validation tokens still by sha256); what run.sh uses")

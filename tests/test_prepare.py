@@ -622,3 +622,34 @@ def test_sigkill_of_prepare_leaves_no_tokenizing_worker(tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, "tokenizing workers outlived prepare.py"
+
+
+# --- --data with datasets ------------------------------------------------------------
+
+def test_data_saved_with_datasets(tmp_path):
+    """A DatasetDict saved with save_to_disk: every split's text, tokenized offline; the corpus is
+    named by its directory."""
+    import datasets
+    docs = words_corpus(300, seed=40, marker="doc")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": docs[:250], "n": list(range(250))}),
+        "validation": datasets.Dataset.from_dict({"text": docs[250:], "n": list(range(50))}),
+    }).save_to_disk(str(saved))
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--data", str(saved), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "Data: 2 files, 300 documents" in r.stdout
+    P = load_prepare(cache)
+    m = P.check_prepared(full=True)
+    assert m["source"] == f"data: {saved}" and len(m["files"]) == 2
+    tok = P.Tokenizer.from_directory()
+    text = "".join(tok.decode(np.fromfile(f, dtype=np.uint16).tolist()) for f in P.split_files("train") + P.split_files("val"))
+    assert all(d in text for d in docs)  # every document, once tokenized
+    # a saved dataset without a text column, and a name that is neither here nor loadable: one line each
+    datasets.Dataset.from_dict({"content": ["a", "b"]}).save_to_disk(str(tmp_path / "notext"))
+    r = run_prepare(tmp_path / "c2", "--data", str(tmp_path / "notext"))
+    assert r.returncode == 1 and "no 'text' column of strings (columns: content)" in r.stderr and "Traceback" not in r.stderr
+    r = run_prepare(tmp_path / "c3", "--data", "nobody/no-such-dataset", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 1 and "nobody/no-such-dataset: no such file or directory here" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c3" / "smoke" / "tokens").exists()
