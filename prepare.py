@@ -86,7 +86,7 @@ MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
 # HF_ENDPOINT points at a hub mirror, as for huggingface_hub; AUTORESEARCH_BASE_URL at a plain file server.
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL") or f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
-DOWNLOAD_CHUNK = 1 << 18   # bytes per read: a stop request is seen within one chunk
+DOWNLOAD_CHUNK = 1 << 18   # at most this many bytes per read: a stop request is seen within one
 DOWNLOAD_TIMEOUT = 60      # seconds without a byte before a connection counts as dead
 STATUS_EVERY = 10          # seconds between progress lines when stdout is not a terminal
 QUIET = False              # --quiet: stage summaries and errors only
@@ -236,19 +236,23 @@ def download_shard(index, stop, rename_lock, count=lambda n: None, token=None, a
                 if have and resp.status != 206:  # the server ignored the range: start over
                     have = 0
                 with open(part, "r+b" if have else "wb") as f:
+                    h = hashlib.sha256()  # hashed as it arrives: no second pass over the file
+                    while have and (block := f.read(min(1 << 24, have - f.tell()))):
+                        h.update(block)
                     f.seek(have)
                     f.truncate()
                     while chunk := resp.read1(DOWNLOAD_CHUNK):
                         if stop.is_set():
                             return None
                         f.write(chunk)
+                        h.update(chunk)
                         have += len(chunk)
                         received += len(chunk)
                         count(len(chunk))
             if total is not None and have < total:  # kept: the next attempt resumes from here
                 raise ConnectionError(f"connection closed after {have:,} of {total:,} bytes")
             if sha is not None:
-                got = sha256_file(part)
+                got = h.hexdigest()
                 if got != sha:
                     os.remove(part)  # a wrong byte anywhere: resuming would keep it
                     mismatches += 1

@@ -117,7 +117,7 @@ class Mirror:
                 return self._status(h, 401)
             if name not in self.files:
                 return self._status(h, 404)
-            fault = self._fault(name, HUB_FAULTS) if not head else self.sticky.get(name)
+            fault = self._fault(name, HUB_FAULTS)
             if fault in ("404", "500"):
                 return self._status(h, int(fault))
             sha = self.sha[name]
