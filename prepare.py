@@ -9,7 +9,7 @@ Usage:
     uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
     uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
     uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
-    uv run prepare.py --check --quick     # the same by sizes, mtimes and inodes (tokenizer, validation: sha256)
+    uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation: sha256)
     uv run prepare.py --quiet             # no progress lines (for logs)
     uv run prepare.py --verify-run run.log <record   # (run.sh) the result of a run, from its record
     AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
@@ -20,7 +20,7 @@ Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
     tokens/     train_*.bin and val_*.bin: uint16 token ids, each document preceded by BOS,
                 with a .json sidecar per source recording its sha256, token counts and sha256s
     manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
-                file, with each token file's size, mtime and inode
+                file, with each token file's size and mtime
 Nothing is pickled: every file is plain data that cannot execute code when read.
 """
 
@@ -805,7 +805,7 @@ def rebuild_hint(what):
 
 def write_manifest(source_desc, sources, source_shas):
     """manifest.json: the corpus, and the fingerprints every check compares with. Each token file is
-    recorded with its sha256 and with its size, mtime and inode (what --check --quick compares).
+    recorded with its sha256 and with its size and mtime (what --check --quick compares).
     Not rewritten when nothing changed. Returns (manifest, whether it was written)."""
     sides = []
     for i in range(len(sources)):
@@ -822,7 +822,7 @@ def write_manifest(source_desc, sources, source_shas):
         for split in ("train", "val"):
             st = os.stat(_out_paths(i)[split])
             token_files[os.path.basename(_out_paths(i)[split])] = {
-                "bytes": st.st_size, "sha256": side[split]["sha256"], "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+                "bytes": st.st_size, "sha256": side[split]["sha256"], "mtime_ns": st.st_mtime_ns}
     manifest = {
         "source": source_desc,
         "vocab_size": VOCAB_SIZE,
@@ -849,7 +849,7 @@ def check_prepared(full=False):
     """Raise PrepareError unless the prepared data matches manifest.json; return the manifest.
     Always: the tokenizer and the validation tokens by sha256, and the set of token files.
     Quick (the default; training, evaluate_bpb and `prepare.py --check --quick` for run.sh): each
-    training token file by the size, mtime and inode recorded, so a rewritten or replaced file is
+    training token file by the size and mtime recorded, so a rewritten or replaced file is
     caught without reading gigabytes. Full (`prepare.py --check`): every token file by sha256, and
     each source file still present by sha256 (an edited source means stale tokens)."""
     if not os.path.exists(MANIFEST):
@@ -878,9 +878,9 @@ def check_prepared(full=False):
                 raise PrepareError(f"{path} has {st.st_size:,} bytes, manifest.json records {rec['bytes']:,}: run `{PREPARE_CMD}`")
             if full and sha256_file(path) != rec["sha256"]:
                 raise PrepareError(f"{path} does not match its sha256 in manifest.json: run `{PREPARE_CMD}` to rebuild it")
-            if not full and (st.st_mtime_ns, st.st_ino) != (rec["mtime_ns"], rec["inode"]):
-                raise PrepareError(f"{path} was rewritten or replaced after it was prepared (its time or inode differ "
-                                   f"from manifest.json): run `{PREPARE_CMD}` to verify it")
+            if not full and st.st_mtime_ns != rec["mtime_ns"]:  # not the inode: a cache copied with its times is fine
+                raise PrepareError(f"{path} was written after it was prepared (its mtime differs from manifest.json): "
+                                   f"run `{PREPARE_CMD}` to verify it")
         if full:
             for f in m["files"]:
                 if os.path.exists(f["source"]) and sha256_file(f["source"]) != f["source_sha256"]:
@@ -1313,7 +1313,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", nargs="+", metavar="PATH", help="instead of ClimbMix: .parquet/.jsonl/.txt files or directories, "
                         "a directory saved with datasets' save_to_disk, or a Hugging Face dataset name (owner/name)")
     parser.add_argument("--check", action="store_true", help="only check the prepared data: every token file by sha256")
-    parser.add_argument("--quick", action="store_true", help="with --check: token files by size, time and inode "
+    parser.add_argument("--quick", action="store_true", help="with --check: token files by size and mtime "
                         "(the tokenizer and validation tokens still by sha256); what run.sh uses")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only each stage's summary and errors")
     parser.add_argument("--verify-run", metavar="LOG", help="(run.sh) check the run record on stdin against LOG")

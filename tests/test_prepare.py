@@ -542,10 +542,10 @@ def test_check_covers_every_token_file_and_a_changed_tokenizer_is_never_reblesse
     P.check_prepared()
     os.utime(f)  # written now: the quick check sees it
     r = run_prepare(cache, "--check", "--quick")
-    assert r.returncode == 1 and "train_00001.bin was rewritten or replaced" in r.stderr and "prepare.py" in r.stderr
-    f.write_bytes(good)  # the right content again, but not the recorded file: prepare.py verifies and records it
+    assert r.returncode == 1 and "train_00001.bin was written after it was prepared" in r.stderr and "prepare.py" in r.stderr
+    f.write_bytes(good)  # the right content again, but written since: prepare.py verifies and records it
     P.check_prepared(full=True)
-    with pytest.raises(P.PrepareError, match="rewritten or replaced"):
+    with pytest.raises(P.PrepareError, match="written after it was prepared"):
         P.check_prepared()
     r = run_prepare(cache, "--data", *srcs)
     assert r.returncode == 0 and "2 of 2 sources already tokenized" in r.stdout
