@@ -6,7 +6,11 @@ Usage:
     uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation shard
     uv run prepare.py --num-shards 40     # more training data (-1 = all 6542 shards)
     uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
-    uv run prepare.py --check             # exit 0 if the prepared data matches its fingerprints
+    uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
+    uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
+    uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
+    uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation: sha256)
+    uv run prepare.py --quiet             # no progress lines (for logs)
     uv run prepare.py --verify-run run.log <record   # (run.sh) the result of a run, from its record
     AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
 
@@ -14,8 +18,9 @@ Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
     data/       downloaded ClimbMix parquet shards
     tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
     tokens/     train_*.bin and val_*.bin: uint16 token ids, each document preceded by BOS,
-                with a .json sidecar per source recording token counts and sha256
-    manifest.json  the corpus, the tokenizer's and the validation tokens' fingerprints
+                with a .json sidecar per source recording its sha256, token counts and sha256s
+    manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
+                file, with each token file's size and mtime
 Nothing is pickled: every file is plain data that cannot execute code when read.
 """
 
@@ -25,19 +30,24 @@ import base64
 import bisect
 import glob
 import hashlib
+import http.client
 import json
 import math
+import multiprocessing
 import os
 import queue
+import re
 import sys
 import sysconfig
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 # torch is imported in the functions that use it: run.sh calls --check and --verify-run twice
@@ -73,7 +83,13 @@ TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
 
 # ClimbMix: parquet shards shard_00000 ... shard_06542 with a "text" column; the last is the validation shard.
-BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
+# HF_ENDPOINT points at a hub mirror, as for huggingface_hub; AUTORESEARCH_BASE_URL at a plain file server.
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+BASE_URL = os.environ.get("AUTORESEARCH_BASE_URL") or f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+DOWNLOAD_CHUNK = 1 << 18   # at most this many bytes per read: a stop request is seen within one
+DOWNLOAD_TIMEOUT = 60      # seconds without a byte before a connection counts as dead
+STATUS_EVERY = 10          # seconds between progress lines when stdout is not a terminal
+QUIET = False              # --quiet: stage summaries and errors only
 MAX_SHARD = 6542
 VAL_SHARD = MAX_SHARD
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # text the BPE trainer sees (training split only)
@@ -104,54 +120,171 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 # ---------------------------------------------------------------------------
-# Download (ClimbMix): parallel, retried, resumable, atomic
+# Progress: rewritten in place on a terminal, one line now and then in a log, nothing with --quiet
+# ---------------------------------------------------------------------------
+
+def log(msg):
+    """An event line (a shard done, a source tokenized); --quiet keeps only the stage summaries."""
+    if not QUIET:
+        print(("\r\x1b[K" if _status[1] else "") + msg, flush=True)
+        _status[1] = False
+
+
+def status(msg):
+    """A progress line: on a terminal it replaces the previous one; in a log, one per STATUS_EVERY s."""
+    if QUIET:
+        return
+    if sys.stdout.isatty():
+        print("\r\x1b[K" + msg, end="", flush=True)
+        _status[1] = True
+    elif time.time() - _status[0] >= STATUS_EVERY:
+        print(msg, flush=True)
+    else:
+        return
+    _status[0] = time.time()
+
+
+def done_status():
+    if _status[1]:
+        print(flush=True)
+        _status[1] = False
+
+
+_status = [time.time(), False]  # when the last progress line was printed; whether one is open on the terminal
+
+
+def fmt_bytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+# ---------------------------------------------------------------------------
+# Download (ClimbMix): parallel, retried, resumable, verified against the hub's sha256, atomic
 # ---------------------------------------------------------------------------
 
 def shard_name(i):
     return f"shard_{i:05d}.parquet"
 
 
-def download_shard(index, attempts=6):
-    """Fetch one shard into DATA_DIR. A .part file resumes with an HTTP Range request; the
-    final name appears only once the file parses as parquet (its footer is the last thing to
-    arrive, so a truncated file never does)."""
-    path = os.path.join(DATA_DIR, shard_name(index))
+def hf_token():
+    """HF_TOKEN, or the token `hf auth login` saved (huggingface_hub's own lookup)."""
+    try:
+        from huggingface_hub import get_token
+        return get_token()
+    except ImportError:
+        return os.environ.get("HF_TOKEN")
+
+
+class _HubRedirects(urllib.request.HTTPRedirectHandler):
+    """The hub answers a resolve URL with a redirect to its CDN; the file's sha256 (X-Linked-Etag,
+    the LFS object id) and size (X-Linked-Size) come with that redirect, so they are kept here.
+    The token goes to the hub's own host only, never to the CDN."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.linked = req.linked
+            if headers.get("X-Linked-Etag"):
+                req.linked.update(etag=headers["X-Linked-Etag"], size=headers.get("X-Linked-Size"))
+            auth = req.unredirected_hdrs.get("Authorization")
+            if auth and urllib.parse.urlsplit(newurl).netloc == urllib.parse.urlsplit(req.full_url).netloc:
+                new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_HubRedirects)
+
+
+def _sha256_etag(etag):
+    """The hub's etag of an LFS file is its sha256; a small git file's is a git sha1 (not a content hash)."""
+    etag = (etag or "").removeprefix("W/").strip('"')
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def _get(url, start, token):
+    """GET url from byte `start`: (response, the file's total size or None, its published sha256 or None)."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    if token:
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    req.linked = {}
+    resp = _OPENER.open(req, timeout=DOWNLOAD_TIMEOUT)
+    sha = _sha256_etag(req.linked.get("etag") or resp.headers.get("X-Linked-Etag"))
+    size = req.linked.get("size") or resp.headers.get("X-Linked-Size")  # the published size first
+    if not size and resp.status == 206 and "/" in (resp.headers.get("Content-Range") or ""):
+        size = resp.headers["Content-Range"].rsplit("/", 1)[1]
+    elif not size and resp.status == 200:
+        size = resp.headers.get("Content-Length")
+    return resp, int(size) if size and size.isdigit() else None, sha
+
+
+def download_shard(index, stop, rename_lock, count=lambda n: None, token=None, attempts=6):
+    """Fetch one shard into DATA_DIR; None if `stop` was set. A .part file resumes with an HTTP Range
+    request, also after a connection closed cleanly short of the promised length. The whole file
+    must match the sha256 the hub publishes before it gets its final name: a mismatch is fetched
+    again once from scratch, then it is an error naming the shard. (Without a published sha256,
+    e.g. a plain mirror, the file must at least parse as parquet.)"""
+    name = shard_name(index)
+    path = os.path.join(DATA_DIR, name)
     if os.path.exists(path):
-        return path, 0
-    part = path + ".part"
-    url = f"{BASE_URL}/{shard_name(index)}"
-    err = None
-    for attempt in range(1, attempts + 1):
+        return path, 0, None
+    part, url = path + ".part", f"{BASE_URL}/{name}"
+    err, mismatches, failures = None, 0, 0
+    while not stop.is_set():
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        received = 0
         try:
-            have = os.path.getsize(part) if os.path.exists(part) else 0
-            if have and _is_parquet(part):  # finished before an interruption, not yet renamed
-                break
-            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                resumed = have and resp.status == 206  # a server may ignore the range: start over
-                with open(part, "ab" if resumed else "wb") as f:
-                    while chunk := resp.read(1 << 20):
+            resp, total, sha = _get(url, have, token)
+            with resp:
+                if have and resp.status != 206:  # the server ignored the range: start over
+                    have = 0
+                with open(part, "r+b" if have else "wb") as f:
+                    h = hashlib.sha256()  # hashed as it arrives: no second pass over the file
+                    while have and (block := f.read(min(1 << 24, have - f.tell()))):
+                        h.update(block)
+                    f.seek(have)
+                    f.truncate()
+                    while chunk := resp.read1(DOWNLOAD_CHUNK):
+                        if stop.is_set():
+                            return None
                         f.write(chunk)
-            if _is_parquet(part):
-                break
-            os.remove(part)  # complete but not parquet: resuming would not help
-            err = "the downloaded file is not a valid parquet file"
+                        h.update(chunk)
+                        have += len(chunk)
+                        received += len(chunk)
+                        count(len(chunk))
+            if total is not None and have < total:  # kept: the next attempt resumes from here
+                raise ConnectionError(f"connection closed after {have:,} of {total:,} bytes")
+            if sha is not None:
+                got = h.hexdigest()
+                if got != sha:
+                    os.remove(part)  # a wrong byte anywhere: resuming would keep it
+                    mismatches += 1
+                    if mismatches == 2:
+                        raise PrepareError(f"{name}: the download does not match the sha256 the hub publishes for it, "
+                                           f"twice (got {got}, expected {sha}; from {url})")
+                    log(f"  {name}: sha256 mismatch (got {got[:12]}..., expected {sha[:12]}...), downloading it again")
+                    continue
+            elif not _is_parquet(part):
+                os.remove(part)
+                raise ValueError("the downloaded file is not a valid parquet file (and no sha256 was published to check it)")
+            with rename_lock:  # nothing gets its final name after an error elsewhere or Ctrl-C
+                if stop.is_set():
+                    return None
+                os.replace(part, path)
+            return path, have, sha is not None
         except urllib.error.HTTPError as e:
             if e.code == 416 and os.path.exists(part):
                 os.remove(part)
             elif 400 <= e.code < 500 and e.code not in (408, 429):
-                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from e
+                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}" +
+                                   (" (set HF_TOKEN, or log in with `hf auth login`)" if e.code in (401, 403) else "")) from e
             err = e
-        except Exception as e:  # connection reset, time-out, truncated transfer: resume
+        except (OSError, ValueError, http.client.HTTPException) as e:  # reset, time-out, short body: resume
             err = e
-        if attempt < attempts:
-            print(f"  {shard_name(index)}: attempt {attempt} failed ({err}), retrying", flush=True)
-            time.sleep(min(2 ** attempt, 30))
-    else:
-        raise PrepareError(f"download of {shard_name(index)} failed after {attempts} attempts: {err}")
-    size = os.path.getsize(part)
-    os.replace(part, path)
-    return path, size
+        failures = 0 if received else failures + 1  # a link that delivers is retried at once, for ever
+        if failures >= attempts:
+            raise PrepareError(f"download of {name} failed {attempts} times in a row: {err}")
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        log(f"  {name}: {err}; " + (f"resuming at byte {have:,}" if have else "retrying"))
+        stop.wait(min(2 ** (failures - 1), 30) if failures else 0)
+    return None
 
 
 def _is_parquet(path):
@@ -163,22 +296,61 @@ def _is_parquet(path):
 
 
 def download_climbmix(num_train, workers):
+    """The validation shard and the first num_train training shards, `workers` at a time. The
+    first error, or Ctrl-C, stops every download in flight at its next chunk: worker threads are
+    daemons, so nobody waits for them, and none renames a shard into place after it."""
     ids = [VAL_SHARD] + list(range(min(num_train, MAX_SHARD)))  # validation first: its index never moves
     os.makedirs(DATA_DIR, exist_ok=True)
     missing = [i for i in ids if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
     print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
-          (f", downloading {len(missing)}" if missing else ""))
-    t0, done_bytes = time.time(), 0
-    pool = ThreadPoolExecutor(max(1, min(workers, len(missing) or 1)))
+          (f", downloading {len(missing)} from {BASE_URL}" if missing else ""), flush=True)
+    if not missing:
+        return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
+    token = hf_token()
+    stop, rename_lock = threading.Event(), threading.Lock()
+    todo, results = queue.Queue(), queue.Queue()
+    for i in missing:
+        todo.put(i)
+    got, got_lock = [0], threading.Lock()  # bytes received by all workers
+
+    def count(n):
+        with got_lock:
+            got[0] += n
+
+    def worker():
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((i, download_shard(i, stop, rename_lock, count, token), None))
+            except BaseException as e:
+                results.put((i, None, e))
+                return
+
+    for _ in range(max(1, min(workers, len(missing)))):
+        threading.Thread(target=worker, daemon=True).start()
+    t0 = time.time()
     try:
-        futures = [pool.submit(download_shard, i) for i in missing]
-        for n, fut in enumerate(as_completed(futures), 1):
-            path, nbytes = fut.result()
-            done_bytes += nbytes
-            rate = done_bytes / 1e6 / max(time.time() - t0, 1e-9)
-            print(f"  [{n}/{len(missing)}] {os.path.basename(path)}  {rate:.1f} MB/s", flush=True)
-    finally:  # on an error or Ctrl-C, do not wait for the shards still queued
-        pool.shutdown(wait=False, cancel_futures=True)
+        for n in range(1, len(missing) + 1):
+            while True:
+                try:
+                    i, res, e = results.get(timeout=0.25)
+                    break
+                except queue.Empty:
+                    rate = got[0] / max(time.time() - t0, 1e-9)
+                    status(f"  downloading: {n - 1}/{len(missing)} shards done, {fmt_bytes(got[0])} at {rate / 1e6:.1f} MB/s")
+            if e is not None:
+                raise e
+            rate = got[0] / max(time.time() - t0, 1e-9)
+            log(f"  [{n}/{len(missing)}] {shard_name(i)}  {fmt_bytes(res[1])}, "
+                f"{'sha256 ok' if res[2] else 'parses as parquet (no sha256 published)'}  "
+                f"({fmt_bytes(got[0])} so far, {rate / 1e6:.1f} MB/s)")
+    finally:  # an error or Ctrl-C: the others stop at their next chunk, and rename nothing
+        with rename_lock:
+            stop.set()
+    print(f"Data: downloaded {fmt_bytes(got[0])} in {time.time() - t0:.0f}s", flush=True)
     return [os.path.join(DATA_DIR, shard_name(i)) for i in ids]
 
 # ---------------------------------------------------------------------------
@@ -188,16 +360,36 @@ def download_climbmix(num_train, workers):
 SUFFIXES = (".parquet", ".jsonl", ".txt")
 
 
+def _is_text_type(kind):
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or str(kind) == "string_view"
+
+
 def iter_documents(path):
     """Yield the text documents of one source file. A .txt file is one document, or several
-    separated by lines holding only <|endoftext|> (the TinyStories convention)."""
-    if path.endswith(".parquet"):
+    separated by lines holding only <|endoftext|> (the TinyStories convention). An .arrow file is
+    one of a `datasets` dataset's own files (Arrow IPC stream), found by dataset_files()."""
+    if path.endswith(".arrow"):
+        try:
+            with pa.memory_map(path) as src:
+                reader = pa.ipc.open_stream(src)
+                if "text" not in reader.schema.names or not _is_text_type(reader.schema.field("text").type):
+                    raise PrepareError(f"{path}: no 'text' column of strings")
+                for batch in reader:
+                    for text in batch.column("text").to_pylist():
+                        if text:
+                            yield text
+        except (OSError, pa.ArrowInvalid) as e:
+            raise PrepareError(f"{path}: not a readable Arrow stream ({e})") from e
+    elif path.endswith(".parquet"):
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:
             raise PrepareError(f"{path}: not a readable parquet file ({e})") from e
         if "text" not in pf.schema_arrow.names:
             raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        kind = pf.schema_arrow.field("text").type
+        if not _is_text_type(kind):
+            raise PrepareError(f"{path}: the 'text' column holds {kind}, not strings")
         for rg in range(pf.num_row_groups):
             for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
                 if text:
@@ -238,34 +430,84 @@ def is_val_document(text):
     return int.from_bytes(h, "little") % VAL_ONE_IN == 0
 
 
-def expand_data_paths(paths):
+def dataset_files(name):
+    """A dataset saved with `datasets` (save_to_disk: a directory) or a Hugging Face dataset by name
+    (load_dataset: downloaded and cached by `datasets`, with HF_TOKEN and HF_ENDPOINT): the Arrow
+    files behind every split, in split-name order, read like any other source through their
+    `text` column."""
+    try:
+        import datasets
+        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name)
+    except Exception as e:
+        where = "a dataset saved with datasets" if os.path.isdir(name) else \
+            "no such file or directory here, and as a Hugging Face dataset"
+        raise PrepareError(f"{name}: {where} it does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    splits = {"": ds} if isinstance(ds, datasets.Dataset) else dict(sorted(ds.items()))
     files = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if f.endswith(SUFFIXES))
-            if not found:
-                raise PrepareError(f"{p}: directory holds no {', '.join(SUFFIXES)} files")
-            files += found
-        elif os.path.isfile(p):
-            if not p.endswith(SUFFIXES):
-                raise PrepareError(f"{p}: unsupported file type (use {', '.join(SUFFIXES)})")
-            files.append(p)
-        else:
-            raise PrepareError(f"{p}: no such file or directory")
-    files = [os.path.abspath(f) for f in files]
-    if len(set(files)) != len(files):
-        raise PrepareError("the same file is given twice")
+    for split_name, split in splits.items():
+        what = f"{name}{'[' + split_name + ']' if split_name else ''}"
+        feature = split.features.get("text")
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise PrepareError(f"{what}: no 'text' column of strings (columns: {', '.join(split.column_names)})")
+        if not split.cache_files:
+            raise PrepareError(f"{what}: the dataset has no files on disk")
+        files += [f["filename"] for f in split.cache_files]
     return files
 
 
+def expand_data_paths(paths):
+    """--data arguments -> (source files, the corpus's description for manifest.json)."""
+    files, desc = [], []
+    for p in paths:
+        if os.path.isdir(p) and any(os.path.exists(os.path.join(p, f)) for f in ("state.json", "dataset_dict.json")):
+            found = dataset_files(p)  # saved with datasets' save_to_disk
+            desc.append(os.path.abspath(p))
+        elif os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if f.endswith(SUFFIXES))
+            if not found:
+                raise PrepareError(f"{p}: directory holds no {', '.join(SUFFIXES)} files (nor a dataset saved with datasets)")
+            desc += [os.path.abspath(f) for f in found]
+        elif os.path.isfile(p):
+            if not p.endswith(SUFFIXES):
+                raise PrepareError(f"{p}: unsupported file type (use {', '.join(SUFFIXES)})")
+            found = [p]
+            desc.append(os.path.abspath(p))
+        elif re.fullmatch(r"[\w.-]+/[\w.-]+", p):  # owner/name: a Hugging Face dataset
+            found = dataset_files(p)
+            desc.append(f"hf:{p}")
+        else:
+            raise PrepareError(f"{p}: no such file or directory")
+        files += found
+    files = [os.path.abspath(f) for f in files]
+    if len(set(files)) != len(files):
+        raise PrepareError("the same file is given twice")
+    return files, "data: " + " ".join(desc)
+
+
 def validate_sources(files):
-    """Read every document once before anything is written, so bad input fails early and cleanly."""
-    total_docs = 0
+    """Read every document once before anything is written, so bad input fails early and cleanly,
+    including a corpus whose training or validation split would be empty."""
+    total_docs = val_docs = 0
     for f in files:
-        n = sum(1 for _ in iter_documents(f))
+        n = 0
+        for text in iter_documents(f):
+            n += 1
+            val_docs += is_val_document(text)
+            if n % 10000 == 0:
+                status(f"  reading {os.path.basename(f)}: {n:,} documents")
         if n == 0:
             raise PrepareError(f"{f}: no documents (empty file?)")
         total_docs += n
+    how = f"one document in {VAL_ONE_IN}, chosen by a hash of its text, goes to validation"
+    if total_docs == 1 and val_docs == 1:
+        raise PrepareError(f"{files[0]}: its only document went to validation ({how}), so nothing is left to train on; "
+                           f"give more documents (a .txt file holds several when lines holding only <|endoftext|> separate them)")
+    if val_docs == 0:
+        raise PrepareError(f"the validation split would be empty: none of the {total_docs:,} documents was chosen for it "
+                           f"({how}); give more documents")
+    if val_docs == total_docs:
+        raise PrepareError(f"the training split would be empty: all {total_docs:,} documents went to validation ({how}); "
+                           f"give more documents")
     return total_docs
 
 
@@ -321,7 +563,7 @@ def train_tokenizer(train_texts):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trainer = trainers.BpeTrainer(vocab_size=n_ranks, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
+                                  special_tokens=[], show_progress=sys.stderr.isatty() and not QUIET)
     hf.train_from_iterator(train_texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
     dec = _byte_decoder()
@@ -339,9 +581,10 @@ def train_tokenizer(train_texts):
 def save_tokenizer(ranks, source_desc):
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
     lines = "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
-        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE, "trained_on": source_desc}, indent=1))
     write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken"), lines)
+    write_atomic(os.path.join(TOKENIZER_DIR, "tokenizer.json"), json.dumps(
+        {"pattern": SPLIT_PATTERN, "special_tokens": SPECIAL_TOKENS, "vocab_size": VOCAB_SIZE, "trained_on": source_desc,
+         "tiktoken_sha256": hashlib.sha256(lines.encode()).hexdigest()}, indent=1))
 
 
 def tokenizer_fingerprint(tokenizer_dir=None):
@@ -425,14 +668,15 @@ def _out_paths(index):
             "sidecar": os.path.join(d, f"source_{index:05d}.json")}
 
 
-def _task_done(index, source, tok_fp):
-    """A source is done when its sidecar names it and the tokenizer, and both token files
-    match the recorded sizes and sha256 (so a truncated or corrupted file is rebuilt)."""
+def _task_done(index, source, source_sha, tok_fp):
+    """A source is done when its sidecar names it, its content (sha256) and the tokenizer, and both
+    token files match the recorded sizes and sha256 (so a truncated or corrupted file is rebuilt,
+    and so is a source edited in place)."""
     paths = _out_paths(index)
     try:
         with open(paths["sidecar"]) as f:
             side = json.load(f)
-        if side["source"] != source or side["tokenizer"] != tok_fp:
+        if side["source"] != source or side.get("source_sha256") != source_sha or side["tokenizer"] != tok_fp:
             return False
         for split in ("train", "val"):
             p = paths[split]
@@ -443,8 +687,23 @@ def _task_done(index, source, tok_fp):
         return False
 
 
+def _worker_init(counter):
+    """Tokenizing workers hold ~400 MB each for minutes: each leaves as soon as its parent is gone,
+    even after a SIGKILL that gave nobody the chance to stop it (it is then re-parented)."""
+    global _docs_done
+    _docs_done = counter
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _tokenize_task(args):
-    index, source, split_mode, threads = args
+    index, source, source_sha, split_mode, threads = args
     enc = _load_encoding(TOKENIZER_DIR)
     bos = enc.encode_single_token(BOS_TOKEN)
     paths = _out_paths(index)
@@ -455,6 +714,8 @@ def _tokenize_task(args):
         splits = [split_mode] * len(batch) if split_mode != "hash" else ["val" if is_val_document(t) else "train" for t in batch]
         for split, ids in zip(splits, enc.encode_ordinary_batch(batch, num_threads=threads)):
             out[split].append(np.array([bos] + ids, dtype=np.uint16))
+        with _docs_done.get_lock():
+            _docs_done.value += len(batch)
         batch.clear()
 
     for text in iter_documents(source):
@@ -462,7 +723,7 @@ def _tokenize_task(args):
         if len(batch) == 1024:
             flush()
     flush()
-    side = {"source": source, "tokenizer": tokenizer_fingerprint()}
+    side = {"source": source, "source_sha256": source_sha, "tokenizer": tokenizer_fingerprint()}
     for split in ("train", "val"):
         arr = np.concatenate(out[split]) if out[split] else np.zeros(0, dtype=np.uint16)
         write_atomic(paths[split], arr.tobytes())
@@ -471,29 +732,58 @@ def _tokenize_task(args):
     return index, side
 
 
-def tokenize_sources(sources):
-    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'."""
+def hash_sources(paths):
+    """sha256 of every source file, several at a time (hashlib lets go of the GIL)."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def tokenize_sources(sources, source_shas):
+    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'; source_shas:
+    their sha256, which the token files are keyed on."""
     os.makedirs(TOKENS_DIR, exist_ok=True)
     keep = {os.path.basename(p) for i in range(len(sources)) for p in _out_paths(i).values()}
     for name in os.listdir(TOKENS_DIR):  # files of sources no longer asked for (fewer shards than before)
         if name not in keep:
             os.remove(os.path.join(TOKENS_DIR, name))
     tok_fp = tokenizer_fingerprint()
-    todo = [(i, src, mode) for i, (src, mode) in enumerate(sources) if not _task_done(i, src, tok_fp)]
+    todo = [(i, src, sha, mode) for i, ((src, mode), sha) in enumerate(zip(sources, source_shas))
+            if not _task_done(i, src, sha, tok_fp)]
     print(f"Tokens: {len(sources) - len(todo)} of {len(sources)} sources already tokenized" +
-          (f", tokenizing {len(todo)}" if todo else ""))
-    if todo:
-        cores = os.cpu_count() or 1
-        workers = min(cores, len(todo))
-        threads = max(1, cores // workers)
-        t0 = time.time()
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_tokenize_task, (i, src, mode, threads)) for i, src, mode in todo]
-            for n, fut in enumerate(as_completed(futures), 1):
-                index, side = fut.result()
-                print(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
-                      f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+          (f", tokenizing {len(todo)}" if todo else ""), flush=True)
+    if not todo:
+        return
+    cores = os.cpu_count() or 1
+    workers = min(cores, len(todo))
+    threads = max(1, cores // workers)
+    rows = [_num_rows(src) for _, src, _, _ in todo]
+    total = sum(rows) if None not in rows else None  # known for parquet (its metadata), else not
+    counter = multiprocessing.Value("q", 0)
+    t0 = time.time()
+    # the pool's context exit terminates the workers on an error or Ctrl-C
+    with multiprocessing.Pool(workers, initializer=_worker_init, initargs=(counter,)) as pool:
+        results = pool.imap_unordered(_tokenize_task, [(i, src, sha, mode, threads) for i, src, sha, mode in todo])
+        for n in range(1, len(todo) + 1):
+            while True:
+                try:
+                    index, side = results.next(timeout=0.25)
+                    break
+                except multiprocessing.TimeoutError:
+                    docs = counter.value
+                    status(f"  tokenizing: {docs:,}" + (f" of {total:,} ({100 * docs / max(total, 1):.0f}%)" if total else "") +
+                           f" documents, {n - 1}/{len(todo)} sources done, {time.time() - t0:.0f}s")
+            log(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
+                f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
+                f"({time.time() - t0:.0f}s)")
+
+
+def _num_rows(path):
+    if path.endswith(".parquet"):
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:
+            return None
+    return None
 
 
 def split_files(split, tokens_dir=None):
@@ -508,7 +798,15 @@ def val_fingerprint():
     return h.hexdigest()
 
 
-def write_manifest(source_desc, sources):
+def rebuild_hint(what):
+    return (f"{what}: val_bpb from it would not be comparable with earlier runs, so it is not re-blessed. "
+            f"Rebuild everything from scratch: rm -r {TOKENIZER_DIR} {TOKENS_DIR} {MANIFEST} && {PREPARE_CMD}")
+
+
+def write_manifest(source_desc, sources, source_shas):
+    """manifest.json: the corpus, and the fingerprints every check compares with. Each token file is
+    recorded with its sha256 and with its size and mtime (what --check --quick compares).
+    Not rewritten when nothing changed. Returns (manifest, whether it was written)."""
     sides = []
     for i in range(len(sources)):
         with open(_out_paths(i)["sidecar"]) as f:
@@ -519,6 +817,12 @@ def write_manifest(source_desc, sources):
         raise PrepareError("the validation split is empty: give more documents")
     if train_tokens == 0:
         raise PrepareError("the training split is empty: give more documents")
+    token_files = {}
+    for i, side in enumerate(sides):
+        for split in ("train", "val"):
+            st = os.stat(_out_paths(i)[split])
+            token_files[os.path.basename(_out_paths(i)[split])] = {
+                "bytes": st.st_size, "sha256": side[split]["sha256"], "mtime_ns": st.st_mtime_ns}
     manifest = {
         "source": source_desc,
         "vocab_size": VOCAB_SIZE,
@@ -526,26 +830,62 @@ def write_manifest(source_desc, sources):
         "val_sha256": val_fingerprint(),
         "train_tokens": train_tokens,
         "val_tokens": val_tokens,
-        "files": [{"source": s["source"], "train_tokens": s["train"]["tokens"], "val_tokens": s["val"]["tokens"]} for s in sides],
+        "files": [{"source": s["source"], "source_sha256": sha, "train_tokens": s["train"]["tokens"],
+                   "val_tokens": s["val"]["tokens"]} for s, sha in zip(sides, source_shas)],
+        "token_files": token_files,
     }
-    write_atomic(MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
+    text = json.dumps(manifest, indent=1)
+    try:
+        with open(MANIFEST) as f:
+            if f.read() == text:
+                return manifest, False
+    except OSError:
+        pass
+    write_atomic(MANIFEST, text)
+    return manifest, True
 
 
-def check_prepared():
-    """Raise PrepareError unless the tokenizer and validation tokens match the manifest."""
+def check_prepared(full=False):
+    """Raise PrepareError unless the prepared data matches manifest.json; return the manifest.
+    Always: the tokenizer and the validation tokens by sha256, and the set of token files.
+    Quick (the default; training, evaluate_bpb and `prepare.py --check --quick` for run.sh): each
+    training token file by the size and mtime recorded, so a rewritten or replaced file is
+    caught without reading gigabytes. Full (`prepare.py --check`): every token file by sha256, and
+    each source file still present by sha256 (an edited source means stale tokens)."""
     if not os.path.exists(MANIFEST):
         raise PrepareError(f"no prepared data at {CACHE_DIR}: run `{PREPARE_CMD}`")
     try:
         with open(MANIFEST) as f:
             m = json.load(f)
         if tokenizer_fingerprint() != m["tokenizer_sha256"]:
-            raise PrepareError(f"the tokenizer at {TOKENIZER_DIR} does not match manifest.json: run `{PREPARE_CMD}`")
+            raise PrepareError(rebuild_hint(f"the tokenizer in {TOKENIZER_DIR} does not match manifest.json"))
         if val_fingerprint() != m["val_sha256"]:
             raise PrepareError(f"the validation tokens in {TOKENS_DIR} do not match manifest.json: run `{PREPARE_CMD}`")
+        if "token_files" not in m:
+            raise PrepareError(f"manifest.json was written by an older prepare.py: run `{PREPARE_CMD}` to verify and update it")
+        recorded = m["token_files"]
+        present = {os.path.basename(p) for p in split_files("train") + split_files("val")}
+        if present != set(recorded):
+            odd = sorted(present ^ set(recorded))
+            raise PrepareError(f"token files in {TOKENS_DIR} missing or not made by prepare.py ({', '.join(odd[:3])}"
+                               f"{', ...' if len(odd) > 3 else ''}): run `{PREPARE_CMD}`")
         if not split_files("train"):
             raise PrepareError(f"no training tokens in {TOKENS_DIR}: run `{PREPARE_CMD}`")
-    except (OSError, ValueError, KeyError) as e:
+        for name, rec in sorted(recorded.items()):
+            path = os.path.join(TOKENS_DIR, name)
+            st = os.stat(path)
+            if st.st_size != rec["bytes"]:
+                raise PrepareError(f"{path} has {st.st_size:,} bytes, manifest.json records {rec['bytes']:,}: run `{PREPARE_CMD}`")
+            if full and sha256_file(path) != rec["sha256"]:
+                raise PrepareError(f"{path} does not match its sha256 in manifest.json: run `{PREPARE_CMD}` to rebuild it")
+            if not full and st.st_mtime_ns != rec["mtime_ns"]:  # not the inode: a cache copied with its times is fine
+                raise PrepareError(f"{path} was written after it was prepared (its mtime differs from manifest.json): "
+                                   f"run `{PREPARE_CMD}` to verify it")
+        if full:
+            for f in m["files"]:
+                if os.path.exists(f["source"]) and sha256_file(f["source"]) != f["source_sha256"]:
+                    raise PrepareError(f"{f['source']} changed after it was tokenized: run `{PREPARE_CMD}` to tokenize it again")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PrepareError(f"prepared data at {CACHE_DIR} is incomplete ({e}): run `{PREPARE_CMD}`") from e
     return m
 
@@ -882,8 +1222,7 @@ def verify_run(record, log_text, launched=None, exited=None):
 
 def prepare(args):
     if args.data:
-        files = expand_data_paths(args.data)
-        source_desc = "data: " + " ".join(files)
+        files, source_desc = expand_data_paths(args.data)
         sources = [(f, "hash") for f in files]
     elif SMOKE:
         files, source_desc = smoke_corpus(), "smoke: python stdlib"
@@ -891,11 +1230,12 @@ def prepare(args):
     else:
         source_desc = "climbmix"
         sources = None
+    old = None
     if os.path.exists(MANIFEST):
         with open(MANIFEST) as f:
-            old = json.load(f).get("source")
-        if old != source_desc:
-            raise PrepareError(f"{CACHE_DIR} holds data prepared from [{old}]; keep corpora apart with "
+            old = json.load(f)
+        if old.get("source") != source_desc:
+            raise PrepareError(f"{CACHE_DIR} holds data prepared from [{old.get('source')}]; keep corpora apart with "
                                f"AUTORESEARCH_CACHE=<another dir>, or delete {TOKENS_DIR}, {TOKENIZER_DIR} and {MANIFEST}")
     if sources is None:
         num = MAX_SHARD if args.num_shards == -1 else args.num_shards
@@ -905,19 +1245,25 @@ def prepare(args):
         sources = [(f, "val" if f.endswith(shard_name(VAL_SHARD)) else "train") for f in files]
     else:
         ndocs = validate_sources(files)
-        print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})")
+        print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})", flush=True)
 
     tok_path = os.path.join(TOKENIZER_DIR, "tokenizer.tiktoken")
     meta_path = os.path.join(TOKENIZER_DIR, "tokenizer.json")
     if os.path.exists(tok_path) and os.path.exists(meta_path):
         with open(meta_path) as f:
-            trained_on = json.load(f).get("trained_on")
-        if trained_on != source_desc:  # e.g. an interrupted run on another corpus
-            raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} was trained on [{trained_on}], not on this corpus; "
+            meta = json.load(f)
+        if meta.get("trained_on") != source_desc:  # e.g. an interrupted run on another corpus
+            raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} was trained on [{meta.get('trained_on')}], not on this corpus; "
                                f"use AUTORESEARCH_CACHE=<another dir>, or delete {TOKENIZER_DIR}")
-        print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
+        # a tokenizer changed on disk is never re-blessed: the manifest (or, before there is one, the
+        # tokenizer's own record of its ranks file) must still match it
+        if old is not None and tokenizer_fingerprint() != old.get("tokenizer_sha256"):
+            raise PrepareError(rebuild_hint(f"the tokenizer in {TOKENIZER_DIR} does not match manifest.json"))
+        if meta.get("tiktoken_sha256", sha256_file(tok_path)) != sha256_file(tok_path):
+            raise PrepareError(rebuild_hint(f"{tok_path} is not the file that was trained"))
+        print(f"Tokenizer: already trained at {TOKENIZER_DIR}", flush=True)
     else:
-        print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...")
+        print(f"Tokenizer: training {VOCAB_SIZE}-token BPE on the training split...", flush=True)
         t0 = time.time()
 
         def train_texts():
@@ -930,36 +1276,58 @@ def prepare(args):
                         continue
                     text = text[:TOKENIZER_DOC_CAP]
                     chars += len(text)
+                    status(f"  reading training text: {chars / 1e6:,.0f}M of at most {TOKENIZER_TRAIN_CHARS / 1e6:,.0f}M "
+                           f"characters, {time.time() - t0:.0f}s")
                     yield text
                     if chars >= TOKENIZER_TRAIN_CHARS:
-                        return
+                        break
+                if chars >= TOKENIZER_TRAIN_CHARS:
+                    break
+            log(f"  read {chars / 1e6:,.1f}M characters in {time.time() - t0:.0f}s; learning the merges...")
 
         save_tokenizer(train_tokenizer(train_texts()), source_desc)
         tok = Tokenizer.from_directory()
         sample = "Hello world! Numbers: 12345. Unicode: naïve 你好 🙂\n\tdef f(x): return x**2"
         assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
-        print(f"Tokenizer: trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
+        if old is not None and tokenizer_fingerprint() != old.get("tokenizer_sha256"):
+            raise PrepareError(rebuild_hint(f"the tokenizer was missing and training gave a different one than manifest.json records"))
+        print(f"Tokenizer: trained in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}", flush=True)
 
-    tokenize_sources(sources)
-    m = write_manifest(source_desc, sources)
+    t0 = time.time()
+    status(f"Sources: hashing {len(sources)} files...")
+    source_shas = hash_sources([src for src, _ in sources])
+    log(f"  hashed {len(sources)} source files ({fmt_bytes(sum(os.path.getsize(src) for src, _ in sources))}) "
+        f"in {time.time() - t0:.1f}s")
+    tokenize_sources(sources, source_shas)
+    m, written = write_manifest(source_desc, sources, source_shas)
+    if old is not None and old.get("val_sha256") != m["val_sha256"]:
+        print("Note: the validation tokens changed (a source changed): val_bpb is not comparable with earlier runs", flush=True)
     print(f"Done: {m['train_tokens'] / 1e6:.1f}M training and {m['val_tokens'] / 1e6:.1f}M validation tokens "
-          f"in {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+          f"in {CACHE_DIR}" + ("" if written else " (unchanged)") + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Prepare data, tokenizer and token files for autoresearch")
     parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation shard is always added")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--data", nargs="+", metavar="PATH", help="local .parquet/.jsonl/.txt files or directories instead of ClimbMix")
-    parser.add_argument("--check", action="store_true", help="only check the prepared data against its fingerprints")
+    parser.add_argument("--data", nargs="+", metavar="PATH", help="instead of ClimbMix: .parquet/.jsonl/.txt files or directories, "
+                        "a directory saved with datasets' save_to_disk, or a Hugging Face dataset name (owner/name)")
+    parser.add_argument("--check", action="store_true", help="only check the prepared data: every token file by sha256")
+    parser.add_argument("--quick", action="store_true", help="with --check: token files by size and mtime "
+                        "(the tokenizer and validation tokens still by sha256); what run.sh uses")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only each stage's summary and errors")
     parser.add_argument("--verify-run", metavar="LOG", help="(run.sh) check the run record on stdin against LOG")
     parser.add_argument("--launched", type=float, help="(with --verify-run) when training was started, epoch seconds")
     parser.add_argument("--exited", type=float, help="(with --verify-run) when training ended, epoch seconds")
     args = parser.parse_args()
+    QUIET = args.quiet
     try:
+        if args.quick and not args.check:
+            raise PrepareError("--quick goes with --check")
         if args.check:
-            m = check_prepared()
-            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens)")
+            m = check_prepared(full=not args.quick)
+            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens; "
+                  f"{'quick' if args.quick else 'every file by sha256'})")
             print(f"time_budget: {TIME_BUDGET}")
         elif args.verify_run:
             with open(args.verify_run, errors="replace") as f:
@@ -972,11 +1340,13 @@ if __name__ == "__main__":
             for k, v in result.items():
                 print(f"{k}: {v}")
         else:
-            print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""))
+            print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
             prepare(args)
     except PrepareError as e:
+        done_status()
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        done_status()
         print("prepare.py: interrupted; finished files are kept and a rerun resumes", file=sys.stderr)
         sys.exit(130)

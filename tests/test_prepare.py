@@ -1,15 +1,15 @@
 """prepare.py: tokenizer, loader, metric, resume and bad input. Real tokenizer, real files, real torch."""
 
-import http.server
 import importlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
-import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tests.hf_mirror import Mirror  # noqa: E402
 
 
 def run_prepare(cache, *args, smoke=True, env=None):
@@ -299,64 +300,126 @@ def test_rerun_does_only_what_is_missing_and_rebuilds_corrupt_files(tmp_path):
     assert sorted(os.listdir(cache2 / "smoke" / "tokens")) == sorted(f for f in files if "00002" not in f)
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """A file server that honours Range requests and fails each path's first request."""
-    failed, ranges = set(), []
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        path = self.translate_path(self.path)
-        if self.path not in self.failed:
-            self.failed.add(self.path)
-            self.send_error(503)
-            return
-        if not os.path.exists(path):
-            self.send_error(404)
-            return
-        data = open(path, "rb").read()
-        start = 0
-        if "Range" in self.headers:
-            start = int(self.headers["Range"].split("=")[1].split("-")[0])
-            self.ranges.append((self.path, start))
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
+def shard_bytes(i, n_docs=120):
+    """A real parquet shard of pseudo-word documents, as bytes."""
+    docs = words_corpus(n_docs, seed=i)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), buf, row_group_size=40)
+    return buf.getvalue().to_pybytes()
 
 
-def test_download_is_retried_resumed_and_atomic(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
+@pytest.fixture
+def mirror(tmp_path):
+    """A local hub with the validation shard and training shards 0-3; prepare.py imported against it."""
+    m = Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 2, 3, 6542)})
+    saved = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_TOKEN")}
+    os.environ["HF_ENDPOINT"] = m.endpoint
+    os.environ.pop("HF_TOKEN", None)
+    m.P = load_prepare(tmp_path / "cache", smoke=False)
+    m.data = tmp_path / "cache" / "data"
+    yield m
+    m.close()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_download_is_retried_resumed_and_atomic(mirror):
+    P, data = mirror.P, mirror.data
+    assert P.BASE_URL == mirror.base_url  # HF_ENDPOINT, as huggingface_hub reads it
+    data.mkdir(parents=True)
+    whole = mirror.files["shard_00001.parquet"]
+    (data / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted run
+    mirror.faults["shard_00000.parquet"] = ["500", "truncated", "close"]
+    mirror.faults["shard_06542.parquet"] = ["reset", "norange"]
+    files = P.download_climbmix(2, workers=3)
+    assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
+        assert (data / name).read_bytes() == mirror.files[name]
+    assert not list(data.glob("*.part"))
+    assert [r[3] for r in mirror.requests("cdn", "shard_00001.parquet")] == [len(whole) // 2]  # resumed, not restarted
+    # after a 500: a complete response 1000 bytes short of the published size, then a clean close
+    # mid-body: each time the rest is asked for with Range, where the file stopped
+    n = len(mirror.files["shard_00000.parquet"])
+    assert [r[3] for r in mirror.requests("cdn", "shard_00000.parquet")] == [0, n - 1000, n - 500]
+    # a reset mid-body is resumed; a server that ignores the Range (200) is read from the start
+    starts = [r[3] for r in mirror.requests("cdn", "shard_06542.parquet")]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0
+
+
+def test_download_is_verified_against_the_published_sha256(mirror):
+    P, data = mirror.P, mirror.data
+    mirror.faults["shard_00000.parquet"] = ["corrupt"]  # one flipped byte: same size, parses as parquet
+    P.download_climbmix(1, workers=2)
+    assert (data / "shard_00000.parquet").read_bytes() == mirror.files["shard_00000.parquet"]
+    assert len(mirror.requests("cdn", "shard_00000.parquet")) == 2  # fetched again from scratch
+    # a file that never matches: fetched twice, then an error naming the shard; nothing left behind
+    mirror.sticky["shard_00001.parquet"] = "wrongsha"
+    with pytest.raises(P.PrepareError, match="shard_00001.parquet: the download does not match the sha256"):
+        P.download_climbmix(2, workers=1)
+    assert len(mirror.requests("cdn", "shard_00001.parquet")) == 2
+    assert not (data / "shard_00001.parquet").exists() and not (data / "shard_00001.parquet.part").exists()
+
+
+def test_a_bad_resumed_beginning_is_caught(mirror):
+    """A .part whose first bytes are wrong (from another file, or a bad disk): the Range request
+    completes it, the sha256 refuses it, and the next download starts from byte 0."""
+    P, data = mirror.P, mirror.data
+    data.mkdir(parents=True)
+    whole = mirror.files["shard_00000.parquet"]
+    (data / "shard_00000.parquet.part").write_bytes(b"x" * 100 + whole[100:len(whole) // 2])
+    P.download_climbmix(1, workers=2)
+    assert (data / "shard_00000.parquet").read_bytes() == whole
+    assert [r[3] for r in mirror.requests("cdn", "shard_00000.parquet")] == [len(whole) // 2, 0]
+
+
+def test_hf_token_goes_to_the_hub_only(mirror):
+    P = mirror.P
+    mirror.token = "hf_secret"
+    with pytest.raises(P.PrepareError, match="HTTP 401.*HF_TOKEN"):
+        P.download_climbmix(1, workers=2)
+    os.environ["HF_TOKEN"] = "hf_secret"
+    P.download_climbmix(1, workers=2)
+    assert (mirror.data / "shard_00000.parquet").read_bytes() == mirror.files["shard_00000.parquet"]
+    hub = [r for r in mirror.log if r[1] == "hub" and r[2] == "shard_00000.parquet"]
+    cdn = mirror.requests("cdn", "shard_00000.parquet")
+    assert hub[-1][4] and cdn and not any(r[4] for r in cdn)  # the CDN never sees the token
+
+
+def test_an_error_stops_the_other_downloads_at_once(mirror):
+    """A 404 on one shard while the others crawl: the error comes at once, the others stop, and
+    nothing is renamed into place afterwards (their .part files stay for a rerun to resume)."""
+    P, data = mirror.P, mirror.data
+    mirror.rate = 100_000  # about 1.5 s per shard
     for i in (0, 1, 6542):
-        docs = words_corpus(120, seed=i)
-        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), served / f"shard_{i:05d}.parquet",
-                       row_group_size=40)
-    handler = lambda *a, **k: RangeHandler(*a, directory=str(served), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+        mirror.sticky[f"shard_{i:05d}.parquet"] = "slow"
+    mirror.sticky["shard_00002.parquet"] = "404"
+    t0 = time.time()
+    with pytest.raises(P.PrepareError, match="HTTP 404"):
+        P.download_climbmix(3, workers=4)
+    assert time.time() - t0 < 1.0
+    time.sleep(2.5)  # longer than the slow shards need
+    assert not list(data.glob("*.parquet"))
+    parts = list(data.glob("*.part"))
+    assert parts and all(p.stat().st_size < len(mirror.files[p.name[:-5]]) for p in parts)
+
+
+def test_ctrl_c_stops_prepare_at_once(tmp_path):
+    with Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 6542)}, rate=50_000) as m:
+        for name in m.files:
+            m.sticky[name] = "slow"  # about 3 s per shard
         cache = tmp_path / "cache"
-        os.environ["AUTORESEARCH_BASE_URL"] = f"http://127.0.0.1:{server.server_port}"
-        P = load_prepare(cache, smoke=False)
-        data_dir = cache / "data"
-        data_dir.mkdir(parents=True)
-        whole = (served / "shard_00001.parquet").read_bytes()
-        (data_dir / "shard_00001.parquet.part").write_bytes(whole[:len(whole) // 2])  # an interrupted download
-        files = P.download_climbmix(2, workers=3)
-        assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
-        assert ("/shard_00001.parquet", len(whole) // 2) in RangeHandler.ranges  # resumed, not restarted
-        for i in (0, 1, 6542):  # each path failed once (503) and was retried
-            assert (data_dir / f"shard_{i:05d}.parquet").read_bytes() == (served / f"shard_{i:05d}.parquet").read_bytes()
-        assert not list(data_dir.glob("*.part"))
-        with pytest.raises(P.PrepareError, match="HTTP 404"):
-            RangeHandler.failed.add("/shard_00002.parquet")
-            P.download_climbmix(3, workers=1)
-        assert not (data_dir / "shard_00002.parquet").exists()
-    finally:
-        os.environ.pop("AUTORESEARCH_BASE_URL")
-        server.shutdown()
+        e = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_SMOKE": "0", "HF_ENDPOINT": m.endpoint}
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--num-shards", "2"], env=e,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not any(p.stat().st_size for p in (cache / "data").glob("*.part")) and time.time() < deadline:
+            time.sleep(0.05)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert time.time() - t0 < 1.5  # no waiting for the downloads in flight
+        assert not list((cache / "data").glob("*.parquet")) and list((cache / "data").glob("*.part"))
 
 
 # --- bad input ---------------------------------------------------------------------
@@ -372,6 +435,13 @@ def bad_inputs(tmp_path):
     notjson.write_text('{"text": "fine"}\nnot json\n')
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    P = load_prepare(tmp_path / "unused")
+    one = tmp_path / "one.txt"  # a single document, one that the hash sends to validation
+    one.write_text(next(d for d in words_corpus(200, seed=5) if P.is_val_document(d)))
+    few = tmp_path / "few.jsonl"  # documents, none of which the hash sends to validation
+    few.write_text("".join(json.dumps({"text": d}) + "\n" for d in words_corpus(40, seed=6) if not P.is_val_document(d)))
     return {
         "no such file": [str(tmp_path / "missing.parquet")],
         "no documents": [str(empty)],
@@ -379,11 +449,16 @@ def bad_inputs(tmp_path):
         "no 'text' column": [str(notext)],
         ":2: expected a JSON object": [str(notjson)],
         "unsupported file type": [str(csv)],
+        "numbers.parquet: the 'text' column holds int64, not strings": [str(numbers)],
+        "one.txt: its only document went to validation": [str(one)],
+        "the validation split would be empty": [str(few)],
     }
 
 
 @pytest.mark.parametrize("case", ["no such file", "no documents", "not UTF-8", "no 'text' column",
-                                  ":2: expected a JSON object", "unsupported file type"])
+                                  ":2: expected a JSON object", "unsupported file type",
+                                  "numbers.parquet: the 'text' column holds int64, not strings",
+                                  "one.txt: its only document went to validation", "the validation split would be empty"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case):
     paths = bad_inputs(tmp_path)[case]
     cache = tmp_path / "cache"
@@ -409,3 +484,172 @@ def test_a_different_corpus_is_refused_not_overwritten(tmp_path):
     os.remove(cache / "smoke" / "manifest.json")  # as if interrupted after the tokenizer was trained
     r = run_prepare(cache, "--data", str(a))
     assert r.returncode == 1 and "tokenizer" in r.stderr and "trained on [smoke: python stdlib]" in r.stderr
+
+
+# --- prepared data keyed on content; --check ------------------------------------------
+
+def two_sources(tmp_path):
+    srcs = []
+    for i in range(2):
+        p = tmp_path / f"part{i}.txt"
+        p.write_text("\n<|endoftext|>\n".join(words_corpus(150, seed=20 + i)))
+        srcs.append(str(p))
+    return srcs
+
+
+def test_an_edited_source_is_tokenized_again(tmp_path):
+    cache, srcs = tmp_path / "cache", two_sources(tmp_path)
+    assert run_prepare(cache, "--data", *srcs).returncode == 0
+    manifest = cache / "smoke" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    r = run_prepare(cache, "--data", *srcs)  # nothing changed: nothing rebuilt, manifest.json left alone
+    assert r.returncode == 0 and "2 of 2 sources already tokenized" in r.stdout and "(unchanged)" in r.stdout
+    assert manifest.stat().st_mtime_ns == stamp
+    # the same size and the same mtime, different content: found by its sha256
+    st = os.stat(srcs[1])
+    text = open(srcs[1]).read()
+    open(srcs[1], "w").write(text.replace("Number", "NUMBER"))
+    os.utime(srcs[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    P = load_prepare(cache)
+    with pytest.raises(P.PrepareError, match="part1.txt changed after it was tokenized"):
+        P.check_prepared(full=True)
+    P.check_prepared()  # quick: the prepared files only, and they are intact
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "1 of 2 sources already tokenized, tokenizing 1" in r.stdout
+    tok = P.Tokenizer.from_directory()
+    train = tok.decode(np.fromfile(P.split_files("train")[1], dtype=np.uint16).tolist())
+    assert "NUMBER" in train and "Number" not in train
+    P.check_prepared(full=True)
+
+
+def test_check_covers_every_token_file_and_a_changed_tokenizer_is_never_reblessed(tmp_path):
+    cache, srcs = tmp_path / "cache", two_sources(tmp_path)
+    assert run_prepare(cache, "--data", *srcs).returncode == 0
+    tokens = cache / "smoke" / "tokens"
+    r = run_prepare(cache, "--check")
+    assert r.returncode == 0 and "every file by sha256" in r.stdout
+    P = load_prepare(cache)
+
+    # a flipped byte in a training file, its size and mtime kept: the full check reads it, quick cannot
+    f = tokens / "train_00001.bin"
+    st, good = f.stat(), f.read_bytes()
+    with open(f, "r+b") as fh:
+        fh.seek(11)
+        fh.write(bytes([good[11] ^ 1]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(P.PrepareError, match="train_00001.bin does not match its sha256"):
+        P.check_prepared(full=True)
+    P.check_prepared()
+    os.utime(f)  # written now: the quick check sees it
+    r = run_prepare(cache, "--check", "--quick")
+    assert r.returncode == 1 and "train_00001.bin was written after it was prepared" in r.stderr and "prepare.py" in r.stderr
+    f.write_bytes(good)  # the right content again, but written since: prepare.py verifies and records it
+    P.check_prepared(full=True)
+    with pytest.raises(P.PrepareError, match="written after it was prepared"):
+        P.check_prepared()
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 0 and "2 of 2 sources already tokenized" in r.stdout
+    P.check_prepared()
+    (tokens / "train_00000.bin").rename(tmp_path / "moved.bin")
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="missing or not made by prepare.py"):
+            P.check_prepared(full)
+    (tmp_path / "moved.bin").rename(tokens / "train_00000.bin")
+    (tokens / "train_00007.bin").write_bytes(good)  # the loader would read it: refused
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="missing or not made by prepare.py"):
+            P.check_prepared(full)
+    (tokens / "train_00007.bin").unlink()
+
+    # the tokenizer changed on disk (two ranks swapped: still a valid tokenizer): an error that says
+    # how to rebuild, never re-blessed; nothing is rewritten
+    tok = cache / "smoke" / "tokenizer" / "tokenizer.tiktoken"
+    lines = tok.read_text().splitlines(keepends=True)
+    lines[300], lines[301] = lines[300].split()[0] + " 301\n", lines[301].split()[0] + " 300\n"
+    tok.write_text("".join(lines))
+    before = {p.name: p.read_bytes() for p in (cache / "smoke").rglob("*") if p.is_file()}
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 1 and "does not match manifest.json" in r.stderr and "rm -r" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in (cache / "smoke").rglob("*") if p.is_file()} == before
+    for full in (True, False):
+        with pytest.raises(P.PrepareError, match="does not match manifest.json.*rm -r"):
+            P.check_prepared(full)
+    os.remove(cache / "smoke" / "manifest.json")  # as after an interrupted first run: the tokenizer's own record
+    r = run_prepare(cache, "--data", *srcs)
+    assert r.returncode == 1 and "tokenizer.tiktoken is not the file that was trained" in r.stderr
+
+
+def test_sigkill_of_prepare_leaves_no_tokenizing_worker(tmp_path):
+    """Workers hold ~400 MB each for minutes: when prepare.py is killed outright, they go too."""
+    cache, src = tmp_path / "cache", tmp_path / "corpus.txt"
+    docs = words_corpus(150, seed=30)
+    src.write_text("\n<|endoftext|>\n".join(docs))
+    assert run_prepare(cache, "--data", str(src)).returncode == 0  # the tokenizer, trained on a small corpus
+    src.write_text("\n<|endoftext|>\n".join(docs * 150))  # the same file grown: tokenized again (many seconds)
+    e = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_SMOKE": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--data", str(src)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def children():
+        found = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid):
+                    found.append(int(d))
+            except OSError:
+                pass
+        return found
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX"
+        except OSError:
+            return False
+
+    for line in proc.stdout:
+        if "tokenizing 1" in line:
+            break
+    time.sleep(1.0)  # the worker is busy now
+    workers = children()
+    assert workers and proc.poll() is None, "tokenization ended before the test could kill prepare.py"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 2.0
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [p for p in workers if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, "tokenizing workers outlived prepare.py"
+
+
+# --- --data with datasets ------------------------------------------------------------
+
+def test_data_saved_with_datasets(tmp_path):
+    """A DatasetDict saved with save_to_disk: every split's text, tokenized offline; the corpus is
+    named by its directory."""
+    import datasets
+    docs = words_corpus(300, seed=40, marker="doc")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": docs[:250], "n": list(range(250))}),
+        "validation": datasets.Dataset.from_dict({"text": docs[250:], "n": list(range(50))}),
+    }).save_to_disk(str(saved))
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--data", str(saved), env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "Data: 2 files, 300 documents" in r.stdout
+    P = load_prepare(cache)
+    m = P.check_prepared(full=True)
+    assert m["source"] == f"data: {saved}" and len(m["files"]) == 2
+    tok = P.Tokenizer.from_directory()
+    text = "".join(tok.decode(np.fromfile(f, dtype=np.uint16).tolist()) for f in P.split_files("train") + P.split_files("val"))
+    assert all(d in text for d in docs)  # every document, once tokenized
+    # a saved dataset without a text column, and a name that is neither here nor loadable: one line each
+    datasets.Dataset.from_dict({"content": ["a", "b"]}).save_to_disk(str(tmp_path / "notext"))
+    r = run_prepare(tmp_path / "c2", "--data", str(tmp_path / "notext"))
+    assert r.returncode == 1 and "no 'text' column of strings (columns: content)" in r.stderr and "Traceback" not in r.stderr
+    r = run_prepare(tmp_path / "c3", "--data", "nobody/no-such-dataset", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 1 and "nobody/no-such-dataset: no such file or directory here" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c3" / "smoke" / "tokens").exists()
