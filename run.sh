@@ -160,7 +160,7 @@ main() {
   choose_sandbox
   take_gpu_locks || exit $?
 
-  if ! run_boxed 600 "$py" -I prepare.py --check </dev/null >"$tmp/check.out" 2>&1; then
+  if ! run_boxed 600 "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
     die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
       "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
   fi
