@@ -399,8 +399,8 @@ choose_sandbox() {
     say "WARNING: training runs without any sandbox, as asked by AUTORESEARCH_SANDBOX=none"
     return 0
   fi
-  for p in "${HOME:-/}" "$root" "$common" "$cache" "${py_dirs[@]}"; do   # no bind may show all of $HOME
-    case ${HOME:-/}/ in "${p%/}"/*) [ "$p" = "${HOME:-/}" ] ||
+  for p in "$root" "$common" "$cache" "${py_dirs[@]}"; do   # no bind may show all of $HOME (or /)
+    case ${HOME:-/}/ in "${p%/}"/*)
       die 3 "refused: the sandbox would show $p to training, and with it all of \$HOME ($HOME); move the checkout, the cache (AUTORESEARCH_CACHE) or the Python elsewhere" ;;
     esac
   done

