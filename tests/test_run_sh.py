@@ -728,6 +728,28 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     assert "SEEN ['kept.py', 'sub', 'sub/kept.bin']" in based.read("run.log")
 
 
+@needs_bwrap
+def test_without_overlay_mounts_the_compile_cache_is_private_and_empty(based: Repo):
+    """A bwrap that cannot mount the overlay (as an old one): the cache is an empty tmpfs."""
+    make_venv(based)  # so that the bwrap on PATH is the only one
+    d = based.tmp / "no-overlay"
+    d.mkdir()
+    (d / "bwrap").write_text(f'#!/bin/sh\ncase "$*" in *--overlay*) echo "bwrap: Unknown option --overlay-src" >&2; exit 1 ;; esac\n'
+                             f'exec {BWRAPS[0]} "$@"\n')
+    (d / "bwrap").chmod(0o755)
+    (based.cache / "compile/old.bin").write_text("from before")
+    body = """
+    c = os.environ["AUTORESEARCH_CACHE"] + "/compile"
+    print("SEEN", sorted(os.listdir(c)))
+    open(c + "/new.bin", "w").write("x")
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("no overlay", PATH=f"{d}{os.pathsep}{os.environ['PATH']}").stdout
+    assert "status:       keep" in out and "compile cache not reused" in out
+    assert "SEEN []" in based.read("run.log")
+    assert sorted(p.name for p in (based.cache / "compile").iterdir()) == ["old.bin"]
+
+
 def path_without(tmp: Path, *tools: str) -> str:
     """A PATH with every program of the current PATH except tools."""
     d = tmp / ("bin-without-" + "-".join(tools))
