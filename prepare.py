@@ -1213,6 +1213,7 @@ def verify_run(record, log_text, launched=None, exited=None):
               "eval_seconds": ev["time"] - ev["start"],
               "exit_seconds": exited - ev["time"] if exited else None}
     return {"val_bpb": f"{ev['val_bpb']:.6f}", "training_seconds": f"{seconds:.1f}", "training_tokens": train["tokens"],
+            "training_batches": train["batches"], "clock_from_batch": WARMUP_BATCHES,
             "peak_vram_mb": f"{ev['peak_vram_mb']:.1f}", "time_budget": TIME_BUDGET,
             **{k: f"{v:.1f}" for k, v in phases.items() if v is not None}}
 

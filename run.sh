@@ -291,8 +291,9 @@ main() {
   [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
   printf 'val_bpb:      %s\n' "$val"
   printf 'memory_gb:    %s\n' "$mem"
-  [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss), %s tokens; evaluation %ss\n' \
-    "$(record_value training_seconds)" "$budget" "$(record_value training_tokens)" "$(record_value eval_seconds)"
+  [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss; from batch %s of %s), %s tokens; evaluation %ss\n' \
+    "$(record_value training_seconds)" "$budget" "$(record_value clock_from_batch)" "$(record_value training_batches)" \
+    "$(record_value training_tokens)" "$(record_value eval_seconds)"
   case $status in
     keep) printf 'best:         %s (%s, this run)\n' "$val" "$t7" ;;
     *) if [ -n "$best" ]; then printf 'best:         %s (%s)\n' "$best" "$h7"; else printf 'best:         none yet\n'; fi ;;

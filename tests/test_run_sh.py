@@ -886,7 +886,7 @@ def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
     harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
     out = harness.run("honest").stdout
     assert "status:       " in out and "crash" not in out.split("status:")[1].split("\n")[0], out
-    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s\), (\d+) tokens", out)
+    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s; from batch 32 of \d+\), (\d+) tokens", out)
     assert rec and 0 < float(rec.group(1)) < 5 and int(rec.group(2)) >= 40 * 8 * 256, out
     printed = re.search(r"^val_bpb:\s+(\S+)", harness.read("run.log"), re.M).group(1)
     assert harness.rows()[-1][1] == printed  # the record's value, which train.py printed faithfully
