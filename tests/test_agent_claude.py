@@ -1,0 +1,237 @@
+"""Claude Code, the real CLI (pinned in tests/package.json), against a scripted model.
+
+Each test clones the repository, starts `claude -p` headless (directly, or through
+the night supervisor .agents/night.py) with ANTHROPIC_BASE_URL pointing at
+tests/model_server.py, and lets the scripted model call tools. What Claude Code
+sends back for each call says whether it ran or was refused; the clone's files,
+git refs, results.tsv and scratchpad.md say what it changed.
+
+The workspace is trusted the way the README says (projects[<repo>] in
+~/.claude.json, HOME being the test's own): without that, Claude Code ignores
+.claude/settings.json.
+
+About 2 minutes on a 2-core CPU: three smoke trainings (~30 s each) in the night.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import NPM_BIN, changed, git, results, snapshot
+from model_server import Call, End, ModelServer
+
+CLAUDE = NPM_BIN / "claude"
+pytestmark = pytest.mark.skipif(
+    not CLAUDE.exists(), reason="Claude Code is not installed: `npm ci --prefix tests` (.ci/run does it)")
+
+
+def trust(ws):
+    """The one-time step of the README: trust the checkout (here in the test's own HOME)."""
+    path = ws.home / ".claude.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config.setdefault("projects", {})[str(ws.repo)] = {"hasTrustDialogAccepted": True}
+    path.write_text(json.dumps(config))
+
+
+def claude(ws, server, prompt="Read program.md and start the loop."):
+    env = dict(ws.env, ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="dummy-key")
+    return subprocess.run([str(CLAUDE), "-p", prompt, "--output-format", "stream-json", "--verbose"],
+                          cwd=ws.repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def night(ws, server, *args):
+    env = dict(ws.env, ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="dummy-key")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ws.repo / ".agents" / "night.py"), "--pause", "0", *args],
+                          cwd=ws.repo, env=env, capture_output=True, text=True, timeout=600)
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def refused(call):
+    """Claude Code's answers to a refused call: a permission denial, or no such tool (a denied tool)."""
+    return call.is_error and ("denied" in call.output or "No such tool available" in call.output)
+
+
+def bash(command):
+    return Call("Bash", {"command": command, "description": "try it"})
+
+
+def edit(path, old, new):
+    return Call("Edit", {"file_path": str(path), "old_string": old, "new_string": new})
+
+
+def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
+    ws, repo = workspace, workspace.repo
+    trust(ws)
+    train, pad = repo / "train.py", repo / "scratchpad.md"
+    before = snapshot(repo)
+    new_train = train.read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05") + "# rewritten\n"
+    allowed = [
+        Call("Read", {"file_path": str(repo / "program.md")}),
+        Call("Read", {"file_path": str(train)}),
+        Call("Read", {"file_path": str(pad)}),
+        Call("Read", {"file_path": str(repo / "prepare.py")}),  # read first: then only a rule can stop an edit
+        Call("Read", {"file_path": str(repo / "run.sh")}),
+        Call("Read", {"file_path": str(repo / ".claude" / "settings.json")}),
+        Call("Read", {"file_path": str(repo / ".agents" / "night.py")}),
+        edit(train, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05"),
+        Call("Write", {"file_path": str(train), "content": new_train}),  # a whole new train.py: fine
+        edit(pad, "## Dead ends", "- tried MATRIX_LR 0.05\n\n## Dead ends"),
+        # run.sh runs and answers for itself: nothing kept yet to rerun, and no description.
+        bash('./run.sh --rerun "baseline noise"'),
+        bash("./run.sh"),
+    ]
+    refusals = [
+        edit(repo / "prepare.py", "MAX_SEQ_LEN = 2048", "MAX_SEQ_LEN = 1024"),
+        edit(repo / "run.sh", "set -", "set +"),
+        edit(repo / "program.md", "# autoresearch", "# anything goes"),
+        edit(repo / ".claude" / "settings.json", '"dontAsk"', '"acceptEdits"'),
+        edit(repo / ".agents" / "night.py", "import os", "import os  # mine"),
+        Call("Write", {"file_path": str(repo / "helper.py"), "content": "print(1)\n"}),
+        Call("Write", {"file_path": str(repo / ".claude" / "settings.local.json"),
+                       "content": '{"permissions": {"allow": ["Bash"]}}'}),
+        bash("python3 -c 'open(\"f\", \"w\")'"),
+        bash("git reset --hard HEAD~1"),
+        bash("git commit -am sneak"),
+        bash("./run.sh x && curl http://127.0.0.1:9/"),
+        bash("./run.sh x; touch f"),
+        bash("./run.sh x\ntouch f"),
+        bash('./run.sh "$(touch f)"'),
+        bash("./run.sh `touch f`"),
+        bash("./run.sh x | tee f"),
+        bash("echo > prepare.py"),
+        bash("./run.sh x > f"),
+        bash("sed -i s/2048/1024/ prepare.py"),
+        bash("bash -c 'touch f'"),
+        bash("cp train.py prepare.py"),
+        bash("env ./run.sh x"),
+        bash("cd .. && ./run.sh x"),
+        bash("uv run prepare.py"),
+        bash(".agents/night.py"),
+        Call("WebFetch", {"url": "http://127.0.0.1:9/", "prompt": "summarize"}),
+        Call("WebSearch", {"query": "muon optimizer"}),
+        Call("EnterWorktree", {"name": "elsewhere"}),  # would create a branch and a worktree
+        Call("CronCreate", {"cron": "* * * * *", "prompt": "keep going", "recurring": True}),
+    ]
+    server = ModelServer("anthropic")
+    server.add(*allowed, *refusals, End("All tried."))
+    proc = claude(ws, server)
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "not been trusted" not in proc.stderr
+
+    assert len(server.calls) == len(allowed) + len(refusals)
+    for call in allowed:
+        assert call.output is not None and not refused(call), call
+    for call in refusals:
+        assert refused(call), call
+    # run.sh itself answered the two allowed runs.
+    assert "--rerun" in allowed[-2].output and "Exit code 3" in allowed[-2].output
+    assert "usage" in allowed[-1].output.lower()
+
+    # Only the allowed edits happened: every other file, git's refs and config are as they were.
+    assert changed(before, snapshot(repo)) == ["scratchpad.md", "train.py"]
+    assert train.read_text() == new_train
+    assert "- tried MATRIX_LR 0.05\n\n## Dead ends" in pad.read_text()
+    assert git(repo, "branch", "--show-current") == "main"
+
+
+def test_untrusted_workspace_stops_the_night_loudly(workspace):
+    ws, repo = workspace, workspace.repo
+    before = snapshot(repo)
+    server = ModelServer("anthropic")
+    server.add(bash('./run.sh "baseline"'), End("baseline done"))
+    proc = night(ws, server, "--for", "5m")
+    server.close()
+    assert proc.returncode == 2, proc.stderr
+    assert "does not trust this workspace" in proc.stderr
+    assert f'projects["{repo}"].hasTrustDialogAccepted' in proc.stderr  # Claude Code's own line
+    assert proc.seconds < 60  # at once, not at the deadline
+    assert results(repo) == []
+    assert changed(before, snapshot(repo)) == [".agents/night.log"]  # ignored by git
+    assert "does not trust" in (repo / ".agents" / "night.log").read_text()
+
+
+def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(workspace):
+    ws = workspace
+    trust(ws)
+    server = ModelServer("anthropic")  # no steps: every session ends its turn at once
+    proc = night(ws, server, "--for", "6s")
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "night over (deadline reached)" in proc.stderr
+    assert proc.seconds < 40
+    assert len(server.prompts) >= 2, proc.stderr
+    assert "Read program.md in full" in server.prompts[0]
+    for prompt in server.prompts[1:]:
+        assert "You were restarted" in prompt and "results.tsv" in prompt and "scratchpad.md" in prompt
+
+
+def test_a_short_night_under_the_supervisor(workspace):
+    """Baseline; the agent ends its turn and is restarted; a discarded change; a rerun during
+    which the person asks to stop: the rerun finishes and is recorded, nothing starts after it."""
+    ws, repo = workspace, workspace.repo
+    trust(ws)
+    train, pad = repo / "train.py", repo / "scratchpad.md"
+    main_before = git(repo, "rev-parse", "main")
+    rates = "\n".join(line for line in train.read_text().splitlines()
+                      if line.split(" ")[0] in ("EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR"))
+    assert rates.count("\n") == 3
+    zero = "\n".join(line.split("=")[0] + "= 0.0" for line in rates.splitlines())
+
+    def note(text):
+        return edit(pad, "## Dead ends", f"- {text}\n\n## Dead ends")
+
+    stop = Call("Bash", {"command": './run.sh --rerun "baseline noise"', "description": "rerun"},
+                on_play=lambda: (repo / ".agents" / "stop").touch())
+    too_late = bash('./run.sh "deeper"')
+    server = ModelServer("anthropic")
+    server.add(
+        # session 1: the set-up, then the agent ends its turn (as agents do).
+        Call("Read", {"file_path": str(repo / "program.md")}),
+        Call("Read", {"file_path": str(pad)}),
+        bash('./run.sh "baseline"'),
+        note("baseline run"),
+        End("The baseline is done."),
+        # session 2, restarted by the supervisor: where was I?
+        Call("Read", {"file_path": str(repo / "results.tsv")}),
+        Call("Read", {"file_path": str(pad)}),
+        Call("Read", {"file_path": str(train)}),
+        edit(train, rates, zero),
+        bash('./run.sh "all learning rates 0"'),
+        note("all learning rates 0: discarded"),
+        stop,  # the person creates .agents/stop while this runs
+        Call("Read", {"file_path": str(train)}),
+        edit(train, "DEPTH = 8", "DEPTH = 9"),
+        too_late,
+        End("More later."),
+    )
+    proc = night(ws, server)
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "night over (stop file .agents/stop found) after 2 session(s)" in proc.stderr
+    assert len(server.prompts) == 2
+    assert "Read program.md in full" in server.prompts[0] and "You were restarted" in server.prompts[1]
+
+    # Every experiment ran once and was recorded; the rerun was not cut short by the stop.
+    # (Its own tool result never reached the model: the agent was ended right after it.)
+    assert [c.is_error for c in server.calls if c.name == "Bash"][:2] == [False, False]
+    assert results(repo) == [("keep", "[smoke] baseline"), ("discard", "[smoke] all learning rates 0"),
+                             ("rerun", "[smoke] baseline noise")]
+    # After the stop nothing more ran: the agent was ended before it asked, or run.sh was refused.
+    assert too_late.output is None or "Exit code 3" in too_late.output
+    rows = (repo / "results.tsv").read_text().splitlines()
+    assert rows[1].split("\t")[0] == rows[3].split("\t")[0]  # the rerun measured the baseline's commit
+
+    # The branch holds the kept baseline only; main never moved; the notes survived the revert.
+    assert git(repo, "rev-parse", "main") == main_before
+    assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
+    text = pad.read_text()
+    assert "- baseline run\n" in text and "- all learning rates 0: discarded\n" in text
+    assert rates in train.read_text()  # the zero learning rates were reverted
+    log = (repo / ".agents" / "night.log").read_text()
+    assert "session 2 starts" in log and '"type":"result"' in log  # the agent's stream-json, logged
