@@ -220,8 +220,8 @@ def test_a_short_night_under_the_supervisor(workspace):
     # Every experiment ran once and was recorded; the rerun was not cut short by the stop.
     # (Its own tool result never reached the model: the agent was ended right after it.)
     assert [c.is_error for c in server.calls if c.name == "Bash"][:2] == [False, False]
-    assert results(repo) == [("keep", "[smoke] baseline"), ("discard", "[smoke] all learning rates 0"),
-                             ("rerun", "[smoke] baseline noise")]
+    assert results(repo) == [("keep", "baseline"), ("discard", "all learning rates 0"),
+                             ("rerun", "baseline noise")]
     # After the stop nothing more ran: the agent was ended before it asked, or run.sh was refused.
     assert too_late.output is None or "Exit code 3" in too_late.output
     rows = (repo / "results.tsv").read_text().splitlines()

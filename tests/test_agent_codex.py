@@ -195,7 +195,7 @@ def test_a_short_night_with_codex_under_the_supervisor(workspace):
     assert len(server.prompts) == 2
     assert "Read program.md in full" in server.prompts[0] and "You were restarted" in server.prompts[1]
     tail = next(c for c in server.calls if c.input == {"cmd": "tail -n 3 results.tsv"})
-    assert "[smoke] baseline" in tail.output  # the restarted agent sees where the night stands
-    assert results(repo) == [("keep", "[smoke] baseline")]
+    assert "\tkeep\tbaseline\t" in tail.output  # the restarted agent sees where the night stands
+    assert results(repo) == [("keep", "baseline")]
     assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
     assert "- baseline run\n" in (repo / "scratchpad.md").read_text()
