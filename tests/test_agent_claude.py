@@ -10,7 +10,7 @@ The workspace is trusted the way the README says (projects[<repo>] in
 ~/.claude.json, HOME being the test's own): without that, Claude Code ignores
 .claude/settings.json.
 
-About 2 minutes on a 2-core CPU: three smoke trainings (~30 s each) in the night.
+Minutes on a 2-core CPU: three smoke trainings (30-70 s each) in the night.
 """
 
 import json
