@@ -3,8 +3,8 @@ Data, tokenizer, loader and the fixed metric for autoresearch. Do not modify:
 the agent edits train.py only, and everything that must stay fixed lives here.
 
 Usage:
-    uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation shard
-    uv run prepare.py --num-shards 40     # more training data (-1 = all 6542 shards)
+    uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation and held-out shards
+    uv run prepare.py --num-shards 40     # more training data (-1 = all 6541 training shards)
     uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
     uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
     uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
@@ -17,7 +17,7 @@ Usage:
 Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
     data/       downloaded ClimbMix parquet shards
     tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
-    tokens/     train_*.bin and val_*.bin: uint16 token ids, each document preceded by BOS,
+    tokens/     train_*.bin, val_*.bin and heldout_*.bin: uint16 token ids, each document preceded by BOS,
                 with a .json sidecar per source recording its sha256, token counts and sha256s
     manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
                 file, with each token file's size and mtime
@@ -63,11 +63,13 @@ if not SMOKE:
     MAX_SEQ_LEN = 2048          # context length
     TIME_BUDGET = 300           # seconds of training (start-up and compilation excluded)
     EVAL_TOKENS = 40 * 524288   # validation tokens scored by evaluate_bpb
+    HELDOUT_TOKENS = 10 * 524288  # held-out tokens scored after them (never shown to train.py)
     VOCAB_SIZE = 8192           # including the special tokens
 else:
     MAX_SEQ_LEN = 256
     TIME_BUDGET = 10
     EVAL_TOKENS = 32 * 2048
+    HELDOUT_TOKENS = 8 * 2048
     VOCAB_SIZE = 1024
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -92,9 +94,12 @@ STATUS_EVERY = 10          # seconds between progress lines when stdout is not a
 QUIET = False              # --quiet: stage summaries and errors only
 MAX_SHARD = 6542
 VAL_SHARD = MAX_SHARD
+HELDOUT_SHARD = MAX_SHARD - 1          # the held-out shard: never a training shard, whatever --num-shards says
 TOKENIZER_TRAIN_CHARS = 1_000_000_000  # text the BPE trainer sees (training split only)
 TOKENIZER_DOC_CAP = 10_000             # characters per document for the BPE trainer
-VAL_ONE_IN = 20                        # --data: one document in 20 (by content hash) is validation
+VAL_ONE_IN = 20                        # --data: one document in 20 (by content hash) is validation,
+                                       # another one in 20 held out (document_split)
+SPLITS = ("train", "val", "heldout")   # heldout: scored at the end of every run, never used for a decision
 PREPARE_CMD = ("AUTORESEARCH_SMOKE=1 " if SMOKE else "") + "uv run prepare.py"
 
 
@@ -295,11 +300,17 @@ def _is_parquet(path):
         return False
 
 
+def climbmix_training_shards(num_train):
+    """The first num_train shards that are neither the validation nor the held-out shard."""
+    return [i for i in range(MAX_SHARD) if i not in (VAL_SHARD, HELDOUT_SHARD)][:max(num_train, 0)]
+
+
 def download_climbmix(num_train, workers):
     """The validation shard and the first num_train training shards, `workers` at a time. The
     first error, or Ctrl-C, stops every download in flight at its next chunk: worker threads are
     daemons, so nobody waits for them, and none renames a shard into place after it."""
-    ids = [VAL_SHARD] + list(range(min(num_train, MAX_SHARD)))  # validation first: its index never moves
+    # validation and held-out first: their indices never move
+    ids = [VAL_SHARD, HELDOUT_SHARD] + climbmix_training_shards(num_train)
     os.makedirs(DATA_DIR, exist_ok=True)
     missing = [i for i in ids if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
     print(f"Data: {len(ids) - len(missing)} of {len(ids)} shards already at {DATA_DIR}" +
@@ -430,6 +441,12 @@ def is_val_document(text):
     return int.from_bytes(h, "little") % VAL_ONE_IN == 0
 
 
+def document_split(text):
+    """The split of a --data document: val (hash = 0 mod 20), heldout (hash = 1 mod 20) or train."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") % VAL_ONE_IN
+    return ("val", "heldout")[h] if h < 2 else "train"
+
+
 def dataset_files(name):
     """A dataset saved with `datasets` (save_to_disk: a directory) or a Hugging Face dataset by name
     (load_dataset: downloaded and cached by `datasets`, with HF_TOKEN and HF_ENDPOINT): the Arrow
@@ -487,12 +504,13 @@ def expand_data_paths(paths):
 def validate_sources(files):
     """Read every document once before anything is written, so bad input fails early and cleanly,
     including a corpus whose training or validation split would be empty."""
-    total_docs = val_docs = 0
+    total_docs = val_docs = held_docs = 0
     for f in files:
         n = 0
         for text in iter_documents(f):
             n += 1
             val_docs += is_val_document(text)
+            held_docs += document_split(text) == "heldout"
             if n % 10000 == 0:
                 status(f"  reading {os.path.basename(f)}: {n:,} documents")
         if n == 0:
@@ -505,7 +523,10 @@ def validate_sources(files):
     if val_docs == 0:
         raise PrepareError(f"the validation split would be empty: none of the {total_docs:,} documents was chosen for it "
                            f"({how}); give more documents")
-    if val_docs == total_docs:
+    if held_docs == 0:
+        raise PrepareError(f"the held-out split would be empty: none of the {total_docs:,} documents was chosen for it "
+                           f"(another one in {VAL_ONE_IN}, by the same hash); give more documents")
+    if val_docs + held_docs == total_docs:
         raise PrepareError(f"the training split would be empty: all {total_docs:,} documents went to validation ({how}); "
                            f"give more documents")
     return total_docs
@@ -664,7 +685,7 @@ def get_token_bytes(device="cpu"):
 
 def _out_paths(index):
     d = TOKENS_DIR
-    return {"train": os.path.join(d, f"train_{index:05d}.bin"), "val": os.path.join(d, f"val_{index:05d}.bin"),
+    return {**{split: os.path.join(d, f"{split}_{index:05d}.bin") for split in SPLITS},
             "sidecar": os.path.join(d, f"source_{index:05d}.json")}
 
 
@@ -678,7 +699,7 @@ def _task_done(index, source, source_sha, tok_fp):
             side = json.load(f)
         if side["source"] != source or side.get("source_sha256") != source_sha or side["tokenizer"] != tok_fp:
             return False
-        for split in ("train", "val"):
+        for split in SPLITS:
             p = paths[split]
             if os.path.getsize(p) != 2 * side[split]["tokens"] or sha256_file(p) != side[split]["sha256"]:
                 return False
@@ -707,11 +728,11 @@ def _tokenize_task(args):
     enc = _load_encoding(TOKENIZER_DIR)
     bos = enc.encode_single_token(BOS_TOKEN)
     paths = _out_paths(index)
-    out = {"train": [], "val": []}
+    out = {split: [] for split in SPLITS}
     batch = []
 
     def flush():
-        splits = [split_mode] * len(batch) if split_mode != "hash" else ["val" if is_val_document(t) else "train" for t in batch]
+        splits = [split_mode] * len(batch) if split_mode != "hash" else [document_split(t) for t in batch]
         for split, ids in zip(splits, enc.encode_ordinary_batch(batch, num_threads=threads)):
             out[split].append(np.array([bos] + ids, dtype=np.uint16))
         with _docs_done.get_lock():
@@ -724,7 +745,7 @@ def _tokenize_task(args):
             flush()
     flush()
     side = {"source": source, "source_sha256": source_sha, "tokenizer": tokenizer_fingerprint()}
-    for split in ("train", "val"):
+    for split in SPLITS:
         arr = np.concatenate(out[split]) if out[split] else np.zeros(0, dtype=np.uint16)
         write_atomic(paths[split], arr.tobytes())
         side[split] = {"tokens": int(arr.size), "docs": len(out[split]), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
@@ -739,7 +760,7 @@ def hash_sources(paths):
 
 
 def tokenize_sources(sources, source_shas):
-    """sources: list of (path, split_mode) with split_mode 'train', 'val' or 'hash'; source_shas:
+    """sources: list of (path, split_mode) with split_mode 'train', 'val', 'heldout' or 'hash'; source_shas:
     their sha256, which the token files are keyed on."""
     os.makedirs(TOKENS_DIR, exist_ok=True)
     keep = {os.path.basename(p) for i in range(len(sources)) for p in _out_paths(i).values()}
@@ -773,7 +794,8 @@ def tokenize_sources(sources, source_shas):
                     status(f"  tokenizing: {docs:,}" + (f" of {total:,} ({100 * docs / max(total, 1):.0f}%)" if total else "") +
                            f" documents, {n - 1}/{len(todo)} sources done, {time.time() - t0:.0f}s")
             log(f"  [{n}/{len(todo)}] {os.path.basename(side['source'])}: "
-                f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val tokens "
+                f"{side['train']['tokens'] / 1e6:.1f}M train + {side['val']['tokens'] / 1e6:.1f}M val + "
+                f"{side['heldout']['tokens'] / 1e6:.1f}M held-out tokens "
                 f"({time.time() - t0:.0f}s)")
 
 
@@ -791,9 +813,9 @@ def split_files(split, tokens_dir=None):
     return sorted(glob.glob(os.path.join(d, f"{split}_*.bin")))
 
 
-def val_fingerprint():
+def val_fingerprint(split="val"):
     h = hashlib.sha256()
-    for p in split_files("val"):
+    for p in split_files(split):
         h.update(sha256_file(p).encode())
     return h.hexdigest()
 
@@ -813,13 +835,16 @@ def write_manifest(source_desc, sources, source_shas):
             sides.append(json.load(f))
     train_tokens = sum(s["train"]["tokens"] for s in sides)
     val_tokens = sum(s["val"]["tokens"] for s in sides)
+    heldout_tokens = sum(s["heldout"]["tokens"] for s in sides)
     if val_tokens == 0:
         raise PrepareError("the validation split is empty: give more documents")
+    if heldout_tokens == 0:
+        raise PrepareError("the held-out split is empty: give more documents")
     if train_tokens == 0:
         raise PrepareError("the training split is empty: give more documents")
     token_files = {}
     for i, side in enumerate(sides):
-        for split in ("train", "val"):
+        for split in SPLITS:
             st = os.stat(_out_paths(i)[split])
             token_files[os.path.basename(_out_paths(i)[split])] = {
                 "bytes": st.st_size, "sha256": side[split]["sha256"], "mtime_ns": st.st_mtime_ns}
@@ -828,10 +853,12 @@ def write_manifest(source_desc, sources, source_shas):
         "vocab_size": VOCAB_SIZE,
         "tokenizer_sha256": tokenizer_fingerprint(),
         "val_sha256": val_fingerprint(),
+        "heldout_sha256": val_fingerprint("heldout"),
         "train_tokens": train_tokens,
         "val_tokens": val_tokens,
-        "files": [{"source": s["source"], "source_sha256": sha, "train_tokens": s["train"]["tokens"],
-                   "val_tokens": s["val"]["tokens"]} for s, sha in zip(sides, source_shas)],
+        "heldout_tokens": heldout_tokens,
+        "files": [{"source": s["source"], "source_sha256": sha, **{f"{split}_tokens": s[split]["tokens"] for split in SPLITS}}
+                  for s, sha in zip(sides, source_shas)],
         "token_files": token_files,
     }
     text = json.dumps(manifest, indent=1)
@@ -847,7 +874,7 @@ def write_manifest(source_desc, sources, source_shas):
 
 def check_prepared(full=False):
     """Raise PrepareError unless the prepared data matches manifest.json; return the manifest.
-    Always: the tokenizer and the validation tokens by sha256, and the set of token files.
+    Always: the tokenizer, the validation and the held-out tokens by sha256, and the set of token files.
     Quick (the default; training, evaluate_bpb and `prepare.py --check --quick` for run.sh): each
     training token file by the size and mtime recorded, so a rewritten or replaced file is
     caught without reading gigabytes. Full (`prepare.py --check`): every token file by sha256, and
@@ -861,10 +888,13 @@ def check_prepared(full=False):
             raise PrepareError(rebuild_hint(f"the tokenizer in {TOKENIZER_DIR} does not match manifest.json"))
         if val_fingerprint() != m["val_sha256"]:
             raise PrepareError(f"the validation tokens in {TOKENS_DIR} do not match manifest.json: run `{PREPARE_CMD}`")
+        if val_fingerprint("heldout") != m.get("heldout_sha256"):
+            raise PrepareError(f"the held-out tokens in {TOKENS_DIR} do not match manifest.json (or it has none): "
+                               f"run `{PREPARE_CMD}`")
         if "token_files" not in m:
             raise PrepareError(f"manifest.json was written by an older prepare.py: run `{PREPARE_CMD}` to verify and update it")
         recorded = m["token_files"]
-        present = {os.path.basename(p) for p in split_files("train") + split_files("val")}
+        present = {os.path.basename(p) for split in SPLITS for p in split_files(split)}
         if present != set(recorded):
             odd = sorted(present ^ set(recorded))
             raise PrepareError(f"token files in {TOKENS_DIR} missing or not made by prepare.py ({', '.join(odd[:3])}"
@@ -1089,17 +1119,18 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
 # Evaluation: the fixed metric (do not change)
 # ---------------------------------------------------------------------------
 
-def eval_steps(batch_size):
-    return max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
+def eval_steps(batch_size, split="val"):
+    return max(1, (HELDOUT_TOKENS if split == "heldout" else EVAL_TOKENS) // (batch_size * MAX_SEQ_LEN))
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
     over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets.
     The model only sees the inputs: model(x) returns logits and the loss is computed here.
-    The run record gets the result and a fingerprint of the tokens scored."""
+    The run record gets the result and a fingerprint of the tokens scored. Then the same metric
+    on the first HELDOUT_TOKENS of the held-out split goes to the run record alone: never
+    returned, never printed, never used for a decision (run.sh stores it out of the agent's reach)."""
     import torch
-    import torch.nn.functional as F
     t0 = time.time()
     _record("eval_start", train=_served)
     manifest = check_prepared()  # refuses a tokenizer or validation set other than the prepared one
@@ -1107,9 +1138,26 @@ def evaluate_bpb(model, tokenizer, batch_size):
         raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
+    bpb, sha256, steps = _score(model, tokenizer, batch_size, "val", token_bytes)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    _record("eval", val_bpb=bpb, batch_size=batch_size, seq_len=MAX_SEQ_LEN, tokens=steps * batch_size * MAX_SEQ_LEN,
+            sha256=sha256, start=t0, peak_vram_mb=peak, train=_served)
+    t1 = time.time()
+    heldout, sha256, steps = _score(model, tokenizer, batch_size, "heldout", token_bytes)
+    _record("heldout", heldout_bpb=heldout, batch_size=batch_size, tokens=steps * batch_size * MAX_SEQ_LEN,
+            sha256=sha256, start=t1)
+    return bpb
+
+
+def _score(model, tokenizer, batch_size, split, token_bytes):
+    """(bits per byte, sha256 of the batches scored, steps) of the first eval_steps(batch_size, split)
+    batches of a split."""
+    import torch
+    import torch.nn.functional as F
+    device = token_bytes.device
     digest = hashlib.sha256()
-    loader = _loader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device, digest=digest)
-    steps = eval_steps(batch_size)
+    loader = _loader(tokenizer, batch_size, MAX_SEQ_LEN, split, device=device, digest=digest)
+    steps = eval_steps(batch_size, split)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
@@ -1124,20 +1172,16 @@ def evaluate_bpb(model, tokenizer, batch_size):
                 total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
                 total_bytes += nbytes.sum()
     loader.close()
-    bpb = (total_nats / (math.log(2) * total_bytes.double())).item()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    _record("eval", val_bpb=bpb, batch_size=batch_size, seq_len=MAX_SEQ_LEN, tokens=steps * batch_size * MAX_SEQ_LEN,
-            sha256=digest.hexdigest(), start=t0, peak_vram_mb=peak, train=_served)
-    return bpb
+    return (total_nats / (math.log(2) * total_bytes.double())).item(), digest.hexdigest(), steps
 
 
-def eval_rows(tokenizer, batch_size):
+def eval_rows(tokenizer, batch_size, split="val"):
     """The uint16 rows [batch_size, MAX_SEQ_LEN + 1] that evaluate_bpb scores, batch by batch,
     computed without a model (for checks and tests): inputs row[:-1], targets row[1:]."""
     bos = tokenizer.get_bos_token_id()
-    ndocs, docs = _documents("val", bos)
+    ndocs, docs = _documents(split, bos)
     rows = _pack_rows(docs, bos, batch_size, MAX_SEQ_LEN, min(LOADER_BUFFER, ndocs))
-    for _ in range(eval_steps(batch_size)):
+    for _ in range(eval_steps(batch_size, split)):
         yield next(rows)[0]
 
 
@@ -1188,6 +1232,23 @@ def verify_run(record, log_text, launched=None, exited=None):
     if not math.isfinite(ev["val_bpb"]):
         raise PrepareError(f"val_bpb is {ev['val_bpb']}")
 
+    # the held-out score: once, after the validation score, on the first HELDOUT_TOKENS of its split
+    held = [e for e in events if e.get("kind") == "heldout"]
+    if len(held) != 1:
+        raise PrepareError("the held-out evaluation did not finish (evaluate_bpb scores the held-out split "
+                           "after the validation split)" if not held else f"the held-out split was scored {len(held)} times")
+    held = held[0]
+    if held["batch_size"] != B or held["tokens"] != eval_steps(B, "heldout") * B * MAX_SEQ_LEN:
+        raise PrepareError("the held-out evaluation scored another number of tokens than the harness's")
+    digest = hashlib.sha256()
+    for rows in eval_rows(Tokenizer.from_directory(), B, "heldout"):
+        digest.update(hashlib.sha256(rows).digest())
+    if held["sha256"] != digest.hexdigest():
+        raise PrepareError("the held-out evaluation scored other tokens than the first HELDOUT_TOKENS of the "
+                           "held-out split")
+    if not math.isfinite(held["heldout_bpb"]):
+        raise PrepareError(f"the held-out bpb is {held['heldout_bpb']}")
+
     # the budget, by the harness's clock: from the WARMUP_BATCHES-th training batch to evaluation
     seconds = starts[0]["time"] - train["clock"] if train["clock"] else 0.0
     allowed = TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]
@@ -1211,10 +1272,12 @@ def verify_run(record, log_text, launched=None, exited=None):
     phases = {"startup_seconds": train["first"] - launched if launched else None,  # imports, model, data checks
               "warmup_seconds": clock - train["first"],  # compilation, warm-up steps
               "eval_seconds": ev["time"] - ev["start"],
-              "exit_seconds": exited - ev["time"] if exited else None}
+              "heldout_seconds": held["time"] - held["start"],
+              "exit_seconds": exited - held["time"] if exited else None}
     return {"val_bpb": f"{ev['val_bpb']:.6f}", "training_seconds": f"{seconds:.1f}", "training_tokens": train["tokens"],
             "training_batches": train["batches"], "clock_from_batch": WARMUP_BATCHES,
             "peak_vram_mb": f"{ev['peak_vram_mb']:.1f}", "time_budget": TIME_BUDGET,
+            "heldout_bpb": f"{held['heldout_bpb']:.6f}",  # for run.sh's heldout.tsv alone: never printed there
             **{k: f"{v:.1f}" for k, v in phases.items() if v is not None}}
 
 # ---------------------------------------------------------------------------
@@ -1243,7 +1306,8 @@ def prepare(args):
         if num < 1:
             raise PrepareError("--num-shards must be at least 1 (or -1 for all)")
         files = download_climbmix(num, args.download_workers)
-        sources = [(f, "val" if f.endswith(shard_name(VAL_SHARD)) else "train") for f in files]
+        modes = {shard_name(VAL_SHARD): "val", shard_name(HELDOUT_SHARD): "heldout"}
+        sources = [(f, modes.get(os.path.basename(f), "train")) for f in files]
     else:
         ndocs = validate_sources(files)
         print(f"Data: {len(files)} files, {ndocs:,} documents ({source_desc})", flush=True)
@@ -1270,10 +1334,10 @@ def prepare(args):
         def train_texts():
             chars = 0
             for src, mode in sources:
-                if mode == "val":
+                if mode != "train" and mode != "hash":
                     continue
                 for text in iter_documents(src):
-                    if mode == "hash" and is_val_document(text):
+                    if mode == "hash" and document_split(text) != "train":
                         continue
                     text = text[:TOKENIZER_DOC_CAP]
                     chars += len(text)
@@ -1303,13 +1367,14 @@ def prepare(args):
     m, written = write_manifest(source_desc, sources, source_shas)
     if old is not None and old.get("val_sha256") != m["val_sha256"]:
         print("Note: the validation tokens changed (a source changed): val_bpb is not comparable with earlier runs", flush=True)
-    print(f"Done: {m['train_tokens'] / 1e6:.1f}M training and {m['val_tokens'] / 1e6:.1f}M validation tokens "
+    print(f"Done: {m['train_tokens'] / 1e6:.1f}M training and {m['val_tokens'] / 1e6:.1f}M validation, "
+          f"{m['heldout_tokens'] / 1e6:.1f}M held-out tokens "
           f"in {CACHE_DIR}" + ("" if written else " (unchanged)") + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Prepare data, tokenizer and token files for autoresearch")
-    parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation shard is always added")
+    parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation and held-out shards are always added")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="instead of ClimbMix: .parquet/.jsonl/.txt files or directories, "
                         "a directory saved with datasets' save_to_disk, or a Hugging Face dataset name (owner/name)")
@@ -1327,7 +1392,8 @@ if __name__ == "__main__":
             raise PrepareError("--quick goes with --check")
         if args.check:
             m = check_prepared(full=not args.quick)
-            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val tokens; "
+            print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val, "
+                  f"{m['heldout_tokens'] / 1e6:.2f}M held-out tokens; "
                   f"{'quick' if args.quick else 'every file by sha256'})")
             print(f"time_budget: {TIME_BUDGET}")
         elif args.verify_run:

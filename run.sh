@@ -238,10 +238,11 @@ main() {
   # ------------------------------------------------------------ the result
   # prepare.py, in a separate process, checks the record against its own constants and data
   # and gives the numbers; run.log only has to agree with them.
-  local verdict=0 val mem reason=""
+  local verdict=0 val mem reason="" heldout
   run_boxed 600 "$py" -I prepare.py --verify-run run.log --launched "$t0" --exited "$t_exit" \
     <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
   val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
+  heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
   if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
     reason="timed out after ${limit}s (process group killed)"
   elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
@@ -264,6 +265,10 @@ main() {
   fi
   put status "$status"
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile")"
+  if [ "$status" != crash ] && is_number "$heldout"; then
+    put heldout "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$status" "$branch" "$profile" \
+      "$(printf '%.6f' "$heldout")" "$(printf '%.6f' "$heldout")" "$root" "$(date '+%F %T')")"
+  fi
   finish_pending                                 # revert if needed, append the row
   [ "$status" != keep ] || promote_compile_cache
 
@@ -371,10 +376,10 @@ tsv_stats() {
 outside_budget() {
   awk -v called="$1" -v t0="$2" -v t1="$3" -v now="$EPOCHREALTIME" -v train="$(record_value training_seconds)" \
       -v up="$(record_value startup_seconds)" -v warm="$(record_value warmup_seconds)" \
-      -v ev="$(record_value eval_seconds)" -v ex="$(record_value exit_seconds)" 'BEGIN {
+      -v ev="$(record_value eval_seconds)" -v hd="$(record_value heldout_seconds)" -v ex="$(record_value exit_seconds)" 'BEGIN {
     printf "outside:      %.1fs of %.1fs outside the budget: run.sh before %.1f, start-up %.1f, compile and warm-up %.1f, ", \
       now - called - train, now - called, t0 - called, up, warm
-    printf "evaluation %.1f, exit %.1f, run.sh after %.1f\n", ev, ex, now - t1 }'
+    printf "evaluation %.1f, held-out evaluation %.1f, exit %.1f, run.sh after %.1f\n", ev, hd, ex, now - t1 }'
 }
 
 # A value from prepare.py --verify-run's output (the run record, checked).
@@ -447,6 +452,8 @@ box_args() {
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
   for p in "$root" "$common" "$cache" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  # the held-out scores are not for train.py's eyes (it could print them to run.log)
+  [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
   if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
   else box+=(--size "$cap" --tmpfs "$cc")
   fi
@@ -536,7 +543,8 @@ kill_run() {
 # --------------------------------------------------- before and after training
 # Copies of what training must not change, outside the repository.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$root/scratchpad.md")
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$root/scratchpad.md"
+           "$common/autoresearch/heldout.tsv")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"
@@ -579,6 +587,18 @@ finish_pending() {
     else
       g reset -q "$kept" -- train.py || die 1 "git reset failed"        # the working copy stays
     fi
+  fi
+  # The held-out score, where the agent does not look (its permissions deny reading it and the
+  # sandbox hides it from training): one line per run, matched to results.tsv by analysis.py.
+  local hfile=$common/autoresearch/heldout.tsv
+  if [ -n "$(get heldout)" ] && [ ! -f "$state/pending/heldout_done" ]; then
+    {
+      [ -s "$hfile" ] || printf 'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime\n'
+      [ ! -s "$hfile" ] || [ -z "$(tail -c 1 "$hfile")" ] || printf '\n'
+      get heldout; printf '\n'
+    } >"$tmp/heldout.row"
+    cat "$tmp/heldout.row" >>"$hfile"   # one small write: worktrees append side by side
+    put heldout_done 1
   fi
   if [ -n "$row" ]; then
     [ -f "$state/pending/size" ] || put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"

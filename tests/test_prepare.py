@@ -165,6 +165,56 @@ def test_train_and_val_never_mix(tmp_path):
         assert found and found <= own, f"{split} loader read documents of the other split"
 
 
+def split_documents(P, split, bos):
+    """Every document of a split, once, as token arrays (straight from its token files)."""
+    ndocs, docs = P._documents(split, bos)
+    return [a[start:start + n] for a, start, n, _ in (next(docs) for _ in range(ndocs))]
+
+
+def test_the_heldout_split_shares_no_document_with_training_or_validation(tmp_path):
+    docs = words_corpus(600, seed=4, marker="doc")
+    docs += [docs[7], docs[8], docs[9]]  # exact duplicates land with their twins, never across
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--data", str(src))
+    assert r.returncode == 0, r.stderr
+    P = load_prepare(cache)
+    tok = P.Tokenizer.from_directory()
+    ids = {}
+    for split in P.SPLITS:
+        found = [tok.decode(a[1:].tolist()) for a in split_documents(P, split, tok.get_bos_token_id())]
+        ids[split] = [d[3:8] for d in found]
+        assert all(d.startswith("doc") for d in found)
+    assert all(ids.values()) and sum(map(len, ids.values())) == len(docs)  # every document, in one split
+    train, val, held = (set(ids[s]) for s in ("train", "val", "heldout"))
+    assert not (train & val) and not (train & held) and not (val & held)
+    assert held == {d[3:8] for d in docs if P.document_split(d) == "heldout"}
+    assert len(docs) / 40 < len(ids["heldout"]) < len(docs) / 10  # about one document in 20
+    m = json.loads((cache / "smoke" / "manifest.json").read_text())
+    assert m["heldout_tokens"] == sum(a.size for a in split_documents(P, "heldout", tok.get_bos_token_id()))
+    assert m["heldout_sha256"] == P.val_fingerprint("heldout") != m["val_sha256"]
+    # a changed held-out file is refused like a changed validation file
+    path = P.split_files("heldout")[0]
+    data = bytearray(open(path, "rb").read())
+    data[5] ^= 1
+    open(path, "wb").write(bytes(data))
+    r = run_prepare(cache, "--check")
+    assert r.returncode == 1 and "held-out tokens" in r.stderr
+    data[5] ^= 1
+    open(path, "wb").write(bytes(data))  # the module stays loaded on this cache for later tests
+
+
+def test_the_climbmix_heldout_shard_is_never_a_training_shard(smoke):
+    P = smoke
+    assert P.climbmix_training_shards(10) == list(range(10))
+    every = P.climbmix_training_shards(P.MAX_SHARD)  # what --num-shards -1 asks for
+    assert len(every) == P.MAX_SHARD - 1 == len(set(every))
+    assert P.HELDOUT_SHARD == 6541 and P.VAL_SHARD == 6542
+    assert P.HELDOUT_SHARD not in every and P.VAL_SHARD not in every
+    assert P.climbmix_training_shards(10**6) == every
+
+
 # --- the metric ------------------------------------------------------------------
 
 class ConstantModel(torch.nn.Module):
@@ -179,12 +229,12 @@ class ConstantModel(torch.nn.Module):
         return self.logits.expand(*idx.shape, -1)
 
 
-def hand_bpb(P, tok, logits_row, batch_size):
+def hand_bpb(P, tok, logits_row, batch_size, split="val"):
     """The metric computed independently with numpy over the same validation batches."""
     tb = P.get_token_bytes().numpy()
     logp = logits_row.double().numpy() - np.log(np.exp(logits_row.double().numpy()).sum())
     nats = nbytes = counted = 0
-    for rows in P.eval_rows(tok, batch_size):
+    for rows in P.eval_rows(tok, batch_size, split):
         y = rows[:, 1:].astype(np.int64).ravel()
         keep = tb[y] > 0
         nats += -logp[y[keep]].sum()
@@ -209,6 +259,37 @@ def test_evaluate_bpb_matches_hand_computation(smoke):
     assert bpb == pytest.approx(expected, rel=1e-6)
 
 
+def test_evaluate_bpb_writes_the_heldout_score_to_the_record_alone(smoke, tmp_path):
+    tok = smoke.Tokenizer.from_directory()
+    logits = torch.randn(tok.get_vocab_size(), generator=torch.Generator().manual_seed(1)) * 2
+    fd = os.open(tmp_path / "record", os.O_WRONLY | os.O_CREAT)
+    smoke._record_fd = fd
+    try:
+        loader = smoke.make_dataloader(tok, 4, smoke.MAX_SEQ_LEN, device="cpu")
+        for _ in range(3):
+            next(loader)
+        bpb = smoke.evaluate_bpb(ConstantModel(logits), tok, batch_size=4)
+    finally:
+        smoke._record_fd = None
+        os.close(fd)
+    record = (tmp_path / "record").read_text()
+    events = [json.loads(line) for line in record.splitlines()]
+    held = [e for e in events if e["kind"] == "heldout"]
+    expected, _, _ = hand_bpb(smoke, tok, logits, 4, "heldout")
+    assert len(held) == 1 and held[0]["heldout_bpb"] == pytest.approx(expected, rel=1e-6)
+    assert held[0]["tokens"] == smoke.HELDOUT_TOKENS == smoke.EVAL_TOKENS // 4
+    assert bpb == pytest.approx(hand_bpb(smoke, tok, logits, 4)[0], rel=1e-6) and abs(bpb - expected) > 1e-4
+    assert [e["kind"] for e in events][-3:] == ["eval_start", "eval", "heldout"]
+    # verify_run vouches for it, and refuses a held-out score of other tokens, or none
+    result = smoke.verify_run(record, "")
+    assert float(result["heldout_bpb"]) == pytest.approx(expected, abs=2e-6) and result["val_bpb"] == f"{bpb:.6f}"
+    forged = record.replace(held[0]["sha256"], smoke.eval_rows.__name__)
+    with pytest.raises(smoke.PrepareError, match="other tokens than the first HELDOUT_TOKENS"):
+        smoke.verify_run(forged, "")
+    with pytest.raises(smoke.PrepareError, match="held-out evaluation did not finish"):
+        smoke.verify_run("\n".join(line for line in record.splitlines() if '"heldout"' not in line), "")
+
+
 def honest_record(P, tok, clock, eval_at, batch_size=4):
     """The lines the loader and evaluate_bpb write for an honest run, at chosen times."""
     digest = __import__("hashlib").sha256()
@@ -219,8 +300,14 @@ def honest_record(P, tok, clock, eval_at, batch_size=4):
     ev = {"kind": "eval", "time": eval_at + 2, "val_bpb": 1.5, "batch_size": batch_size, "seq_len": P.MAX_SEQ_LEN,
           "tokens": P.eval_steps(batch_size) * batch_size * P.MAX_SEQ_LEN, "sha256": digest.hexdigest(),
           "start": eval_at, "peak_vram_mb": 0.0, "train": train}
+    held_digest = __import__("hashlib").sha256()
+    for rows in P.eval_rows(tok, batch_size, "heldout"):
+        held_digest.update(__import__("hashlib").sha256(rows).digest())
+    held = {"kind": "heldout", "time": eval_at + 3, "heldout_bpb": 1.6, "batch_size": batch_size,
+            "tokens": P.eval_steps(batch_size, "heldout") * batch_size * P.MAX_SEQ_LEN,
+            "sha256": held_digest.hexdigest(), "start": eval_at + 2}
     return "\n".join(json.dumps(e) for e in [{"kind": "train", "time": clock - 60, **train},
-                                             {"kind": "eval_start", "time": eval_at, "train": train}, ev])
+                                             {"kind": "eval_start", "time": eval_at, "train": train}, ev, held])
 
 
 def test_the_budget_is_measured_from_the_end_of_warm_up(smoke):
@@ -310,8 +397,9 @@ def shard_bytes(i, n_docs=120):
 
 @pytest.fixture
 def mirror(tmp_path):
-    """A local hub with the validation shard and training shards 0-3; prepare.py imported against it."""
-    m = Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 2, 3, 6542)})
+    """A local hub with the validation and held-out shards and training shards 0-3; prepare.py imported
+    against it."""
+    m = Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 2, 3, 6541, 6542)})
     saved = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_TOKEN")}
     os.environ["HF_ENDPOINT"] = m.endpoint
     os.environ.pop("HF_TOKEN", None)
@@ -332,8 +420,9 @@ def test_download_is_retried_resumed_and_atomic(mirror):
     mirror.faults["shard_00000.parquet"] = ["500", "truncated", "close"]
     mirror.faults["shard_06542.parquet"] = ["reset", "norange"]
     files = P.download_climbmix(2, workers=3)
-    assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_00000.parquet", "shard_00001.parquet"]
-    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
+    assert [os.path.basename(f) for f in files] == ["shard_06542.parquet", "shard_06541.parquet",
+                                                    "shard_00000.parquet", "shard_00001.parquet"]
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06541.parquet", "shard_06542.parquet"):
         assert (data / name).read_bytes() == mirror.files[name]
     assert not list(data.glob("*.part"))
     assert [r[3] for r in mirror.requests("cdn", "shard_00001.parquet")] == [len(whole) // 2]  # resumed, not restarted
@@ -390,7 +479,7 @@ def test_an_error_stops_the_other_downloads_at_once(mirror):
     nothing is renamed into place afterwards (their .part files stay for a rerun to resume)."""
     P, data = mirror.P, mirror.data
     mirror.rate = 100_000  # about 1.5 s per shard
-    for i in (0, 1, 6542):
+    for i in (0, 1, 6541, 6542):
         mirror.sticky[f"shard_{i:05d}.parquet"] = "slow"
     mirror.sticky["shard_00002.parquet"] = "404"
     t0 = time.time()
@@ -404,7 +493,7 @@ def test_an_error_stops_the_other_downloads_at_once(mirror):
 
 
 def test_ctrl_c_stops_prepare_at_once(tmp_path):
-    with Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 6542)}, rate=50_000) as m:
+    with Mirror({f"shard_{i:05d}.parquet": shard_bytes(i) for i in (0, 1, 6541, 6542)}, rate=50_000) as m:
         for name in m.files:
             m.sticky[name] = "slow"  # about 3 s per shard
         cache = tmp_path / "cache"

@@ -13,6 +13,7 @@ none (AUTORESEARCH_SANDBOX=none). Each escape attempt of issue 8 is a test here.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -80,7 +81,9 @@ if "--check" in sys.argv:
     print("prepared data ok")
     print("time_budget: 1")
 if "--verify-run" in sys.argv:
-    evals = [json.loads(line) for line in sys.stdin if '"eval"' in line]
+    lines = sys.stdin.readlines()
+    evals = [json.loads(line) for line in lines if '"eval"' in line]
+    held = [json.loads(line) for line in lines if '"heldout"' in line]
     if not evals:
         print("reason: no evaluation in the run record")
         sys.exit(1)
@@ -90,12 +93,15 @@ if "--verify-run" in sys.argv:
         sys.exit(1)
     print(f"val_bpb: {v:.6f}\\ntraining_seconds: 0.1\\ntraining_tokens: 1000\\neval_seconds: 0.0")
     print(f"peak_vram_mb: {evals[-1]['peak_vram_mb']}")
+    if held:
+        print(f"heldout_bpb: {held[-1]['heldout_bpb']}")
 '''
 
 
-def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0) -> str:
-    """A stand-in train.py: runs `body`, writes an evaluation to the run record as the real
-    evaluate_bpb would (when val is a number), then prints the summary block."""
+def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0, heldout: str = "") -> str:
+    """A stand-in train.py: runs `body`, writes an evaluation (and the held-out score, when given)
+    to the run record as the real evaluate_bpb would (when val is a number), then prints the
+    summary block."""
     return (
         "import os, subprocess, sys, time\n"
         + textwrap.dedent(body)
@@ -106,6 +112,9 @@ def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0) 
                 import json
                 record = {{"kind": "eval", "val_bpb": float({val!r}), "peak_vram_mb": {mem}}}
                 os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), (json.dumps(record) + "\\n").encode())
+                if {heldout!r}:
+                    record = {{"kind": "heldout", "heldout_bpb": float({heldout!r})}}
+                    os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), (json.dumps(record) + "\\n").encode())
             print("---")
             print("val_bpb:          {val}")
             print("training_seconds: 0.1")
@@ -892,11 +901,19 @@ def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
     assert harness.rows()[-1][1] == printed  # the record's value, which train.py printed faithfully
     # the time outside the budget, phase by phase, adds up to the whole run.sh
     m = re.search(r"outside:\s+([\d.]+)s of ([\d.]+)s outside the budget: run.sh before ([\d.]+), start-up ([\d.]+), "
-                  r"compile and warm-up ([\d.]+), evaluation ([\d.]+), exit ([\d.]+), run.sh after ([\d.]+)", out)
+                  r"compile and warm-up ([\d.]+), evaluation ([\d.]+), held-out evaluation ([\d.]+), exit ([\d.]+), "
+                  r"run.sh after ([\d.]+)", out)
     assert m, out
     outside, total, *phases = map(float, m.groups())
     assert sum(phases) == pytest.approx(outside, abs=0.35) and 0 < outside < total
     assert phases[1] > 0.5  # start-up: python and torch imports before the first batch
+    # the held-out score: in the git common dir for the baseline and this run, nowhere the agent reads
+    stored = [line.split("\t") for line in (harness.path / HELDOUT_TSV).read_text().splitlines()[1:]]
+    assert [r[0] for r in stored] == [r[0] for r in harness.rows()] and stored[-1][1] == printed
+    heldout = stored[-1][5]
+    assert 0 < float(heldout) < 20 and heldout != printed
+    for text in (out, harness.read("run.log"), harness.read("results.tsv")):
+        assert heldout not in text
 
 
 FORGERIES = {
@@ -919,6 +936,10 @@ FORGERIES = {
     "trains after evaluating": (
         tiny(evaluate="val = evaluate_bpb(model, tok, 8)\nfor _ in range(3): next(loader)"),
         "training batches were taken after evaluate_bpb started"),
+    "skips the held-out evaluation": (
+        tiny(setup="real = prepare._record\n"
+                   "prepare._record = lambda kind, **f: kind != 'heldout' and real(kind, **f)"),
+        "the held-out evaluation did not finish"),
     "trains 3 x the budget and reports a third": (
         tiny(seconds="3 * TIME_BUDGET", honest_time=False), "by the harness's clock"),
 }
@@ -1300,6 +1321,76 @@ def test_rerun_spread_flags_noise(based: Repo):
     (based.cache / "v").write_text("1.5")
     out = based.run("far worse").stdout  # a loss far outside the spread is not called noise
     assert "status:       discard" in out and "+0.525000 vs the best before this run (beyond the rerun spread)" in out
+
+
+# ------------------------------------------------------------ the held-out score
+# evaluate_bpb scores a held-out split after the validation split and writes it to the run
+# record only; run.sh keeps it in the git common dir, out of the agent's sight.
+
+HELDOUT_TSV = ".git/autoresearch/heldout.tsv"
+PEEK = """
+try:
+    print("PEEK", open({path!r}).read().replace("\\t", " ").replace("\\n", " | "))
+except OSError as e:
+    print("PEEK blocked", e.strerror)
+"""
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_the_heldout_score_is_stored_where_the_agent_does_not_look(based: Repo, box):
+    based.write("train.py", trainer("0.95", heldout="0.8765432"))
+    first = based.run("with a held-out score", AUTORESEARCH_SANDBOX=box)
+    kept = based.head()[:7]
+    based.write("train.py", trainer("0.97", heldout="0.9123456", body=PEEK.format(path=str(based.path / HELDOUT_TSV))))
+    second = based.run("worse, and peeks", AUTORESEARCH_SANDBOX=box)
+    log = based.read("run.log")
+    based.write("train.py", "raise SystemExit(1)\n")
+    based.run("crashes")
+    stored = [line.split("\t") for line in (based.path / HELDOUT_TSV).read_text().splitlines()]
+    assert stored[0][:7] == ["commit", "val_bpb", "status", "branch", "profile", "heldout_bpb", "heldout_runs"]
+    assert [r[:7] for r in stored[1:]] == [  # the baseline's stand-in wrote none; a crash has none
+        [kept, "0.950000", "keep", "autoresearch/t1", "gpu", "0.876543", "0.876543"],
+        [based.rows()[2][0], "0.970000", "discard", "autoresearch/t1", "gpu", "0.912346", "0.912346"]]
+    assert stored[1][7] == str(based.path.resolve())
+    for text in (first.stdout, first.stderr, second.stdout, second.stderr, based.read("results.tsv")):
+        assert "876543" not in text and "912346" not in text and "91234" not in text
+    assert "912346" not in log
+    # training can read the file only where run.sh has no sandbox to hide it in (README)
+    assert ("876543" in log) == (box == "none"), log
+    assert based.rows()[2][3] == "discard"
+
+
+def _denies_read(rules: list[str], path: str, root: str) -> bool:
+    """Whether a Read(...) deny rule (gitignore-style: /x is the project root, //x the file
+    system root, ** any depth) covers path, an absolute path under root."""
+    for rule in rules:
+        m = re.fullmatch(r"Read\((.*)\)", rule)
+        if not m:
+            continue
+        pat = m.group(1)
+        if pat.startswith("//"):
+            target, pat = path, pat[1:]
+        elif pat.startswith("/"):
+            target = "/" + os.path.relpath(path, root)
+        else:
+            target, pat = "/" + os.path.relpath(path, root), "/" + pat.removeprefix("./")
+        regex = re.escape(pat).replace(r"/\*\*/", "/(?:.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if re.fullmatch(regex, target):
+            return True
+    return False
+
+
+def test_the_agent_permissions_deny_reading_the_heldout_scores():
+    repo = str(RUN_SH.parent)
+    claude = json.loads((RUN_SH.parent / ".claude/settings.json").read_text())["permissions"]
+    cursor = json.loads((RUN_SH.parent / ".cursor/cli.json").read_text())["permissions"]
+    heldout = os.path.join(repo, HELDOUT_TSV)
+    elsewhere = "/srv/main-checkout/.git/autoresearch/heldout.tsv"  # a worktree's common dir
+    assert "Read" in claude["allow"] and "Read(**)" in cursor["allow"]  # everything else stays readable
+    assert _denies_read(claude["deny"], heldout, repo) and _denies_read(claude["deny"], elsewhere, repo)
+    assert _denies_read(cursor["deny"], heldout, repo)
+    for readable in ("results.tsv", "run.log", "progress.png", ".git/HEAD"):
+        assert not _denies_read(claude["deny"] + cursor["deny"], os.path.join(repo, readable), repo), readable
 
 
 def test_smoke_rows_are_marked(repo: Repo):
