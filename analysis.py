@@ -2,23 +2,36 @@
 
     uv run analysis.py                  # reads ./results.tsv
     uv run analysis.py path/to/results.tsv
+    uv run analysis.py --no-heldout     # leave the held-out scores out (while the agent runs)
 
 results.tsv is written by run.sh, one row per experiment:
 
-    commit  val_bpb  memory_gb  status  description  branch  profile  [more columns...]
+    commit  val_bpb  memory_gb  status  description  branch  profile  decision  [more...]
 
 status is keep, discard, crash or rerun; profile is gpu, or smoke for the CPU
 smoke profile (AUTORESEARCH_SMOKE=1). The reference's files have the first five
 columns only; files from before the profile column marked smoke rows with a
 "[smoke] " prefix on the description.
 
+decision (run.sh's AUTORESEARCH_CONFIRM policy) says what a keep or discard
+was based on: "single" run, "mean of 2 (a, b; spread s)", "baseline" or "-".
+
+The held-out scores, which no decision uses, are in heldout.tsv in the git
+directory (.git/autoresearch/), where run.sh keeps them out of the agent's
+reach; the report shows them beside val_bpb for the kept chain, with the
+noise measured by reruns and a verdict when the two disagree.
+
 The report is printed; the plot is written as progress.png next to the
 results file. A malformed row stops the script with its line number and
 exit status 1.
 """
 
+import math
 import os
+import re
+import subprocess
 import sys
+from collections import defaultdict, deque
 
 import matplotlib
 
@@ -30,6 +43,7 @@ HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 SMOKE_PREFIX = "[smoke] "
 TOP_N = 10
+NOISE_SIGMAS = 2  # a gain below 2 standard deviations of the rerun noise is "within the noise"
 
 
 def fail(message):
@@ -45,7 +59,7 @@ def read_results(path):
         lines = f.read().splitlines()
 
     rows = []
-    header_seen, profile_col = False, None
+    header_seen, columns = False, {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -55,7 +69,7 @@ def read_results(path):
                 fail(f"{path} line {lineno}: expected the header "
                      f"{'<tab>'.join(HEADER)!r}, got {line!r}")
             header_seen = True
-            profile_col = fields.index("profile") if "profile" in fields else None
+            columns = {name: i for i, name in enumerate(fields) if i >= 5}
             continue
         if len(fields) < 5:
             fail(f"{path} line {lineno}: expected at least 5 tab-separated "
@@ -76,8 +90,9 @@ def read_results(path):
         # run.sh quotes a description holding a double quote, CSV-style.
         if len(description) >= 2 and description[0] == description[-1] == '"':
             description = description[1:-1].replace('""', '"')
-        if profile_col is not None and len(fields) > profile_col:
-            smoke = fields[profile_col].strip() == "smoke"
+        extra = {name: fields[i].strip() if i < len(fields) else "" for name, i in columns.items()}
+        if extra.get("profile"):
+            smoke = extra["profile"] == "smoke"
         else:
             smoke = description.startswith(SMOKE_PREFIX)
             if smoke:
@@ -91,22 +106,188 @@ def read_results(path):
             "status": status,
             "description": description.strip(),
             "smoke": smoke,
+            "branch": extra.get("branch", ""),
+            "profile": extra.get("profile") or ("smoke" if smoke else "gpu"),
+            "decision": extra.get("decision", ""),
         })
-    columns = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
-               "description", "smoke"]
-    return pd.DataFrame(rows, columns=columns)
+    names = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
+             "description", "smoke", "branch", "profile", "decision"]
+    return pd.DataFrame(rows, columns=names)
+
+
+# ---------------------------------------------------------------- held-out
+
+def heldout_file(results_path):
+    """run.sh's heldout.tsv: in the git common directory of the checkout holding results.tsv."""
+    where = os.path.dirname(os.path.abspath(results_path))
+    try:
+        common = subprocess.run(["git", "-C", where, "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        common = ""
+    return os.path.join(common or os.path.join(where, ".git"), "autoresearch", "heldout.tsv")
+
+
+def runs_of(decision, value):
+    """The single measurements behind a row: its value, or the runs of a "mean of N (a, b; ...)"."""
+    m = re.match(r"mean of \d+ \(([^;)]*)", decision or "")
+    if m:
+        try:
+            return [float(v) for v in m.group(1).split(",")]
+        except ValueError:
+            pass
+    return [value]
+
+
+def attach_heldout(df, path):
+    """Add heldout_bpb and heldout_runs to the rows of df that run.sh stored a held-out score for.
+    A stored line is matched on commit, val_bpb, status, branch and profile, in file order."""
+    df = df.copy()
+    df["heldout_bpb"] = math.nan
+    df["heldout_runs"] = [[] for _ in range(len(df))]
+    if not os.path.exists(path):
+        return df, 0
+    stored, seen = defaultdict(deque), set()
+    with open(path, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            fields = line.split("\t")
+            if line in seen or len(fields) < 7 or fields[0] == "commit":
+                continue  # a repeated line (a recovery), a torn line, a header
+            seen.add(line)
+            try:
+                value, runs = float(fields[5]), [float(v) for v in fields[6].split(",")]
+            except ValueError:
+                continue
+            stored[tuple(fields[:5])].append((value, runs))
+    for i, row in df.iterrows():
+        key = (row["commit"], f"{row['val_bpb']:.6f}", row["status"], row["branch"], row["profile"])
+        if stored.get(key):
+            value, runs = stored[key].popleft()
+            df.at[i, "heldout_bpb"] = value
+            df.at[i, "heldout_runs"] = runs
+    return df, int(df["heldout_bpb"].notna().sum())
+
+
+def noise(groups):
+    """Pooled standard deviation of repeated measurements: groups are lists of values of the same
+    code. Returns (sigma or None, runs, groups used)."""
+    groups = [g for g in groups if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in groups)
+    if not dof:
+        return None, 0, 0
+    ss = sum(sum((v - sum(g) / len(g)) ** 2 for v in g) for g in groups)
+    return math.sqrt(ss / dof), sum(len(g) for g in groups), len(groups)
+
+
+def measured_noise(df):
+    """(val sigma, held-out sigma, runs, commits): from commits measured more than once (a kept run
+    and its reruns, and the runs behind a confirmed decision)."""
+    val, held = defaultdict(list), defaultdict(list)
+    for _, row in df[df["status"].isin(["keep", "rerun"])].iterrows():
+        key = (row["commit"], row["branch"])
+        val[key] += runs_of(row["decision"], row["val_bpb"])
+        held[key] += row["heldout_runs"] if "heldout_runs" in row else []
+    sigma, runs, commits = noise(list(val.values()))
+    return sigma, noise(list(held.values()))[0], runs, commits
+
+
+def in_sigmas(delta, sigma):
+    return f"{delta / sigma:+.1f}" if sigma else "n/a"
+
+
+def heldout_report(df, keeps, heldout_path):
+    """The kept chain with val_bpb and held-out bpb side by side, each gain against the noise,
+    and the verdict. Returns (val sigma, held-out sigma) for the plot."""
+    sigma, h_sigma, runs, commits = measured_noise(df)
+    print()
+    if sigma:
+        print(f"noise: sigma {sigma:.6f} val_bpb"
+              + (f", {h_sigma:.6f} held-out" if h_sigma else "")
+              + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once;"
+              f" within the noise = a change below {NOISE_SIGMAS} sigma)")
+    else:
+        print("noise: unknown (no commit measured twice: ./run.sh --rerun \"why\" measures it)")
+    has_heldout = keeps["heldout_bpb"].notna().any()
+    print("kept chain (delta against the previous kept run, and that delta / sigma):")
+    print(f"  {'#':<5s} {'commit':<8s} {'val_bpb':>9s} {'delta':>10s} {'/sigma':>6s}   "
+          f"{'held-out':>9s} {'delta':>10s} {'/sigma':>6s}   [decision] description")
+    prev, within = None, []
+    for _, row in keeps.iterrows():
+        held = f"{row['heldout_bpb']:9.6f}" if not math.isnan(row["heldout_bpb"]) else f"{'-':>9s}"
+        if prev is None:
+            cols = f"{'baseline':>10s} {'':>6s}   {held} {'':>10s} {'':>6s}"
+        else:
+            d = row["val_bpb"] - prev["val_bpb"]
+            hd = row["heldout_bpb"] - prev["heldout_bpb"]
+            hcol = (f"{hd:+10.6f} {in_sigmas(hd, h_sigma or sigma):>6s}" if not math.isnan(hd)
+                    else f"{'-':>10s} {'':>6s}")
+            cols = f"{d:+10.6f} {in_sigmas(d, sigma):>6s}   {held} {hcol}"
+            if sigma and abs(d) < NOISE_SIGMAS * sigma:
+                within.append(f"#{row['n']}")
+        decision = f"[{row['decision']}] " if row["decision"] not in ("", "single", "baseline") else ""
+        print(f"  #{row['n']:<4d} {row['commit']:<8s} {row['val_bpb']:9.6f} {cols}   "
+              f"{decision}{short(row['description'], 50)}")
+        prev = row
+    if sigma and len(keeps) > 1:
+        print(f"within the noise: {len(within)} of {len(keeps) - 1} keeps"
+              + (f" ({', '.join(within)}): their gains may be luck; rerun them to confirm" if within else ""))
+
+    base, last = keeps.iloc[0], keeps.iloc[-1]
+    gain = last["val_bpb"] - base["val_bpb"]
+    print(f"night: val_bpb  {base['val_bpb']:.6f} -> {last['val_bpb']:.6f}  ({gain:+.6f}, "
+          f"{in_sigmas(gain, sigma)} sigma)")
+    if heldout_path is None:
+        print("held-out: left out (--no-heldout)")
+        return sigma, h_sigma
+    if not has_heldout:
+        print(f"held-out: no scores found in {heldout_path} (a file from the reference, or runs from "
+              "before the held-out split)")
+        return sigma, h_sigma
+    if math.isnan(base["heldout_bpb"]) or math.isnan(last["heldout_bpb"]):
+        print("held-out: the baseline or the last keep has no held-out score; no verdict")
+        return sigma, h_sigma
+    h_gain = last["heldout_bpb"] - base["heldout_bpb"]
+    print(f"night: held-out {base['heldout_bpb']:.6f} -> {last['heldout_bpb']:.6f}  ({h_gain:+.6f}, "
+          f"{in_sigmas(h_gain, h_sigma or sigma)} sigma)")
+    print(verdict(gain, h_gain, sigma, h_sigma))
+    return sigma, h_sigma
+
+
+def verdict(gain, h_gain, sigma, h_sigma):
+    """Plain words on whether the night's val_bpb gain shows on the held-out split. gain and
+    h_gain are last - baseline (negative is better). Each is a difference of two runs, so its
+    noise is sigma * sqrt(2); the gap between them is compared with 2 x its own noise."""
+    if not sigma:
+        if gain < 0 <= h_gain:
+            return ("verdict: validation improved but held-out did not; the noise is unknown (no reruns), "
+                    "so this may be chance: ./run.sh --rerun \"why\" measures it")
+        return "verdict: unknown noise (no reruns), so no verdict on the held-out difference"
+    h_sigma = h_sigma or sigma
+    tolerance = NOISE_SIGMAS * math.sqrt(2 * sigma ** 2 + 2 * h_sigma ** 2)
+    gap = h_gain - gain  # > 0: held-out gained less than validation
+    if gain < -NOISE_SIGMAS * sigma * math.sqrt(2) and gap > tolerance:
+        if h_gain > -NOISE_SIGMAS * h_sigma * math.sqrt(2):
+            return (f"VERDICT: validation improved ({gain:+.6f}) but held-out did not ({h_gain:+.6f}): "
+                    f"the night's gain does not carry to unseen data beyond the noise (gap {gap:.6f} > "
+                    f"{tolerance:.6f}); the kept changes fit the validation split or were picked from noise")
+        return (f"VERDICT: held-out improved less than validation ({h_gain:+.6f} against {gain:+.6f}, gap "
+                f"{gap:.6f} > {tolerance:.6f}): part of the night's gain is specific to the validation split")
+    if gain < -NOISE_SIGMAS * sigma * math.sqrt(2):
+        return f"verdict: held-out agrees with validation within the noise (gap {gap:+.6f}, tolerance {tolerance:.6f})"
+    return (f"verdict: the night's val_bpb change ({gain:+.6f}) is within the noise "
+            f"({NOISE_SIGMAS} x {sigma * math.sqrt(2):.6f}); nothing to confirm on the held-out split")
 
 
 def short(text, width):
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def report(df, path):
-    """Print the summary; return the rows the summary (and plot) is about."""
+def report(df, path, heldout_path=None):
+    """Print the summary; return the rows the summary (and plot) is about, and the noise."""
     print(f"autoresearch morning report: {path}")
     if df.empty:
         print("no experiments yet: run ./run.sh \"baseline\" first")
-        return df
+        return df, None
 
     n_smoke = int(df["smoke"].sum())
     if n_smoke == len(df):
@@ -173,16 +354,25 @@ def report(df, path):
         print("crashes:")
         for _, row in crashes.iterrows():
             print(f"  #{row['n']:<4d} {row['commit']:<8s} {row['description']}")
-    return df
+    sigma = None
+    if not keeps.empty:
+        sigma = heldout_report(df, keeps, heldout_path)[0]
+    return df, sigma
 
 
-def plot(df, out_path, title_prefix):
-    fig, ax = plt.subplots(figsize=(14, 7))
-    ax.set_xlabel("experiment #")
+def plot(df, out_path, title_prefix, sigma=None):
+    keeps = df[df["status"] == "keep"]
+    chain = keeps[keeps["heldout_bpb"].notna()] if "heldout_bpb" in keeps else keeps.iloc[:0]
+    if len(chain):  # a second panel: the kept chain's val_bpb and held-out bpb, as change since the baseline
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(14, 10), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        plot_heldout(ax2, keeps, sigma)
+    else:
+        fig, ax = plt.subplots(figsize=(14, 7))
+    if not len(chain):
+        ax.set_xlabel("experiment #")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, alpha=0.2)
 
-    keeps = df[df["status"] == "keep"]
     if df.empty or keeps.empty:
         message = "no experiments yet" if df.empty else "no successful run yet"
         ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center",
@@ -252,16 +442,43 @@ def plot(df, out_path, title_prefix):
     plt.close(fig)
 
 
+def plot_heldout(ax, keeps, sigma):
+    """The kept chain: val_bpb and held-out bpb as their change since the baseline, with the noise."""
+    base = keeps.iloc[0]
+    ax.axhline(0, color="#888888", linewidth=0.8)
+    if sigma:
+        band = NOISE_SIGMAS * sigma * math.sqrt(2)  # the noise of a difference of two runs
+        ax.axhspan(-band, band, color="#bbbbbb", alpha=0.3, zorder=1,
+                   label=f"noise: within {NOISE_SIGMAS} sigma of a two-run difference")
+    ax.plot(keeps["n"], keeps["val_bpb"] - base["val_bpb"], marker="o", color="#27ae60", linewidth=2,
+            drawstyle="steps-post", zorder=3, label="val_bpb (every decision is made on it)")
+    held = keeps[keeps["heldout_bpb"].notna()]
+    if not math.isnan(base["heldout_bpb"]):
+        ax.plot(held["n"], held["heldout_bpb"] - base["heldout_bpb"], marker="s", color="#8e44ad",
+                drawstyle="steps-post", linewidth=2, linestyle="--", zorder=4,
+                label="held-out bpb (no decision uses it)")
+    ax.set_xlabel("experiment #")
+    ax.set_ylabel("change since the baseline\n(kept chain; lower is better)")
+    ax.set_title("kept chain: validation against held-out", fontsize=10)
+    ax.grid(True, alpha=0.2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+
+
 def main():
-    if len(sys.argv) > 2 or (len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help")):
+    args = sys.argv[1:]
+    with_heldout = "--no-heldout" not in args
+    args = [a for a in args if a != "--no-heldout"]
+    if len(args) > 1 or (len(args) == 1 and args[0] in ("-h", "--help")):
         print(__doc__.strip())
-        sys.exit(0 if len(sys.argv) == 2 else 2)
-    path = sys.argv[1] if len(sys.argv) == 2 else "results.tsv"
+        sys.exit(0 if len(args) == 1 else 2)
+    path = args[0] if len(args) == 1 else "results.tsv"
     df = read_results(path)
-    shown = report(df, path)
+    heldout_path = heldout_file(path) if with_heldout else None
+    df = attach_heldout(df, heldout_path)[0] if heldout_path else attach_heldout(df, "")[0]
+    shown, sigma = report(df, path, heldout_path)
     smoke = not shown.empty and bool(shown["smoke"].all())
     out_path = os.path.join(os.path.dirname(os.path.abspath(path)), "progress.png")
-    plot(shown, out_path, "[smoke] " if smoke else "")
+    plot(shown, out_path, "[smoke] " if smoke else "", sigma)
     print()
     print(f"wrote {out_path}")
 

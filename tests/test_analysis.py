@@ -202,3 +202,85 @@ def test_missing_file(tmp_path):
     proc = run_analysis(tmp_path, None)
     assert proc.returncode == 1
     assert "not found" in proc.stderr
+
+
+# ------------------------------------------------------------ the held-out check
+# run.sh writes results.tsv with branch, profile and decision columns, and the held-out scores
+# to .git/autoresearch/heldout.tsv, which analysis.py finds through git.
+
+RUN_SH_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision\n"
+HELDOUT_HEADER = "commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime\n"
+BR = "autoresearch/nov23"
+
+# (commit, val_bpb, status, description, decision, held-out bpb or None)
+VAL_ONLY_NIGHT = [
+    ("a1b2c3d", "1.000000", "keep", "baseline", "baseline", "1.100000"),
+    ("a1b2c3d", "1.001000", "rerun", "baseline noise", "-", "1.101000"),
+    ("a1b2c3d", "0.999000", "rerun", "baseline noise 2", "-", "1.099500"),
+    ("b2c3d4e", "0.990000", "keep", "increase LR", "single", "1.101000"),
+    ("c3d4e5f", "1.020000", "discard", "GeLU", "single", "1.120000"),
+    ("d4e5f6a", "0.000000", "crash", "OOM", "-", None),
+    ("e5f6a7b", "0.980000", "keep", "warmup", "single", "1.100500"),
+    ("f6a7b8c", "0.979500", "keep", "weight decay", "mean of 2 (0.979000, 0.980000; spread 0.001000)", "1.102000"),
+]
+
+
+def write_night(tmp_path, night, heldout=True):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "results.tsv").write_text(RUN_SH_HEADER + "".join(
+        f"{c}\t{v}\t44.0\t{s}\t{d}\t{BR}\tgpu\t{dec}\n" for c, v, s, d, dec, _ in night))
+    if heldout:
+        (tmp_path / ".git/autoresearch").mkdir()
+        (tmp_path / ".git/autoresearch/heldout.tsv").write_text(HELDOUT_HEADER + "".join(
+            f"{c}\t{v}\t{s}\t{BR}\tgpu\t{h}\t{h}\t{tmp_path}\t2026-11-23 01:00:00\n"
+            for c, v, s, _, _, h in night if h))
+
+
+def chain_line(out, n):
+    return next(line for line in out.splitlines() if line.startswith(f"  #{n:<4d}") and "kept chain" not in line
+                and out.index(line) > out.index("kept chain"))
+
+
+def test_validation_improves_but_heldout_does_not_says_so(tmp_path):
+    write_night(tmp_path, VAL_ONLY_NIGHT)
+    proc = run_analysis(tmp_path, None)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # sigma, pooled: the baseline measured three times (1.000, 1.001, 0.999: 2e-6 squared deviations,
+    # 2 degrees of freedom) and the confirmed keep's two runs (0.979, 0.980: 5e-7, 1): sqrt(2.5e-6 / 3)
+    assert "noise: sigma 0.000913 val_bpb, 0.000764 held-out" in out and "5 runs of 2 commit(s)" in out
+    assert "night: val_bpb  1.000000 -> 0.979500  (-0.020500, -22.5 sigma)" in out
+    assert "night: held-out 1.100000 -> 1.102000  (+0.002000" in out
+    assert "VERDICT: validation improved (-0.020500) but held-out did not (+0.002000)" in out
+    # each keep against the one before it, on both splits, in units of the noise
+    assert "-0.010000  -11.0    1.101000  +0.001000   +1.3" in chain_line(out, 4)
+    assert "-0.000500   -0.5    1.102000  +0.001500   +2.0" in chain_line(out, 8)
+    assert "[mean of 2 (0.979000, 0.980000; spread 0.001000)] weight decay" in chain_line(out, 8)
+    assert "within the noise: 1 of 3 keeps (#8)" in out
+    assert_png(tmp_path / "progress.png")
+    with_panel = matplotlib.image.imread(str(tmp_path / "progress.png")).shape[0]
+    proc = run_analysis(tmp_path, None, args=[str(tmp_path / "results.tsv"), "--no-heldout"])
+    assert proc.returncode == 0, proc.stderr
+    assert "1.102000" not in proc.stdout and "held-out: left out (--no-heldout)" in proc.stdout
+    assert "VERDICT" not in proc.stdout and "within the noise: 1 of 3 keeps" in proc.stdout
+    assert with_panel > 1.2 * matplotlib.image.imread(str(tmp_path / "progress.png")).shape[0]
+
+
+def test_heldout_that_follows_validation_agrees(tmp_path):
+    night = [row[:5] + (f"{float(row[1]) + 0.1:.6f}" if row[5] else None,) for row in VAL_ONLY_NIGHT]
+    write_night(tmp_path, night)
+    proc = run_analysis(tmp_path, None)
+    assert proc.returncode == 0, proc.stderr
+    assert "night: held-out 1.100000 -> 1.079500  (-0.020500" in proc.stdout
+    assert "verdict: held-out agrees with validation within the noise" in proc.stdout
+    assert "VERDICT" not in proc.stdout
+
+
+def test_a_night_without_heldout_scores_or_reruns(tmp_path):
+    write_night(tmp_path, [r for r in VAL_ONLY_NIGHT if r[2] != "rerun" and "mean" not in r[4]], heldout=False)
+    proc = run_analysis(tmp_path, None)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "noise: unknown (no commit measured twice" in out
+    assert "held-out: no scores found in" in out and "VERDICT" not in out
+    assert "night: val_bpb  1.000000 -> 0.980000  (-0.020000, n/a sigma)" in out
