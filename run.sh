@@ -53,6 +53,8 @@ main() {
     die 2 "AUTORESEARCH_TIMEOUT must be a positive number of seconds, not '$limit'"
   fi
   is_number "$min_imp" || die 2 "AUTORESEARCH_MIN_IMPROVEMENT must be a number >= 0, not '$min_imp'"
+  local confirm=${AUTORESEARCH_CONFIRM:-0}
+  case $confirm in 0|1) ;; *) die 2 "AUTORESEARCH_CONFIRM must be 0 or 1, not '$confirm'" ;; esac
   local smoke=0 profile=gpu prep_cmd="uv run prepare.py"
   case ${AUTORESEARCH_SMOKE:-} in ""|0) ;; *) smoke=1; profile=smoke; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py" ;; esac
   local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
@@ -121,6 +123,14 @@ main() {
     awk -F'\t' -v OFS='\t' 'NR == 1 { print $0, "profile"; next } { print $0, ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }' \
       results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
   fi
+  # ... and from before the decision column: every decision was one run's (the first keep of a
+  # branch and profile was its baseline)
+  if [ "$(head -n 1 results.tsv 2>/dev/null)" = "$(printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile')" ]; then
+    awk -F'\t' -v OFS='\t' 'NR == 1 { print $0, "decision"; next }
+      $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
+      { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
+      results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
+  fi
 
   # ----------------------------------------------------------------- refusals
   # Everything up to "changes start here" only reads.
@@ -156,10 +166,11 @@ main() {
   g ls-files --error-unmatch train.py >/dev/null 2>&1 || die 3 "refused: train.py is not tracked by git"
   [ -f train.py ] || die 3 "refused: train.py is missing"
 
-  local h7=${head:0:7} baseline=0 best="" stats
+  local h7=${head:0:7} baseline=0 best="" stats noise_before
   [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
   stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$profile")
   best=${stats%% *}; [ "$best" != - ] || best=""
+  read -r _ _ _ _ _ _ noise_before _ <<<"$stats"   # the rerun spread a confirmation is judged by
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
     [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
@@ -223,51 +234,82 @@ main() {
   [ "$smoke" = 1 ] && where="the smoke profile"
   say "sandbox: $box_on"
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
-  local t0=$EPOCHREALTIME rc=0
+  local t0=$EPOCHREALTIME t_run t_exit="" t_iter rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0
   rm -f run.log   # a fresh file, never through a link left in its place
-  # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
-  : >"$tmp/record"
-  run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >run.log 2>&1 3>>"$tmp/record" || rc=$?
-  local secs t_exit=$EPOCHREALTIME
-  secs=$(awk -v a="$t0" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
+  : >run.log
+  # One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log appended).
+  while :; do
+    t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}   # t_iter: where the report's "outside:" line starts
+    # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
+    : >"$tmp/record"
+    run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" || rc=$?
+    t_exit=$EPOCHREALTIME
+    secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
 
-  # ------------------------------------------------ what did training touch?
-  local touched
-  touched=$(check_untouched "$branch" "$tried")
+    # ---------------------------------------------- what did training touch?
+    touched=$(check_untouched "$branch" "$tried")
 
-  # ------------------------------------------------------------ the result
-  # prepare.py, in a separate process, checks the record against its own constants and data
-  # and gives the numbers; run.log only has to agree with them.
-  local verdict=0 val mem reason="" heldout
-  run_boxed 600 "$py" -I prepare.py --verify-run run.log --launched "$t0" --exited "$t_exit" \
-    <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
-  val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
-  heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
-  if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
-    reason="timed out after ${limit}s (process group killed)"
-  elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
-  elif [ "$verdict" -ne 0 ]; then
-    reason=$(record_value reason)
-    reason=${reason:-"the run could not be checked: $(tail -n 1 "$tmp/verify.out")"}
-  elif ! is_number "$val"; then reason="no val_bpb in the run record"
-  fi
-  [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
-  local status
+    # ---------------------------------------------------------- the result
+    # prepare.py, in a separate process, checks the record against its own constants and data
+    # and gives the numbers; run.log only has to agree with them.
+    verdict=0 reason=""
+    run_boxed 600 "$py" -I prepare.py --verify-run run.log --launched "$t_run" --exited "$t_exit" \
+      <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+    val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
+    heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
+    if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
+      reason="timed out after ${limit}s (process group killed)"
+    elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
+    elif [ "$verdict" -ne 0 ]; then
+      reason=$(record_value reason)
+      reason=${reason:-"the run could not be checked: $(tail -n 1 "$tmp/verify.out")"}
+    elif ! is_number "$val"; then reason="no val_bpb in the run record"
+    fi
+    [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
+    if [ -n "$reason" ]; then
+      [ ${#runs[@]} = 0 ] || reason="the confirmation run crashed: $reason"
+      break
+    fi
+    runs+=("$(printf '%.6f' "$val")")
+    is_number "$heldout" && held_runs+=("$(printf '%.6f' "$heldout")")
+    is_number "$mem" && peak=$(awk -v a="$peak" -v b="$mem" 'BEGIN { print (b > a ? b : a) }')
+    # AUTORESEARCH_CONFIRM=1: a gain within the rerun spread is measured once more before keeping
+    if [ "$confirm" = 1 ] && [ ${#runs[@]} = 1 ] && [ "$mode" = experiment ] && [ -n "$best" ] &&
+       [ "$noise_before" != - ] && awk -v v="$val" -v b="$best" -v m="$min_imp" -v s="$noise_before" \
+         'BEGIN { exit !(v + 0 < b - m && b - v <= s + 0) }'; then
+      say "confirm: $(awk -v v="$val" -v b="$best" 'BEGIN { printf "%.6f", b - v }') below the best is within the rerun spread $noise_before; training $t7 again (AUTORESEARCH_CONFIRM=1), deciding on the mean"
+      printf '\n==== run.sh: confirmation run 2 of 2 (AUTORESEARCH_CONFIRM=1) ====\n' >>run.log
+      continue
+    fi
+    break
+  done
+  secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+
+  # ------------------------------------------------------------ the decision
+  local status decision=-
   if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0
   else
-    val=$(printf '%.6f' "$val")
-    if is_number "$mem"; then mem=$(awk -v m="$mem" 'BEGIN { printf "%.1f", m / 1024 }'); else mem=0.0; fi
+    val=$(printf '%s\n' "${runs[@]}" | awk '{ s += $1 } END { printf "%.6f", s / NR }')
+    mem=$(awk -v m="$peak" 'BEGIN { printf "%.1f", m / 1024 }')
     if [ "$mode" = rerun ]; then status=rerun
-    elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep
+    elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep; decision=baseline
     elif awk -v v="$val" -v b="$best" -v m="$min_imp" 'BEGIN { exit !(v + 0 < b - m) }'; then status=keep
     else status=discard
     fi
+    if [ ${#runs[@]} -gt 1 ]; then
+      decision="mean of ${#runs[@]} ($(printf '%s, ' "${runs[@]}" | sed 's/, $//'); spread $(printf '%s\n' "${runs[@]}" |
+        awk 'NR == 1 || $1 < lo { lo = $1 } NR == 1 || $1 > hi { hi = $1 } END { printf "%.6f", hi - lo }'))"
+    elif [ "$mode" = experiment ]; then
+      decision=single
+      [ "$confirm" = 0 ] || [ "$noise_before" != - ] || [ "$status" != keep ] || decision="single (noise unknown)"
+    fi
   fi
   put status "$status"
-  put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile")"
-  if [ "$status" != crash ] && is_number "$heldout"; then
+  put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
+  if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
     put heldout "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$status" "$branch" "$profile" \
-      "$(printf '%.6f' "$heldout")" "$(printf '%.6f' "$heldout")" "$root" "$(date '+%F %T')")"
+      "$(printf '%s\n' "${held_runs[@]}" | awk '{ s += $1 } END { printf "%.6f", s / NR }')" \
+      "$(printf '%s,' "${held_runs[@]}" | sed 's/,$//')" "$root" "$(date '+%F %T')")"
   fi
   finish_pending                                 # revert if needed, append the row
   [ "$status" != keep ] || promote_compile_cache
@@ -307,6 +349,7 @@ main() {
   elif [ -n "$change" ]; then printf 'change:       %s\n' "$change"
   else printf 'change:       -\n'
   fi
+  [ "$decision" = - ] || printf 'decision:     %s\n' "$decision"
   printf 'noise:        %s\n' "$noise"
   printf 'experiments:  %s on %s (%s keep, %s discard, %s crash, %s rerun)\n' \
     "$n_all" "$branch" "$n_keep" "$n_discard" "$n_crash" "$n_rerun"
@@ -318,7 +361,7 @@ main() {
   esac
   printf 'sandbox:      %s\n' "$box_short"
   printf 'seconds:      %s\n' "$secs"
-  [ "$status" = crash ] || outside_budget "$t_called" "$t0" "$t_exit"
+  [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit"   # the last run (of two, when confirmed)
   printf 'log:          run.log (all results: results.tsv)\n'
   return 0
 }
@@ -351,7 +394,8 @@ tsv_field() {
 # One line from results.tsv for BRANCH, COMMIT7 and PROFILE (gpu or smoke):
 # best n_all n_keep n_discard n_crash n_rerun spread spread_n spread_commit
 # best: val_bpb of COMMIT7's keep row; spread: max-min of the measurements
-# (keep + rerun rows) of the commit most recently rerun on this branch.
+# (keep + rerun rows, and the runs behind a "mean of N (a, b; ...)" decision)
+# of the commit most recently rerun on this branch.
 tsv_stats() {
   local f=results.tsv; [ -f "$f" ] || f=/dev/null
   awk -F'\t' -v br="$1" -v head="$2" -v prof="$3" '
@@ -360,10 +404,14 @@ tsv_stats() {
     $6 != br { next }
     { n++; c[$4]++ }
     $7 == prof && ($4 == "keep" || $4 == "rerun") {
-      k = $1; v = $2 + 0
-      if (!(k in lo) || v < lo[k]) lo[k] = v
-      if (!(k in hi) || v > hi[k]) hi[k] = v
-      m[k]++
+      k = $1; nv = 1; vs[1] = $2
+      if ($8 ~ /^mean of [0-9]+ \(/) { s = $8; sub(/^[^(]*\(/, "", s); sub(/;.*$/, "", s); nv = split(s, vs, /, */) }
+      for (i = 1; i <= nv; i++) {
+        v = vs[i] + 0
+        if (!(k in lo) || v < lo[k]) lo[k] = v
+        if (!(k in hi) || v > hi[k]) hi[k] = v
+        m[k]++
+      }
       if ($4 == "rerun") last = k
     }
     END {
@@ -606,7 +654,7 @@ finish_pending() {
     # A row cut short by a kill is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
     {
-      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\n'
+      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision\n'
       [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || printf '\n'
       printf '%s\n' "$row"
     } >"$tmp/row"
@@ -637,7 +685,7 @@ recover() {
       rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
     fi
     put status interrupted
-    put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s\t%s' "${tried:0:7}" "$(tsv_field "${desc:-$(get msg)} [interrupted]")" "$branch" "${saved_profile:-$profile}")"
+    put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s\t%s\t-' "${tried:0:7}" "$(tsv_field "${desc:-$(get msg)} [interrupted]")" "$branch" "${saved_profile:-$profile}")"
   fi
   if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
     die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"

@@ -312,7 +312,7 @@ def test_first_run_starts_a_branch_and_keeps_the_unchanged_baseline(repo: Repo):
     assert repo.git("log", "-1", "--format=%s") == "baseline"
     assert repo.git("rev-parse", "HEAD^") == main_head
     rows = repo.rows()
-    assert rows == [[repo.head()[:7], "1.000000", "2.0", "keep", "baseline", "autoresearch/t1", "gpu"]]
+    assert rows == [[repo.head()[:7], "1.000000", "2.0", "keep", "baseline", "autoresearch/t1", "gpu", "baseline"]]
     assert "status:       keep" in out and "change:       baseline" in out
     assert "experiments:  1 on autoresearch/t1" in out
 
@@ -320,7 +320,8 @@ def test_first_run_starts_a_branch_and_keeps_the_unchanged_baseline(repo: Repo):
 def test_keep_when_lower_and_report(based: Repo):
     based.write("train.py", trainer("0.95", mem="45060.2"))
     out = based.run("lower is better").stdout
-    assert based.rows()[-1] == [based.head()[:7], "0.950000", "44.0", "keep", "lower is better", "autoresearch/t1", "gpu"]
+    assert based.rows()[-1] == [based.head()[:7], "0.950000", "44.0", "keep", "lower is better", "autoresearch/t1", "gpu",
+                                "single"]
     assert based.git("log", "-1", "--format=%s") == "lower is better"
     assert based.git("show", "--name-only", "--format=", "HEAD") == "train.py"  # train.py alone
     for line in ("status:       keep", "val_bpb:      0.950000", "memory_gb:    44.0",
@@ -1017,7 +1018,8 @@ def test_refuses_unknown_option(repo: Repo):
 
 @pytest.mark.parametrize("env", [{"AUTORESEARCH_TIMEOUT": "soon"}, {"AUTORESEARCH_TIMEOUT": "0"},
                                  {"AUTORESEARCH_MIN_IMPROVEMENT": "a bit"}, {"AUTORESEARCH_SANDBOX": "docker"},
-                                 {"AUTORESEARCH_SANDBOX": "unshare"}])  # removed: it could not contain training
+                                 {"AUTORESEARCH_SANDBOX": "unshare"},  # removed: it could not contain training
+                                 {"AUTORESEARCH_CONFIRM": "yes"}])
 def test_refuses_bad_settings(repo: Repo, env):
     _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_", **env)
 
@@ -1231,7 +1233,7 @@ def test_descriptions_are_made_safe(based: Repo):
         assert based.git("log", "-1", "--format=%B").strip() == desc.strip().replace("\r\n", "\n")
     df = based.table()
     assert df["description"].tolist()[1:] == [want for _, want in DESCRIPTIONS]
-    assert len(based.rows()) == len(DESCRIPTIONS) + 1 and all(len(r) == 7 for r in based.rows())
+    assert len(based.rows()) == len(DESCRIPTIONS) + 1 and all(len(r) == 8 for r in based.rows())
     assert not (based.path / "pwned").exists()
 
 
@@ -1284,7 +1286,7 @@ def test_discarded_commit_survives_gc(based: Repo):
 def test_rerun_never_moves_the_best_and_shows_the_spread(based: Repo):
     best = based.head()
     out = based.run("--rerun", "noise 1").stdout
-    assert based.rows()[-1] == [best[:7], "1.000000", "2.0", "rerun", "noise 1", "autoresearch/t1", "gpu"]
+    assert based.rows()[-1] == [best[:7], "1.000000", "2.0", "rerun", "noise 1", "autoresearch/t1", "gpu", "-"]
     assert based.head() == best and based.git("status", "--porcelain") == ""
     assert "status:       rerun" in out and "best:         1.000000" in out
     assert "noise:        val_bpb spread 0.000000 over 2 runs of " + best[:7] in out
@@ -1393,10 +1395,69 @@ def test_the_agent_permissions_deny_reading_the_heldout_scores():
         assert not _denies_read(claude["deny"] + cursor["deny"], os.path.join(repo, readable), repo), readable
 
 
+# The confirm policy: a stand-in whose n-th training (counted in the writable compile cache)
+# measures the n-th value of a list, and scores the held-out split 0.1 higher.
+SEQUENCE = """import json, os
+cache = os.environ["AUTORESEARCH_CACHE"]
+counter = os.path.join(cache, "compile", "n")
+n = int(open(counter).read()) if os.path.exists(counter) else 0
+open(counter, "w").write(str(n + 1))
+v = float(open(os.path.join(cache, "values")).read().split()[n])
+fd = int(os.environ["AUTORESEARCH_RECORD_FD"])
+os.write(fd, json.dumps({"kind": "eval", "val_bpb": v, "peak_vram_mb": 1024 * (1 + n)}).encode() + b"\\n")
+os.write(fd, json.dumps({"kind": "heldout", "heldout_bpb": v + 0.1}).encode() + b"\\n")
+print("---")
+print("val_bpb:", v)
+"""
+
+
+def test_confirm_reruns_a_gain_within_the_noise_and_decides_on_the_mean(based: Repo):
+    values = ["0.98", "0.99",          # kept, then its rerun: spread 0.01
+              "0.975", "0.979",        # 0.005 better, within the spread: run again, mean 0.977 keeps
+              "0.972", "0.985",        # 0.005 better, run again: mean 0.9785 is worse, discarded
+              "0.95",                  # 0.027 better, beyond the spread: one run keeps
+              "0.945"]                 # within the spread, without AUTORESEARCH_CONFIRM: one run keeps
+    (based.cache / "values").write_text("\n".join(values))
+    runs = lambda: int((based.cache / "compile" / "n").read_text())  # noqa: E731
+    based.write("train.py", SEQUENCE)
+    based.run("sequence", AUTORESEARCH_CONFIRM="1")
+    assert based.rows()[-1][7] == "single (noise unknown)"  # no spread measured yet: one run
+    based.run("--rerun", "noise", AUTORESEARCH_CONFIRM="1")
+    assert runs() == 2
+
+    based.write("train.py", SEQUENCE + "# small gain\n")
+    out = based.run("small gain", AUTORESEARCH_CONFIRM="1").stdout
+    assert runs() == 4
+    assert "confirm: 0.005000 below the best is within the rerun spread 0.010000" in out
+    assert "status:       keep" in out and "val_bpb:      0.977000" in out and "memory_gb:    4.0" in out
+    assert "decision:     mean of 2 (0.975000, 0.979000; spread 0.004000)" in out
+    kept = based.head()[:7]
+    assert based.rows()[-1] == [kept, "0.977000", "4.0", "keep", "small gain", "autoresearch/t1", "gpu",
+                                "mean of 2 (0.975000, 0.979000; spread 0.004000)"]
+    assert based.read("run.log").count("val_bpb:") == 2 and "confirmation run 2 of 2" in based.read("run.log")
+    held = (based.path / HELDOUT_TSV).read_text().splitlines()[-1].split("\t")
+    assert held[:7] == [kept, "0.977000", "keep", "autoresearch/t1", "gpu", "1.077000", "1.075000,1.079000"]
+
+    based.write("train.py", SEQUENCE + "# lucky once\n")
+    out = based.run("lucky once", AUTORESEARCH_CONFIRM="1").stdout
+    assert runs() == 6 and "status:       discard" in out and "val_bpb:      0.978500" in out
+    assert based.head()[:7] == kept and based.rows()[-1][7] == "mean of 2 (0.972000, 0.985000; spread 0.013000)"
+    assert "noise:        val_bpb spread 0.010000 over 2 runs" in out  # the last rerun's commit
+
+    based.write("train.py", SEQUENCE + "# clear gain\n")
+    out = based.run("clear gain", AUTORESEARCH_CONFIRM="1").stdout
+    assert runs() == 7 and "status:       keep" in out and "decision:     single" in out and "confirm:" not in out
+
+    based.write("train.py", SEQUENCE + "# small again\n")
+    out = based.run("small, default policy").stdout
+    assert runs() == 8 and "status:       keep" in out and "(within the rerun spread: may be noise)" in out
+    assert based.rows()[-1][7] == "single"
+
+
 def test_smoke_rows_are_marked(repo: Repo):
     out = repo.run("baseline", AUTORESEARCH_SMOKE="1").stdout
     assert "smoke profile" in out
-    assert repo.rows()[-1][4:] == ["baseline", "autoresearch/t1", "smoke"]
+    assert repo.rows()[-1][4:] == ["baseline", "autoresearch/t1", "smoke", "baseline"]
     assert repo.git("log", "-1", "--format=%s") == "[smoke] baseline"
     repo.write("train.py", trainer("0.9"))
     repo.run('a "quoted" change', AUTORESEARCH_SMOKE="1")
@@ -1421,6 +1482,22 @@ def test_results_tsv_from_before_the_profile_column_is_upgraded(based: Repo):
     based.write("train.py", trainer("0.99"))
     assert "status:       keep" in based.run("better").stdout
     assert based.table()["profile"].tolist() == ["smoke", "gpu", "gpu"]
+    assert based.table()["decision"].tolist() == ["baseline", "baseline", "single"]
+
+
+def test_results_tsv_from_before_the_decision_column_is_upgraded(based: Repo):
+    h = based.head()[:7]
+    old = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\n"
+           f"{h}\t1.000000\t2.0\tkeep\tbaseline\tautoresearch/t1\tgpu\n"
+           f"{h}\t1.001000\t2.0\trerun\tnoise\tautoresearch/t1\tgpu\n"
+           "bbbbbbb\t1.200000\t2.0\tdiscard\tworse\tautoresearch/t1\tgpu\n"
+           "ccccccc\t0.000000\t0.0\tcrash\tboom\tautoresearch/t1\tgpu\n")
+    based.write("results.tsv", old)
+    based.write("train.py", trainer("0.9995"))
+    out = based.run("within the spread").stdout
+    assert "status:       keep" in out and "decision:     single" in out  # the default: any gain keeps
+    assert based.table()["decision"].tolist() == ["baseline", "-", "single", "-", "single"]
+    assert based.read("results.tsv").startswith(old.split("\n")[0] + "\tdecision\n")
 
 
 def test_smoke_and_gpu_results_are_never_compared(repo: Repo):
