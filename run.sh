@@ -234,7 +234,7 @@ main() {
   [ "$smoke" = 1 ] && where="the smoke profile"
   say "sandbox: $box_on"
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
-  local t0=$EPOCHREALTIME t_run t_exit="" t_iter rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0
+  local t_run t_exit="" t_iter rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0 wall=0
   rm -f run.log   # a fresh file, never through a link left in its place
   : >run.log
   # One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log appended).
@@ -245,6 +245,7 @@ main() {
     run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" || rc=$?
     t_exit=$EPOCHREALTIME
     secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
+    wall=$(awk -v w="$wall" -v s="$secs" 'BEGIN { printf "%.1f", w + s }')
 
     # ---------------------------------------------- what did training touch?
     touched=$(check_untouched "$branch" "$tried")
@@ -283,7 +284,7 @@ main() {
     fi
     break
   done
-  secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  secs=$wall   # the report's seconds: the training processes' wall time, both runs of a confirmation
 
   # ------------------------------------------------------------ the decision
   local status decision=-
@@ -299,7 +300,7 @@ main() {
     if [ ${#runs[@]} -gt 1 ]; then
       decision="mean of ${#runs[@]} ($(printf '%s, ' "${runs[@]}" | sed 's/, $//'); spread $(printf '%s\n' "${runs[@]}" |
         awk 'NR == 1 || $1 < lo { lo = $1 } NR == 1 || $1 > hi { hi = $1 } END { printf "%.6f", hi - lo }'))"
-    elif [ "$mode" = experiment ]; then
+    elif [ "$decision" = - ] && [ "$mode" = experiment ]; then
       decision=single
       [ "$confirm" = 0 ] || [ "$noise_before" != - ] || [ "$status" != keep ] || decision="single (noise unknown)"
     fi
