@@ -1505,6 +1505,7 @@ def test_smoke_and_gpu_results_are_never_compared(repo: Repo):
     repo.write("train.py", trainer("0.95"))
     out = repo.run("first gpu run").stdout
     assert "status:       keep" in out and "change:       -\n" in out
+    assert repo.rows()[-1][6:] == ["gpu", "baseline"]  # nothing to compare with: the GPU baseline
 
 
 def test_fallback_git_identity(repo: Repo):
