@@ -365,7 +365,7 @@ def plot(df, out_path, title_prefix, sigma=None):
     chain = keeps[keeps["heldout_bpb"].notna()] if "heldout_bpb" in keeps else keeps.iloc[:0]
     if len(chain):  # a second panel: the kept chain's val_bpb and held-out bpb, as change since the baseline
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(14, 10), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-        plot_heldout(ax2, keeps, sigma)
+        plot_heldout(ax2, keeps, sigma, df["n"].max() + 0.5)
     else:
         fig, ax = plt.subplots(figsize=(14, 7))
     if not len(chain):
@@ -442,20 +442,23 @@ def plot(df, out_path, title_prefix, sigma=None):
     plt.close(fig)
 
 
-def plot_heldout(ax, keeps, sigma):
-    """The kept chain: val_bpb and held-out bpb as their change since the baseline, with the noise."""
+def plot_heldout(ax, keeps, sigma, right):
+    """The kept chain: val_bpb and held-out bpb as their change since the baseline, with the noise;
+    each line holds its last keep's value up to the right edge (right)."""
     base = keeps.iloc[0]
+    keeps = pd.concat([keeps, keeps.iloc[-1:].assign(n=right)])
     ax.axhline(0, color="#888888", linewidth=0.8)
     if sigma:
         band = NOISE_SIGMAS * sigma * math.sqrt(2)  # the noise of a difference of two runs
         ax.axhspan(-band, band, color="#bbbbbb", alpha=0.3, zorder=1,
                    label=f"noise: within {NOISE_SIGMAS} sigma of a two-run difference")
-    ax.plot(keeps["n"], keeps["val_bpb"] - base["val_bpb"], marker="o", color="#27ae60", linewidth=2,
-            drawstyle="steps-post", zorder=3, label="val_bpb (every decision is made on it)")
+    ax.plot(keeps["n"], keeps["val_bpb"] - base["val_bpb"], marker="o", markevery=list(range(len(keeps) - 1)),
+            color="#27ae60", linewidth=2, drawstyle="steps-post", zorder=3,
+            label="val_bpb (every decision is made on it)")
     held = keeps[keeps["heldout_bpb"].notna()]
     if not math.isnan(base["heldout_bpb"]):
-        ax.plot(held["n"], held["heldout_bpb"] - base["heldout_bpb"], marker="s", color="#8e44ad",
-                drawstyle="steps-post", linewidth=2, linestyle="--", zorder=4,
+        ax.plot(held["n"], held["heldout_bpb"] - base["heldout_bpb"], marker="s", markevery=list(range(len(held) - 1)),
+                color="#8e44ad", drawstyle="steps-post", linewidth=2, linestyle="--", zorder=4,
                 label="held-out bpb (no decision uses it)")
     ax.set_xlabel("experiment #")
     ax.set_ylabel("change since the baseline\n(kept chain; lower is better)")
