@@ -43,7 +43,8 @@ HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 SMOKE_PREFIX = "[smoke] "
 TOP_N = 10
-NOISE_SIGMAS = 2  # a gain below 2 standard deviations of the rerun noise is "within the noise"
+NOISE_SIGMAS = 2  # "within the noise": a change below 2 standard deviations of a two-run difference
+WITHIN = NOISE_SIGMAS * math.sqrt(2)  # ... in units of one run's sigma (a difference of two runs: sigma x sqrt(2))
 
 
 def fail(message):
@@ -181,9 +182,10 @@ def noise(groups):
 
 def measured_noise(df):
     """(val sigma, held-out sigma, runs, commits): from commits measured more than once (a kept run
-    and its reruns, and the runs behind a confirmed decision)."""
+    and its reruns, and the two runs behind a confirmation, kept or not)."""
     val, held = defaultdict(list), defaultdict(list)
-    for _, row in df[df["status"].isin(["keep", "rerun"])].iterrows():
+    measured = df["status"].isin(["keep", "rerun"]) | df["decision"].str.startswith("mean of")
+    for _, row in df[measured].iterrows():
         key = (row["commit"], row["branch"])
         val[key] += runs_of(row["decision"], row["val_bpb"])
         held[key] += row["heldout_runs"] if "heldout_runs" in row else []
@@ -204,7 +206,7 @@ def heldout_report(df, keeps, heldout_path):
         print(f"noise: sigma {sigma:.6f} val_bpb"
               + (f", {h_sigma:.6f} held-out" if h_sigma else "")
               + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once;"
-              f" within the noise = a change below {NOISE_SIGMAS} sigma)")
+              f" within the noise = a change between two runs below {NOISE_SIGMAS} x sqrt(2) = {WITHIN:.1f} sigma)")
     else:
         print("noise: unknown (no commit measured twice: ./run.sh --rerun \"why\" measures it)")
     has_heldout = keeps["heldout_bpb"].notna().any()
@@ -222,7 +224,7 @@ def heldout_report(df, keeps, heldout_path):
             hcol = (f"{hd:+10.6f} {in_sigmas(hd, h_sigma or sigma):>6s}" if not math.isnan(hd)
                     else f"{'-':>10s} {'':>6s}")
             cols = f"{d:+10.6f} {in_sigmas(d, sigma):>6s}   {held} {hcol}"
-            if sigma and abs(d) < NOISE_SIGMAS * sigma:
+            if sigma and abs(d) < WITHIN * sigma:
                 within.append(f"#{row['n']}")
         decision = f"[{row['decision']}] " if row["decision"] not in ("", "single", "baseline") else ""
         print(f"  #{row['n']:<4d} {row['commit']:<8s} {row['val_bpb']:9.6f} {cols}   "
@@ -265,17 +267,17 @@ def verdict(gain, h_gain, sigma, h_sigma):
     h_sigma = h_sigma or sigma
     tolerance = NOISE_SIGMAS * math.sqrt(2 * sigma ** 2 + 2 * h_sigma ** 2)
     gap = h_gain - gain  # > 0: held-out gained less than validation
-    if gain < -NOISE_SIGMAS * sigma * math.sqrt(2) and gap > tolerance:
-        if h_gain > -NOISE_SIGMAS * h_sigma * math.sqrt(2):
+    if gain < -WITHIN * sigma and gap > tolerance:
+        if h_gain > -WITHIN * h_sigma:
             return (f"VERDICT: validation improved ({gain:+.6f}) but held-out did not ({h_gain:+.6f}): "
                     f"the night's gain does not carry to unseen data beyond the noise (gap {gap:.6f} > "
                     f"{tolerance:.6f}); the kept changes fit the validation split or were picked from noise")
         return (f"VERDICT: held-out improved less than validation ({h_gain:+.6f} against {gain:+.6f}, gap "
                 f"{gap:.6f} > {tolerance:.6f}): part of the night's gain is specific to the validation split")
-    if gain < -NOISE_SIGMAS * sigma * math.sqrt(2):
+    if gain < -WITHIN * sigma:
         return f"verdict: held-out agrees with validation within the noise (gap {gap:+.6f}, tolerance {tolerance:.6f})"
     return (f"verdict: the night's val_bpb change ({gain:+.6f}) is within the noise "
-            f"({NOISE_SIGMAS} x {sigma * math.sqrt(2):.6f}); nothing to confirm on the held-out split")
+            f"({WITHIN * sigma:.6f}); nothing to confirm on the held-out split")
 
 
 def short(text, width):
@@ -449,9 +451,9 @@ def plot_heldout(ax, keeps, sigma, right):
     keeps = pd.concat([keeps, keeps.iloc[-1:].assign(n=right)])
     ax.axhline(0, color="#888888", linewidth=0.8)
     if sigma:
-        band = NOISE_SIGMAS * sigma * math.sqrt(2)  # the noise of a difference of two runs
+        band = WITHIN * sigma  # the noise of a difference of two runs
         ax.axhspan(-band, band, color="#bbbbbb", alpha=0.3, zorder=1,
-                   label=f"noise: within {NOISE_SIGMAS} sigma of a two-run difference")
+                   label=f"noise: within {NOISE_SIGMAS} sigma of a two-run difference ({WITHIN:.1f} x one run's)")
     ax.plot(keeps["n"], keeps["val_bpb"] - base["val_bpb"], marker="o", markevery=list(range(len(keeps) - 1)),
             color="#27ae60", linewidth=2, drawstyle="steps-post", zorder=3,
             label="val_bpb (every decision is made on it)")
