@@ -1395,8 +1395,9 @@ def test_the_agent_permissions_deny_reading_the_heldout_scores():
         assert not _denies_read(claude["deny"] + cursor["deny"], os.path.join(repo, readable), repo), readable
 
 
-# The confirm policy: a stand-in whose n-th training (counted in the writable compile cache)
-# measures the n-th value of a list, and scores the held-out split 0.1 higher.
+# The confirm policy: a stand-in whose n-th training (counted in the compile cache, which persists
+# without a sandbox; bubblewrap keeps a run's additions only after a keep) measures the n-th value
+# of a list, and scores the held-out split 0.1 higher.
 SEQUENCE = """import json, os
 cache = os.environ["AUTORESEARCH_CACHE"]
 counter = os.path.join(cache, "compile", "n")
@@ -1419,6 +1420,7 @@ def test_confirm_reruns_a_gain_within_the_noise_and_decides_on_the_mean(based: R
               "0.945"]                 # within the spread, without AUTORESEARCH_CONFIRM: one run keeps
     (based.cache / "values").write_text("\n".join(values))
     runs = lambda: int((based.cache / "compile" / "n").read_text())  # noqa: E731
+    based.env["AUTORESEARCH_SANDBOX"] = "none"  # the policy is the same in the sandbox; the counter persists
     based.write("train.py", SEQUENCE)
     based.run("sequence", AUTORESEARCH_CONFIRM="1")
     assert based.rows()[-1][7] == "single (noise unknown)"  # no spread measured yet: one run
