@@ -196,12 +196,12 @@ def test_the_heldout_split_shares_no_document_with_training_or_validation(tmp_pa
     assert m["heldout_sha256"] == P.val_fingerprint("heldout") != m["val_sha256"]
     # a changed held-out file is refused like a changed validation file
     path = P.split_files("heldout")[0]
+    st = os.stat(path)
     data = bytearray(open(path, "rb").read())
     data[5] ^= 1
     open(path, "wb").write(bytes(data))
     r = run_prepare(cache, "--check")
     assert r.returncode == 1 and "held-out tokens" in r.stderr
-    st = os.stat(path)
     data[5] ^= 1
     open(path, "wb").write(bytes(data))  # the module stays loaded on this cache for later tests
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
