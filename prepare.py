@@ -1185,6 +1185,15 @@ def eval_rows(tokenizer, batch_size, split="val"):
         yield next(rows)[0]
 
 
+def eval_fingerprint(batch_size, split="val"):
+    """What the record's fingerprint of an evaluation must be: the sha256 over the sha256 of each
+    batch that evaluate_bpb scores, as its loader hashes them."""
+    digest = hashlib.sha256()
+    for rows in eval_rows(Tokenizer.from_directory(), batch_size, split):
+        digest.update(hashlib.sha256(rows).digest())
+    return digest.hexdigest()
+
+
 def verify_run(record, log_text, launched=None, exited=None):
     """The result of one training run as the harness recorded it, checked in a separate process
     against prepare.py's own constants and data. Returns a dict for run.sh; raises PrepareError
@@ -1223,10 +1232,7 @@ def verify_run(record, log_text, launched=None, exited=None):
     if ev["tokens"] != tokens:
         raise PrepareError(f"the evaluation scored {ev['tokens']:,} tokens, but at batch size {B} the harness "
                            f"scores {tokens:,} (EVAL_TOKENS = {EVAL_TOKENS:,} in prepare.py)")
-    digest = hashlib.sha256()
-    for rows in eval_rows(Tokenizer.from_directory(), B):
-        digest.update(hashlib.sha256(rows).digest())
-    if ev["sha256"] != digest.hexdigest():
+    if ev["sha256"] != eval_fingerprint(B):
         raise PrepareError("the evaluation scored other tokens than the first EVAL_TOKENS of the pinned "
                            "validation split")
     if not math.isfinite(ev["val_bpb"]):
@@ -1240,10 +1246,7 @@ def verify_run(record, log_text, launched=None, exited=None):
     held = held[0]
     if held["batch_size"] != B or held["tokens"] != eval_steps(B, "heldout") * B * MAX_SEQ_LEN:
         raise PrepareError("the held-out evaluation scored another number of tokens than the harness's")
-    digest = hashlib.sha256()
-    for rows in eval_rows(Tokenizer.from_directory(), B, "heldout"):
-        digest.update(hashlib.sha256(rows).digest())
-    if held["sha256"] != digest.hexdigest():
+    if held["sha256"] != eval_fingerprint(B, "heldout"):
         raise PrepareError("the held-out evaluation scored other tokens than the first HELDOUT_TOKENS of the "
                            "held-out split")
     if not math.isfinite(held["heldout_bpb"]):
