@@ -1220,8 +1220,8 @@ def verify_run(record, log_text, launched=None, exited=None):
     if not train["batches"]:
         raise PrepareError("train.py never took a training batch from prepare.make_dataloader: "
                            "the harness measures the time budget by the batches it serves")
-    if max(e["train"]["batches"] if "train" in e else e["batches"] for e in events
-           if e.get("kind") in ("train", "eval")) > train["batches"]:
+    served = [e["batches"] for e in events if e.get("kind") == "train"] + [e["train"]["batches"] for e in evals]
+    if max(served) > train["batches"]:
         raise PrepareError("training batches were taken after evaluate_bpb started: evaluation comes last")
 
     # the tokens scored: exactly what evaluate_bpb serves at that batch size, from the pinned split

@@ -118,15 +118,13 @@ main() {
 
   # --------------------------------------- recover a run that was interrupted
   if [ -d "$state/pending" ]; then recover || exit $?; fi
-  # results.tsv from before the profile column: add it (such rows marked smoke runs "[smoke] ")
-  if [ "$(head -n 1 results.tsv 2>/dev/null)" = "$(printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch')" ]; then
-    awk -F'\t' -v OFS='\t' 'NR == 1 { print $0, "profile"; next } { print $0, ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }' \
-      results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
-  fi
-  # ... and from before the decision column: every decision was one run's (the first keep of a
-  # branch and profile was its baseline)
-  if [ "$(head -n 1 results.tsv 2>/dev/null)" = "$(printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile')" ]; then
-    awk -F'\t' -v OFS='\t' 'NR == 1 { print $0, "decision"; next }
+  # results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
+  # were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
+  # profile its baseline.
+  if [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv; then
+    awk -F'\t' -v OFS='\t' '
+      NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
+      old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
       $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
       { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
       results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
@@ -290,7 +288,7 @@ main() {
   local status decision=-
   if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0
   else
-    val=$(printf '%s\n' "${runs[@]}" | awk '{ s += $1 } END { printf "%.6f", s / NR }')
+    val=$(mean "${runs[@]}")
     mem=$(awk -v m="$peak" 'BEGIN { printf "%.1f", m / 1024 }')
     if [ "$mode" = rerun ]; then status=rerun
     elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep; decision=baseline
@@ -309,7 +307,7 @@ main() {
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
   if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
     put heldout "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$status" "$branch" "$profile" \
-      "$(printf '%s\n' "${held_runs[@]}" | awk '{ s += $1 } END { printf "%.6f", s / NR }')" \
+      "$(mean "${held_runs[@]}")" \
       "$(printf '%s,' "${held_runs[@]}" | sed 's/,$//')" "$root" "$(date '+%F %T')")"
   fi
   finish_pending                                 # revert if needed, append the row
@@ -377,6 +375,7 @@ g() {
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
 clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
+mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.6f", s / NR }'; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
 put() { printf '%s' "$2" >"$state/pending/$1"; }
 get() { cat "$state/pending/$1" 2>/dev/null || true; }

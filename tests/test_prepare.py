@@ -143,14 +143,19 @@ def test_packing_keeps_every_token(smoke):
         assert (np.diff(first[doc_of == d]) > 0).all()
 
 
-def test_train_and_val_never_mix(tmp_path):
-    docs = words_corpus(400, seed=1, marker="doc")
+def prepared_corpus(tmp_path, docs):
+    """prepare.py --data on a jsonl file of these documents; the module, loaded for its cache."""
     src = tmp_path / "corpus.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     cache = tmp_path / "cache"
     r = run_prepare(cache, "--data", str(src))
     assert r.returncode == 0, r.stderr
-    P = load_prepare(cache)
+    return load_prepare(cache)
+
+
+def test_train_and_val_never_mix(tmp_path):
+    docs = words_corpus(400, seed=1, marker="doc")
+    P = prepared_corpus(tmp_path, docs)
     tok = P.Tokenizer.from_directory()
     val_ids = {d[3:8] for d in docs if P.is_val_document(d)}
     train_ids = {d[3:8] for d in docs} - val_ids
@@ -174,12 +179,8 @@ def split_documents(P, split, bos):
 def test_the_heldout_split_shares_no_document_with_training_or_validation(tmp_path):
     docs = words_corpus(600, seed=4, marker="doc")
     docs += [docs[7], docs[8], docs[9]]  # exact duplicates land with their twins, never across
-    src = tmp_path / "corpus.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    P = prepared_corpus(tmp_path, docs)
     cache = tmp_path / "cache"
-    r = run_prepare(cache, "--data", str(src))
-    assert r.returncode == 0, r.stderr
-    P = load_prepare(cache)
     tok = P.Tokenizer.from_directory()
     ids = {}
     for split in P.SPLITS:
