@@ -180,17 +180,17 @@ main() {
   choose_sandbox
   take_gpu_locks || exit $?
 
-  if ! run_boxed 600 "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
+  if ! run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
     die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
       "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
   fi
-  # The hard limit follows from prepare.py's TIME_BUDGET: twice the budget plus two minutes
-  # (a cold start on an H100 spends ~90 s compiling and evaluating outside the budget; the
-  # smoke profile's 10 warm-up steps took 60 s on a 2-core machine shared with other jobs).
+  # The hard limit is prepare.py's: its start-up allowance, then the budget and its slack.
   local budget
   budget=$(awk -F': *' '$1 == "time_budget" { print $2 }' "$tmp/check.out")
   is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
-  [ -n "$limit" ] || limit=$(awk -v b="$budget" 'BEGIN { print 2 * b + 120 }')
+  [ -n "$limit" ] || limit=$(awk -F': *' '$1 == "training_limit" { print $2 }' "$tmp/check.out")
+  is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
+  train_view || die 1 "cannot link the training split into $prep/tokens-train (hard links in the cache directory)"
 
   # ------------------------------------------------------ changes start here
   if [ -n "$new_branch" ]; then
@@ -232,15 +232,18 @@ main() {
   [ "$smoke" = 1 ] && where="the smoke profile"
   say "sandbox: $box_on"
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
-  local t_run t_exit="" t_iter rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0 wall=0
+  local t_run t_exit="" t_iter t_ev0 t_ev1 rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0 wall=0
   rm -f run.log   # a fresh file, never through a link left in its place
   : >run.log
   # One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log appended).
   while :; do
     t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}   # t_iter: where the report's "outside:" line starts
-    # fd 3: the run record, written by prepare.py's loader and evaluate_bpb (not by train.py's prints)
-    : >"$tmp/record"
-    run_boxed "$limit" env AUTORESEARCH_RECORD_FD=3 "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" || rc=$?
+    # fd 3: the run record, written by prepare.py's loader and evaluate_bpb in train.py's process
+    # (a description of the run; the numbers that decide come from the evaluator and run.sh's clock).
+    # The model is handed over in $tmp/handover, the one place training may write.
+    : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
+    run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_HANDOVER="$tmp/handover" "$py" train.py \
+      </dev/null >>run.log 2>&1 3>>"$tmp/record" || rc=$?
     t_exit=$EPOCHREALTIME
     secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
     wall=$(awk -v w="$wall" -v s="$secs" 'BEGIN { printf "%.1f", w + s }')
@@ -249,20 +252,26 @@ main() {
     touched=$(check_untouched "$branch" "$tried")
 
     # ---------------------------------------------------------- the result
-    # prepare.py, in a separate process, checks the record against its own constants and data
-    # and gives the numbers; run.log only has to agree with them.
+    # The evaluator, a new process that runs no code of train.py's, bounds the training time by
+    # run.sh's clock, then scores the handed-over model on data training never saw.
     verdict=0 reason=""
-    run_boxed 600 "$py" -I prepare.py --verify-run run.log --launched "$t_run" --exited "$t_exit" \
-      <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+    if [ "$rc" -eq 0 ] && [ -z "$touched" ]; then
+      t_ev0=$EPOCHREALTIME
+      run_boxed 600 eval "$py" -I prepare.py --evaluate "$tmp/handover" --launched "$t_run" --exited "$t_exit" \
+        <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+      t_ev1=$EPOCHREALTIME
+    else
+      : >"$tmp/verify.out"
+    fi
     val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
     heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
     if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
-      reason="timed out after ${limit}s (process group killed)"
+      reason="timed out after ${limit}s: the start-up allowance, the budget and its slack (process group killed)"
     elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
     elif [ "$verdict" -ne 0 ]; then
       reason=$(record_value reason)
-      reason=${reason:-"the run could not be checked: $(tail -n 1 "$tmp/verify.out")"}
-    elif ! is_number "$val"; then reason="no val_bpb in the run record"
+      reason=${reason:-"the evaluator failed: $(tail -n 1 "$tmp/verify.out")"}
+    elif ! is_number "$val"; then reason="the evaluator gave no val_bpb"
     fi
     [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
     if [ -n "$reason" ]; then
@@ -337,9 +346,9 @@ main() {
   [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
   printf 'val_bpb:      %s\n' "$val"
   printf 'memory_gb:    %s\n' "$mem"
-  [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss; from batch %s of %s), %s tokens; evaluation %ss\n' \
-    "$(record_value training_seconds)" "$budget" "$(record_value clock_from_batch)" "$(record_value training_batches)" \
-    "$(record_value training_tokens)" "$(record_value eval_seconds)"
+  [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss; from %s of %s to the exit, hand-over %ss), %s tokens; evaluation %ss\n' \
+    "$(record_value training_seconds)" "$budget" "$(record_value clock_from)" "$(record_value training_batches)" \
+    "$(record_value handover_seconds)" "$(record_value training_tokens)" "$(record_value eval_seconds)"
   case $status in
     keep) printf 'best:         %s (%s, this run)\n' "$val" "$t7" ;;
     *) if [ -n "$best" ]; then printf 'best:         %s (%s)\n' "$best" "$h7"; else printf 'best:         none yet\n'; fi ;;
@@ -360,7 +369,7 @@ main() {
   esac
   printf 'sandbox:      %s\n' "$box_short"
   printf 'seconds:      %s\n' "$secs"
-  [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit"   # the last run (of two, when confirmed)
+  [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit" "$t_ev0" "$t_ev1"   # the last run (of two, when confirmed)
   printf 'log:          run.log (all results: results.tsv)\n'
   return 0
 }
@@ -420,19 +429,22 @@ tsv_stats() {
     }' "$f"
 }
 
-# The report's line on where the time outside the training budget went.
+# The report's line on where the time outside the training budget went: CALLED, the training
+# process's launch and exit, the evaluator's start and end (run.sh's clock).
 outside_budget() {
-  awk -v called="$1" -v t0="$2" -v t1="$3" -v now="$EPOCHREALTIME" -v train="$(record_value training_seconds)" \
-      -v up="$(record_value startup_seconds)" -v warm="$(record_value warmup_seconds)" \
-      -v ev="$(record_value eval_seconds)" -v hd="$(record_value heldout_seconds)" -v ex="$(record_value exit_seconds)" 'BEGIN {
+  awk -v called="$1" -v t0="$2" -v t1="$3" -v e0="$4" -v e1="$5" -v now="$EPOCHREALTIME" \
+      -v train="$(record_value training_seconds)" -v up="$(record_value startup_seconds)" \
+      -v warm="$(record_value warmup_seconds)" -v ev="$(record_value eval_seconds)" -v hd="$(record_value heldout_seconds)" 'BEGIN {
     printf "outside:      %.1fs of %.1fs outside the budget: run.sh before %.1f, start-up %.1f, compile and warm-up %.1f, ", \
       now - called - train, now - called, t0 - called, up, warm
-    printf "evaluation %.1f, held-out evaluation %.1f, exit %.1f, run.sh after %.1f\n", ev, hd, ex, now - t1 }'
+    printf "evaluator start-up %.1f, evaluation %.1f, held-out evaluation %.1f, run.sh after %.1f\n", \
+      e1 - e0 - ev - hd, ev, hd, now - e1 + e0 - t1 }'
 }
 
-# A value from prepare.py --verify-run's output (the run record, checked).
+# A value from the evaluator's output (prepare.py --evaluate).
 record_value() { awk -v k="$1: " 'index($0, k) == 1 { v = substr($0, length(k) + 1) } END { print v }' "$tmp/verify.out"; }
-summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ { b = b "  " $0 "\n" } END { printf "training summary:\n%s", b }' run.log; }
+# train.py's own summary, less its val_bpb line: under run.sh evaluate_bpb returns nan there.
+summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ && !/^val_bpb:/ { b = b "  " $0 "\n" } END { printf "training summary:\n%s", b }' run.log; }
 
 # ---------------------------------------------------------------- sandbox
 # Fills box (the command prefix), box_kind, box_on and box_short (what the report says).
@@ -442,9 +454,10 @@ summary_block() { awk '/^---$/ { n = NR; b = "" } n && NR > n && /^[A-Za-z_]+:/ 
 # a working one, run.sh refuses unless AUTORESEARCH_SANDBOX=none asks for no sandbox.
 choose_sandbox() {
   local p b how cands=() err=""
-  cc=$cache/compile; [ "$smoke" = 0 ] || cc=$cache/smoke/compile   # train.py's compile cache
-  mkdir -p "$cc" "$tmp/up" "$tmp/work" "$tmp/t"
-  box=() box_kind=none box_tmp=$tmp/t pdeath=()
+  prep=$cache; [ "$smoke" = 0 ] || prep=$cache/smoke   # the profile's prepared data
+  cc=$prep/compile                                      # train.py's compile cache
+  mkdir -p "$cc" "$prep/evaluator" "$tmp/up" "$tmp/work" "$tmp/t" "$tmp/handover"
+  box_check=() box_train=() box_eval=() box_kind=none box_tmp=$tmp/t pdeath=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = none ]; then
@@ -464,11 +477,13 @@ choose_sandbox() {
   done
   for how in overlay tmpfs; do   # the compile cache: an overlay, else a private empty one
     for b in "${cands[@]}"; do
-      box_args "$b" "$how"
+      box_args "$b" "$how" train
       if "${box[@]}" true 2>"$tmp/box.err"; then
-        box_kind=bwrap box_tmp=/tmp
+        box_kind=bwrap box_tmp=/tmp box_train=("${box[@]}")
+        box_args "$b" "$how" check; box_check=("${box[@]}")
+        box_args "$b" "$how" eval; box_eval=("${box[@]}")
         box_short="$("$b" --version 2>/dev/null) ($b)"
-        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, prepared data, the Python, /usr, /etc; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
+        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer and the training split (no validation or held-out data, no raw data), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
         else box_on+="compile cache private and empty (no overlay mounts here: slower); "; box_short+=", compile cache not reused"
         fi
@@ -485,8 +500,12 @@ choose_sandbox() {
     "(train.py can then read and change whatever you can, and reach the network)"
 }
 
-# box_args BWRAP overlay|tmpfs: the bubblewrap command. Only what training needs is
-# mounted, read-only; the root, $HOME and the mount points stay read-only too.
+# box_args BWRAP overlay|tmpfs check|train|eval: the bubblewrap command. Only what the
+# process needs is mounted, read-only; the root, $HOME and the mount points stay read-only.
+# train: of the prepared data, the tokenizer and the training split alone (the evaluation
+# splits and the raw data are not there at all), the compile cache, and the hand-over
+# directory, writable. eval (the evaluator) and check: all the prepared data; the evaluator
+# writes its own compile cache, which training never sees.
 box_args() {
   local p cap=$((4 << 30)) home=${HOME:-/}
   cap_gb=$((cap >> 30))
@@ -499,12 +518,19 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  for p in "$root" "$common" "$cache" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  for p in "$root" "$common" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
   # the held-out scores are not for train.py's eyes (it could print them to run.log)
   [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
-  if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
-  else box+=(--size "$cap" --tmpfs "$cc")
-  fi
+  case $3 in
+    train)
+      box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json"
+            --ro-bind-try "$prep/tokens-train" "$prep/tokens" --bind "$tmp/handover" "$tmp/handover")
+      if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
+      else box+=(--size "$cap" --tmpfs "$cc")
+      fi ;;
+    eval) box+=(--ro-bind "$cache" "$cache" --bind "$prep/evaluator" "$prep/evaluator") ;;
+    *) box+=(--ro-bind-try "$cache" "$cache") ;;
+  esac
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
 }
@@ -563,13 +589,15 @@ take_gpu_locks() {
   done
 }
 
-# run_boxed LIMIT CMD...: CMD in the sandbox with the allow-listed environment, in
-# its own process group (timeout makes one), killed with it after LIMIT seconds;
-# timeout dies with run.sh, and the sandbox with timeout.
+# run_boxed LIMIT check|train|eval CMD...: CMD in that sandbox (box_args) with the
+# allow-listed environment, in its own process group (timeout makes one), killed with it
+# after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout.
 run_boxed() {
-  local limit=$1 rc=0; shift
-  mkdir -p "$tmp/t"
-  "${pdeath[@]}" timeout -s KILL "$limit" "${box[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
+  local limit=$1 rc=0 bx=()
+  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
+  shift 2
+  mkdir -p "$tmp/t" "$tmp/handover"
+  "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
     AUTORESEARCH_RUN="$run_id" "$@" <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
@@ -580,6 +608,20 @@ run_boxed() {
   [ "$box_kind" != none ] || kill_run "$run_id" || true
   return "$rc"
 }
+# The training split alone, as hard links in one directory that the sandbox shows training
+# in place of tokens/: the validation and held-out files are not there at all. Rebuilt only
+# when the training files changed (a new prepare.py run), so a worktree training beside this
+# one keeps its view.
+train_view() {
+  [ "$box_kind" = bwrap ] || return 0
+  local view=$prep/tokens-train want have
+  want=$(cd "$prep/tokens" && stat -c '%n %i' train_*.bin) || return 1
+  have=$(cd "$view" 2>/dev/null && stat -c '%n %i' train_*.bin 2>/dev/null) || have=""
+  [ "$want" != "$have" ] || return 0
+  rm -rf -- "$view.$$" && mkdir -- "$view.$$" && ln -- "$prep"/tokens/train_*.bin "$view.$$"/ &&
+    rm -rf -- "$view" && mv -- "$view.$$" "$view"
+}
+
 # Kills the processes of a run, found by the AUTORESEARCH_RUN tag in their environment.
 kill_run() {
   local f pids=()

@@ -63,7 +63,7 @@ CONTAINED = SANDBOXES[:1]
 
 PREPARE = '''\
 """Stand-in prepare.py: --check verifies data.bin against its recorded fingerprint;
---verify-run gives the result from the last evaluation in the run record on stdin."""
+--evaluate gives the result of the model that train.py handed over (a model.json of figures)."""
 import hashlib, json, math, os, sys
 cache = os.environ["AUTORESEARCH_CACHE"]
 if os.environ.get("AUTORESEARCH_SMOKE") == "1":
@@ -80,41 +80,39 @@ if digest != recorded:
 if "--check" in sys.argv:
     print("prepared data ok")
     print("time_budget: 1")
-if "--verify-run" in sys.argv:
-    lines = sys.stdin.readlines()
-    evals = [json.loads(line) for line in lines if '"eval"' in line]
-    held = [json.loads(line) for line in lines if '"heldout"' in line]
-    if not evals:
-        print("reason: no evaluation in the run record")
+    print("training_limit: 30")
+if "--evaluate" in sys.argv:
+    try:
+        with open(os.path.join(sys.argv[sys.argv.index("--evaluate") + 1], "model.json")) as f:
+            model = json.load(f)
+    except OSError:
+        print("reason: train.py handed no model over")
         sys.exit(1)
-    v = evals[-1]["val_bpb"]
+    v = model["val_bpb"]
     if not math.isfinite(v):
         print(f"reason: val_bpb is {v}")
         sys.exit(1)
     print(f"val_bpb: {v:.6f}\\ntraining_seconds: 0.1\\ntraining_tokens: 1000\\neval_seconds: 0.0")
-    print(f"peak_vram_mb: {evals[-1]['peak_vram_mb']}")
-    if held:
-        print(f"heldout_bpb: {held[-1]['heldout_bpb']}")
+    print(f"peak_vram_mb: {model['peak_vram_mb']}")
+    if model.get("heldout"):
+        print(f"heldout_bpb: {model['heldout']}")
 '''
 
 
 def trainer(val="1.0", body: str = "", mem: str = "2048.0", exit_code: int = 0, heldout: str = "") -> str:
-    """A stand-in train.py: runs `body`, writes an evaluation (and the held-out score, when given)
-    to the run record as the real evaluate_bpb would (when val is a number), then prints the
-    summary block."""
+    """A stand-in train.py: runs `body`, hands over a "model" (the figures the stand-in evaluator
+    reports, when val is a number) where run.sh asks, then prints the summary block."""
     return (
         "import os, subprocess, sys, time\n"
         + textwrap.dedent(body)
         + textwrap.dedent(
             f"""
             print("step 1 | loss 3.0", flush=True)
-            if {val!r} and "AUTORESEARCH_RECORD_FD" in os.environ:
+            if {val!r} and os.environ.get("AUTORESEARCH_HANDOVER"):
                 import json
-                record = {{"kind": "eval", "val_bpb": float({val!r}), "peak_vram_mb": {mem}}}
-                os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), (json.dumps(record) + "\\n").encode())
-                if {heldout!r}:
-                    record = {{"kind": "heldout", "heldout_bpb": float({heldout!r})}}
-                    os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), (json.dumps(record) + "\\n").encode())
+                model = {{"val_bpb": float({val!r}), "peak_vram_mb": {mem}, "heldout": {heldout!r}}}
+                with open(os.path.join(os.environ["AUTORESEARCH_HANDOVER"], "model.json"), "w") as f:
+                    json.dump(model, f)
             print("---")
             print("val_bpb:          {val}")
             print("training_seconds: 0.1")
@@ -365,7 +363,7 @@ def test_equal_is_not_better_and_min_improvement(based: Repo):
         ("", "nan", 1, "exited with code 1"),  # NaN loss: train.py exits non-zero
         ("", "nan", 0, "val_bpb is nan"),  # NaN evaluated, exit 0: still a crash
         ("", "inf", 0, "val_bpb is inf"),
-        ("print('---')\n", "", 0, "no evaluation in the run record"),  # no value at all
+        ("print('---')\n", "", 0, "handed no model over"),  # no value at all
     ],
     ids=["exception", "nan-exit", "nan-printed", "inf", "missing"],
 )
@@ -831,13 +829,15 @@ def test_refuses_without_uv_or_a_python(repo: Repo):
 
 # ------------------------------------------------- results the harness vouches for
 # The real prepare.py in the smoke profile, with small trainers that use its API the way
-# train.py does. Each attempt to forge a result, stretch the budget or read the validation
-# split must end as a crash with a reason, and an honest run must still be kept.
+# train.py does. Every attempt to forge a result, train on evaluation data, look ahead or
+# stretch the budget ends as a crash with a reason, or changes nothing; an honest run is kept.
 
 REAL_PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
+REAL_TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 
 TINY = """
-import sys, time
+import os, sys, time
+import numpy as np
 import torch
 import torch.nn.functional as F
 import prepare
@@ -857,12 +857,11 @@ while n < 40 or time.time() - t0 < {seconds}:  # past WARMUP_BATCHES, when the h
 {evaluate}
 print("---")
 print(f"val_bpb:          {{val:.6f}}")
-print(f"training_seconds: {{min(time.time() - t0, TIME_BUDGET) if {honest_time} else (time.time() - t0) / 3:.1f}}")
 """
 
 
-def tiny(setup="", split='"train"', seconds=1.0, evaluate="val = evaluate_bpb(model, tok, 8)", honest_time=True):
-    return TINY.format(setup=setup, split=split, seconds=seconds, evaluate=evaluate, honest_time=honest_time)
+def tiny(setup="", split='"train"', seconds=1.0, evaluate="val = evaluate_bpb(model, tok, 8)"):
+    return TINY.format(setup=setup, split=split, seconds=seconds, evaluate=evaluate)
 
 
 @pytest.fixture(scope="session")
@@ -896,71 +895,129 @@ def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
     harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
     out = harness.run("honest").stdout
     assert "status:       " in out and "crash" not in out.split("status:")[1].split("\n")[0], out
-    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s; from batch 32 of \d+\), (\d+) tokens", out)
-    assert rec and 0 < float(rec.group(1)) < 5 and int(rec.group(2)) >= 40 * 8 * 256, out
-    printed = re.search(r"^val_bpb:\s+(\S+)", harness.read("run.log"), re.M).group(1)
-    assert harness.rows()[-1][1] == printed  # the record's value, which train.py printed faithfully
+    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s; from batch 32 of \d+ to the exit, "
+                    r"hand-over ([\d.]+)s\), (\d+) tokens", out)
+    assert rec and 0 < float(rec.group(1)) < 17 and int(rec.group(3)) >= 40 * 8 * 256, out
+    assert 0 < float(rec.group(2)) < float(rec.group(1))
+    # train.py's process never has the score: evaluate_bpb hands the model over and returns nan
+    assert re.search(r"^val_bpb:\s+nan$", harness.read("run.log"), re.M) and "val_bpb:          nan" not in out
+    assert "evaluate_bpb: the model went to the harness" in harness.read("run.log")
     # the time outside the budget, phase by phase, adds up to the whole run.sh
     m = re.search(r"outside:\s+([\d.]+)s of ([\d.]+)s outside the budget: run.sh before ([\d.]+), start-up ([\d.]+), "
-                  r"compile and warm-up ([\d.]+), evaluation ([\d.]+), held-out evaluation ([\d.]+), exit ([\d.]+), "
-                  r"run.sh after ([\d.]+)", out)
+                  r"compile and warm-up ([\d.]+), evaluator start-up ([\d.]+), evaluation ([\d.]+), "
+                  r"held-out evaluation ([\d.]+), run.sh after ([\d.]+)", out)
     assert m, out
     outside, total, *phases = map(float, m.groups())
     assert sum(phases) == pytest.approx(outside, abs=0.35) and 0 < outside < total
-    assert phases[1] > 0.5  # start-up: python and torch imports before the first batch
+    assert phases[1] > 0.5 and phases[3] > 0.5  # python and torch imports, in training and in the evaluator
     # the held-out score: in the git common dir for the baseline and this run, nowhere the agent reads
     stored = [line.split("\t") for line in (harness.path / HELDOUT_TSV).read_text().splitlines()[1:]]
-    assert [r[0] for r in stored] == [r[0] for r in harness.rows()] and stored[-1][1] == printed
+    assert [r[0] for r in stored] == [r[0] for r in harness.rows()] and stored[-1][1] == harness.rows()[-1][1]
     heldout = stored[-1][5]
-    assert 0 < float(heldout) < 20 and heldout != printed
+    assert 0 < float(heldout) < 20 and heldout != stored[-1][1]
     for text in (out, harness.read("run.log"), harness.read("results.tsv")):
         assert heldout not in text
 
 
-FORGERIES = {
-    "prints a value without evaluating": (
-        tiny(evaluate="val = 0.01"), "never called prepare.evaluate_bpb"),
-    "prints 0.9 x the value": (
-        tiny(evaluate="val = 0.9 * evaluate_bpb(model, tok, 8)"), "but evaluate_bpb computed"),
-    "wraps evaluate_bpb to subtract 0.05": (
-        tiny(setup="real = prepare.evaluate_bpb\nevaluate_bpb = lambda *a: real(*a) - 0.05"), "but evaluate_bpb computed"),
-    "shrinks EVAL_TOKENS": (
-        tiny(setup="prepare.EVAL_TOKENS = 1024"), "the harness scores 65,536"),
-    "evaluates on the training split": (
-        tiny(setup="orig = prepare._loader\n"
-                   "prepare._loader = lambda tok, B, T, split, *a, **k: orig(tok, B, T, 'train', *a, **k)"),
-        "other tokens than the first EVAL_TOKENS"),
-    "trains on the validation split": (
-        tiny(split='"val"'), "the validation split is read by evaluate_bpb alone"),
-    "evaluates twice and keeps the better": (
-        tiny(evaluate="val = min(evaluate_bpb(model, tok, 8), evaluate_bpb(model, tok, 8))"), "evaluate_bpb ran 2 times"),
-    "trains after evaluating": (
-        tiny(evaluate="val = evaluate_bpb(model, tok, 8)\nfor _ in range(3): next(loader)"),
-        "training batches were taken after evaluate_bpb started"),
-    "skips the held-out evaluation": (
-        tiny(setup="real = prepare._record\n"
-                   "prepare._record = lambda kind, **f: kind != 'heldout' and real(kind, **f)"),
-        "the held-out evaluation did not finish"),
-    "trains 3 x the budget and reports a third": (
-        tiny(seconds="3 * TIME_BUDGET", honest_time=False), "by the harness's clock"),
+# A look-ahead in one line: the bigram model also sees the next input token.
+LOOKS_AHEAD = """
+class Peek(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.now, self.next = torch.nn.Embedding(V, V), torch.nn.Embedding(V, V)
+    def forward(self, x):
+        return self.now(x) + self.next(x.roll(-1, dims=1))
+model = Peek()
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+"""
+# What training could do with the scored rows, if it got them.
+ON_VALIDATION = """
+rows = {rows}
+for r in rows:
+    x = torch.from_numpy(r[:, :-1].astype('int64'))
+    loss = F.cross_entropy(model(x).flatten(0, 1), torch.from_numpy(r[:, 1:].astype('int64')).flatten())
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+# Draws 31 batches (the clock starts at the 32nd) and trains on them for 75 s first.
+BEFORE_THE_CLOCK = """
+loader0 = make_dataloader(tok, 8, MAX_SEQ_LEN)
+early = [next(loader0) for _ in range(31)]
+t = time.time()
+while time.time() - t < 75:
+    for x, y, _ in early:
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+CRASHES = {
+    "never hands a model over": (tiny(evaluate="val = 0.01"), "handed no model over"),
+    "looks at the next token": (tiny(setup=LOOKS_AHEAD), "the model looks ahead"),
+    "trains on the validation split through make_dataloader": (
+        tiny(split='"val"'), "serves the training split only"),
+    "trains on the rows the evaluator scores": (
+        tiny(setup=ON_VALIDATION.format(rows="prepare._eval_rows(tok, 'val')")), "the val split is not served"),
+    "trains on the held-out rows": (
+        tiny(setup=ON_VALIDATION.format(rows="prepare._eval_rows(tok, 'heldout')")), "the heldout split is not served"),
+    "trains on the validation file itself": (
+        tiny(setup=ON_VALIDATION.format(rows="[np.fromfile(prepare.TOKENS_DIR + '/val_00000.bin', dtype=np.uint16)"
+                                               "[:8 * 257].reshape(8, 257)]")), "No such file"),
+    "trains 3 x the budget": (tiny(seconds="3 * TIME_BUDGET"), "by the harness's clock"),
+    "trains before the clock starts": (tiny(setup=BEFORE_THE_CLOCK), "after the launch (STARTUP_ALLOWANCE"),
+}
+# Each changes what train.py prints or writes, and none changes what the evaluator computes.
+HARMLESS = {
+    "forges an evaluation line in the record": tiny(evaluate=(
+        "os.write(prepare._record_fd, b'{\"kind\": \"eval\", \"time\": 1, \"val_bpb\": 0.1234}\\n')\n"
+        "val = evaluate_bpb(model, tok, 8)")),
+    "silences the record": tiny(setup="prepare._record_fd = None"),
+    "closes and truncates the record": tiny(setup="os.ftruncate(prepare._record_fd, 0); os.close(prepare._record_fd)\n"
+                                                  "prepare._record_fd = None"),
+    "wraps evaluate_bpb to subtract 0.05": tiny(setup="real = prepare.evaluate_bpb\n"
+                                                      "evaluate_bpb = lambda *a: real(*a) - 0.05"),
+    "shrinks EVAL_TOKENS": tiny(setup="prepare.EVAL_TOKENS = 1024"),
+    "patches the evaluation loader to the training split": tiny(
+        setup="orig = prepare._loader\n"
+              "prepare._loader = lambda tok, B, T, split, *a, **k: orig(tok, B, T, 'train', *a, **k)"),
+    "evaluates twice": tiny(evaluate="val = min(evaluate_bpb(model, tok, 8), evaluate_bpb(model, tok, 8))"),
 }
 
 
-@pytest.mark.parametrize("attempt", FORGERIES, ids=[k.replace(" ", "-") for k in FORGERIES])
-def test_a_forged_result_is_a_crash_with_its_reason(harness: Repo, attempt):
-    code, reason = FORGERIES[attempt]
+@pytest.mark.parametrize("attempt", CRASHES, ids=[k.replace(" ", "-") for k in CRASHES])
+def test_an_attempt_on_the_metric_is_a_crash_with_its_reason(harness: Repo, attempt):
+    code, reason = CRASHES[attempt]
+    if attempt == "trains on the validation file itself" and not HAVE_BWRAP:
+        pytest.skip("without a sandbox train.py can read any file you can (README)")
     harness.write("train.py", code)
     out = harness.run(attempt).stdout
     assert "status:       crash" in out and reason in out, out
     assert harness.rows()[-1][1:4] == ["0.000000", "0.0", "crash"]
 
 
-def test_patching_the_training_loader_cannot_redirect_evaluation(harness: Repo):
-    """evaluate_bpb does not go through make_dataloader: patching it leaves the metric honest."""
-    harness.write("train.py", tiny(setup="orig = prepare.make_dataloader\n"
-                                         "prepare.make_dataloader = lambda tok, B, T, split='train', **k: orig(tok, B, T, 'train', **k)"))
-    out = harness.run("patched make_dataloader").stdout
+@pytest.mark.parametrize("attempt", HARMLESS, ids=[k.replace(" ", "-") for k in HARMLESS])
+def test_an_attempt_that_cannot_reach_the_metric_changes_nothing(harness: Repo, attempt):
+    harness.write("train.py", HARMLESS[attempt])
+    out = harness.run(attempt).stdout
+    val = float(harness.rows()[-1][1])
     assert "status:       crash" not in out, out
+    assert 2 < val < 8 and val != 0.1234, out  # a bigram model's honest score on the smoke data
+
+
+def test_the_real_train_py_without_causal_attention_is_a_crash(harness: Repo):
+    """The careless edit: attention that sees the whole row. The evaluator finds it."""
+    code = REAL_TRAIN.read_text()
+    assert code.count("is_causal=True") == 1
+    harness.write("train.py", code.replace("is_causal=True", "is_causal=False"))
+    out = harness.run("full attention").stdout
+    assert "status:       crash" in out and "the model looks ahead" in out, out
+
+
+@pytest.mark.parametrize("attempt", ["looks at the next token", "trains on the rows the evaluator scores",
+                                     "trains on the held-out rows"])
+def test_without_a_sandbox_the_same_attempts_are_crashes(harness: Repo, attempt):
+    code, reason = CRASHES[attempt]
+    harness.write("train.py", code)
+    out = harness.run(attempt, AUTORESEARCH_SANDBOX="none").stdout
+    assert "status:       crash" in out and reason in out, out
 
 
 # ------------------------------------------------------------------ refusals
@@ -1298,7 +1355,7 @@ def test_rerun_never_moves_the_best_and_shows_the_spread(based: Repo):
 # The same code measuring differently each time, as on a GPU: the value comes from a file.
 NOISY = """import os
 v = open(os.environ["AUTORESEARCH_CACHE"] + "/v").read().strip()
-os.write(int(os.environ["AUTORESEARCH_RECORD_FD"]), b'{"kind": "eval", "val_bpb": %s, "peak_vram_mb": 1024}\\n' % v.encode())
+open(os.environ["AUTORESEARCH_HANDOVER"] + "/model.json", "w").write('{"val_bpb": %s, "peak_vram_mb": 1024}' % v)
 print("---")
 print("val_bpb:", v)
 """
@@ -1404,9 +1461,8 @@ counter = os.path.join(cache, "compile", "n")
 n = int(open(counter).read()) if os.path.exists(counter) else 0
 open(counter, "w").write(str(n + 1))
 v = float(open(os.path.join(cache, "values")).read().split()[n])
-fd = int(os.environ["AUTORESEARCH_RECORD_FD"])
-os.write(fd, json.dumps({"kind": "eval", "val_bpb": v, "peak_vram_mb": 1024 * (1 + n)}).encode() + b"\\n")
-os.write(fd, json.dumps({"kind": "heldout", "heldout_bpb": v + 0.1}).encode() + b"\\n")
+with open(os.path.join(os.environ["AUTORESEARCH_HANDOVER"], "model.json"), "w") as f:
+    json.dump({"val_bpb": v, "peak_vram_mb": 1024 * (1 + n), "heldout": v + 0.1}, f)
 print("---")
 print("val_bpb:", v)
 """
