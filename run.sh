@@ -510,13 +510,50 @@ box_args() {
 }
 
 # After a keep: what training added to the compile cache (the overlay's upper layer)
-# joins the cache, regular files and directories only (no links, devices or overlay
-# whiteouts). Any other run's additions go with $tmp: code that a discarded train.py
-# planted there is never imported by a later run.
+# joins the cache, but only files named and placed as Inductor and Triton write them
+# (torch 2.11, Triton 3.6; README, "Sandbox"): a kept train.py must not hand other data,
+# such as its weights, to later runs. Any other run's additions go with $tmp: code that
+# a discarded train.py planted there is never imported by a later run.
 promote_compile_cache() {
+  # The caps stop bulk data, far above what the compilers write. Measured: this train.py
+  # compiled on a CPU wrote 209 files, 5.3 MB in all, none over 0.44 MB; a flash-attention-
+  # like Triton kernel for sm_90 wrote 0.7 MB (its .llir 0.43 MB). A GPU run writes each
+  # Triton kernel, every autotuned variant, twice: in its directory and bundled into its
+  # graph's fxgraph entry (the largest files). A Triton kernel's directory crosses whole
+  # or not at all: Triton fails on a partial one.
+  local max_file=$((32 << 20)) max_run=$((256 << 20))
   [ "$box_kind" = bwrap ] && [ -n "$(ls -A "$tmp/up" 2>/dev/null)" ] || return 0
-  (cd "$tmp/up" && find . -mindepth 1 \( -type f -o -type d \) -print0 |
-    tar --null --no-recursion --mode=a-st,go-w -T - -cf - | tar -C "$cc" --no-same-owner -xf -) ||
+  (cd "$tmp/up" && find . -mindepth 1 ! -type d -printf '%y %s %P\0') |
+    awk -v RS='\0' -v ORS='\0' -v max_file="$max_file" -v max_run="$max_run" -v report="$tmp/dropped" '
+      function artefact(p) {
+        return p ~ /^inductor\/[a-z0-9][a-z0-9]\/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.(py|cpp|so|best_config)$/ ||
+               p ~ /^inductor\/(fxgraph\/[a-z0-9][a-z0-9]|aotautograd)\/[a-z0-9]+\/[a-z0-9]+$/ ||
+               p ~ /^inductor\/locks\/[a-z0-9]+\.lock$/ || p ~ /^inductor\/cache\/[0-9a-f]+$/ ||
+               p ~ /^triton\/[A-Za-z0-9_-]+\/[A-Za-z0-9_.-]+\.(source|ttir|ttgir|llir|ptx|cubin|json|so)$/
+      }
+      { p = $0; sub(/^[^ ]* [^ ]* /, "", p); all++
+        unit = p; if (p ~ /^triton\/[^\/]+\//) sub(/\/[^\/]*$/, "", unit)   # a Triton kernel directory
+        if (!(unit in seen)) { seen[unit] = 1; units[++nu] = unit }
+        why = $1 != "f" ? "not a regular file" : !artefact(p) ? "not a compiler artefact" : \
+              $2 + 0 > max_file ? "over " max_file / 1048576 " MiB" : ""
+        if (why != "") { out[why]++; bad[unit] = 1; next }
+        n[unit]++; file[unit, n[unit]] = p; bytes[unit] += $2 }
+      END {
+        for (i = 1; i <= nu; i++) {
+          u = units[i]
+          if (!(u in n)) continue
+          why = (u in bad) ? "beside a dropped file in its Triton kernel directory" : \
+                total + bytes[u] > max_run ? "past this run'\''s " max_run / 1048576 " MiB" : ""
+          if (why != "") { out[why] += n[u]; continue }
+          total += bytes[u]
+          for (j = 1; j <= n[u]; j++) print file[u, j]
+        }
+        for (why in out) { list = list (list == "" ? "" : ", ") out[why] " " why; dropped += out[why] }
+        if (dropped) printf "%d of the %d files this run added (%s)", dropped, all, list >report
+      }' >"$tmp/promote"
+  [ ! -s "$tmp/dropped" ] || say "compile cache: dropped $(cat "$tmp/dropped"); only Inductor's and Triton's own files cross to later runs"
+  [ -s "$tmp/promote" ] || return 0
+  (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$cc" --no-same-owner -xf -) ||
     say "could not add this run's compile outputs to $cc; the cache stays as it was"
 }
 

@@ -712,7 +712,7 @@ def test_host_unix_sockets(based: Repo, box):
 @needs_bwrap
 def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     """A discarded run's additions to the compile cache vanish with it; a kept run's
-    regular files and directories join the cache, its links do not."""
+    regular files (named as Inductor and Triton name theirs) join the cache, its links do not."""
     cc = based.cache / "compile"
 
     def plant(name: str) -> str:
@@ -720,10 +720,11 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
         import pathlib
         c = pathlib.Path(os.environ["AUTORESEARCH_CACHE"]) / "compile"
         print("SEEN", sorted(str(p.relative_to(c)) for p in c.rglob("*")))
-        (c / "{name}.py").write_text("print('planted code ran')")
-        os.symlink("/etc/passwd", c / "{name}-link")
-        (c / "sub").mkdir(exist_ok=True)
-        (c / "sub" / "{name}.bin").write_bytes(b"kernel")
+        (c / "inductor/xy").mkdir(parents=True, exist_ok=True)
+        (c / "inductor/xy/c{name}.py").write_text("print('planted code ran')")
+        os.symlink("/etc/passwd", c / "inductor/xy/c{name}link.py")
+        (c / "triton/KEY").mkdir(parents=True, exist_ok=True)
+        (c / "triton/KEY/{name}.cubin").write_bytes(b"kernel")
         """
 
     based.write("train.py", trainer("1.1", body=plant("discarded")))
@@ -732,10 +733,11 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     based.write("train.py", trainer("0.9", body=plant("kept")))
     assert "status:       keep" in based.run("writes kernels, kept").stdout
     assert "SEEN []" in based.read("run.log")  # the discarded run's module is not there
-    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == ["kept.py", "sub", "sub/kept.bin"]
+    kept = ["inductor", "inductor/xy", "inductor/xy/ckept.py", "triton", "triton/KEY", "triton/KEY/kept.cubin"]
+    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == kept
     based.write("train.py", trainer("0.95", body=plant("again")))
     based.run("reads the kept kernels")
-    assert "SEEN ['kept.py', 'sub', 'sub/kept.bin']" in based.read("run.log")
+    assert f"SEEN {kept}" in based.read("run.log")
 
 
 @needs_bwrap
@@ -1557,3 +1559,43 @@ def test_detached_worktree_starts_its_own_branch(based: Repo):
 def test_shellcheck_is_clean():
     p = subprocess.run(["shellcheck", str(RUN_SH)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
+
+
+# ------------------------------------------- what crosses from one run to the next
+
+
+@needs_bwrap
+def test_compile_cache_takes_only_compiler_artefacts_within_the_caps(based: Repo):
+    """A kept run's additions to the compile cache cross only as Inductor and Triton files,
+    each within 32 MiB and all within 256 MiB: no weights, no other data."""
+    body = """
+    c = os.environ["AUTORESEARCH_CACHE"] + "/compile/"
+    def put(rel, size=0, data=b"x"):
+        os.makedirs(os.path.dirname(c + rel), exist_ok=True)
+        with open(c + rel, "wb") as f:
+            f.write(data)
+            f.truncate(size or len(data))  # sparse: big, but cheap to write
+    put("inductor/xy/cxyabc.py", data=b"def call(args): pass\\n")
+    put("inductor/fxgraph/ab/fabc/entry1")
+    put("triton/GOODKEY/k.cubin"); put("triton/GOODKEY/__grp__k.json")
+    put("inductor/w.pt")                    # a state dict
+    put("inductor/xy/cbig.py", 33 << 20)    # a kernel's name, over the per-file cap
+    put("weights/w.py")                     # outside inductor/ and triton/
+    put("triton/BADKEY/k.cubin"); put("triton/BADKEY/w.npy")  # a kernel directory crosses whole
+    for i in range(9):
+        put(f"inductor/zz/cbulk{i}.py", 31 << 20)  # 279 MiB in all: one is past the run's cap
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("saves weights in the compile cache").stdout
+    assert "status:       keep" in out
+    cc = based.cache / "compile"
+    files = sorted(str(p.relative_to(cc)) for p in cc.rglob("*") if p.is_file())
+    bulk = [f for f in files if f.startswith("inductor/zz/")]
+    assert len(bulk) == 8
+    assert sorted(set(files) - set(bulk)) == ["inductor/fxgraph/ab/fabc/entry1", "inductor/xy/cxyabc.py",
+                                              "triton/GOODKEY/__grp__k.json", "triton/GOODKEY/k.cubin"]
+    line = next(l for l in out.splitlines() if "compile cache: dropped" in l)
+    assert "dropped 6 of the 18 files this run added" in line
+    for why in ("3 not a compiler artefact", "1 over 32 MiB", "1 beside a dropped file in its Triton kernel directory",
+                "1 past this run's 256 MiB"):
+        assert why in line, why
