@@ -628,13 +628,20 @@ kill_run() {
 # --------------------------------------------------- before and after training
 # Copies of what training must not change, outside the repository.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$root/scratchpad.md"
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv"
            "$common/autoresearch/heldout.tsv")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"
   done
-  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.before"
+  git_status >"$tmp/status.before"
+}
+
+# The repository's changes, one per line. scratchpad.md is left out: the agent's and
+# the person's notes may change while training runs and are never reverted (in the
+# sandbox training cannot write it).
+git_status() {
+  g status --porcelain=v1 -z --no-renames --untracked-files=all -- . ':!scratchpad.md' | tr '\0' '\n' | sort
 }
 
 # Puts back what training changed and prints what that was (empty: nothing).
@@ -650,7 +657,7 @@ check_untouched() {
   done
   if [ "$(g symbolic-ref -q HEAD)" != "refs/heads/$branch" ]; then out="${out:+$out, }HEAD"; g symbolic-ref HEAD "refs/heads/$branch"; fi
   if [ "$(g rev-parse HEAD)" != "$tried" ]; then out="${out:+$out, }branch $branch"; g update-ref "refs/heads/$branch" "$tried"; fi
-  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.after"
+  git_status >"$tmp/status.after"
   while IFS= read -r line; do
     p=${line:3}; out="${out:+$out, }$p"
     if [ "${line:0:2}" = "??" ]; then rm -rf -- "$p"; else g checkout -q "$tried" -- "$p" 2>/dev/null || rm -f -- "$p"; fi

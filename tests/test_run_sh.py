@@ -1599,3 +1599,31 @@ def test_compile_cache_takes_only_compiler_artefacts_within_the_caps(based: Repo
     for why in ("3 not a compiler artefact", "1 over 32 MiB", "1 beside a dropped file in its Triton kernel directory",
                 "1 past this run's 256 MiB"):
         assert why in line, why
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_scratchpad_edited_while_training_runs_is_kept(based: Repo, box):
+    """scratchpad.md is never reverted: a note written while training runs (by the agent or
+    the person; without a sandbox, train.py itself stands in for them) stays, and is no crash."""
+    note = "# notes\nwritten while training ran\n"
+    if box == "none":
+        body = f"open('scratchpad.md', 'a').write({note[8:]!r})\n"
+    else:  # the repository is read-only in the box: the edit comes from outside
+        body = f"""
+        print("waiting for the note", flush=True)
+        deadline = time.time() + 20
+        while {note[8:]!r} not in open("scratchpad.md").read() and time.time() < deadline:
+            time.sleep(0.05)
+        """
+    based.write("train.py", trainer("0.9", body=body))
+    p = based.popen("writes notes meanwhile", AUTORESEARCH_SANDBOX=box)
+    if box != "none":
+        based.wait_for_log("waiting for the note")
+        with open(based.path / "scratchpad.md", "a") as f:
+            f.write(note[8:])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    assert "status:       keep" in out and "touched" not in out
+    assert based.read("scratchpad.md") == note
+    assert based.rows()[-1][3] == "keep"
+    assert based.git("status", "--porcelain") == "M scratchpad.md"
