@@ -202,10 +202,11 @@ main() {
     g update-ref "refs/autoresearch/base/${branch#autoresearch/}" "$base"
   fi
 
-  local mode=experiment row_desc msg=$desc
+  local mode=experiment row_desc msg
   [ "$rerun" = 1 ] && mode=rerun
   [ "$baseline" = 1 ] && [ "$rerun" = 0 ] && mode=baseline
-  [ "$smoke" = 1 ] && msg="[smoke] $desc"
+  msg=$(visible "$desc")
+  [ "$smoke" = 1 ] && msg="[smoke] $msg"
   row_desc=$(tsv_field "$desc")
   mkdir "$state/pending"                      # the journal of this run
   put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put desc "$desc"; put profile "$profile"
@@ -383,11 +384,24 @@ get() { cat "$state/pending/$1" 2>/dev/null || true; }
 # A description as one TSV field: no tabs or line breaks; quoted CSV-style when it
 # holds a double quote, so that pandas and the csv module read it back exactly.
 tsv_field() {
-  local d=$1
+  local d
+  d=$(visible "$1")
   d=${d//$'\r\n'/ / }; d=${d//$'\n'/ / }; d=${d//$'\r'/ / }
   d=${d//[[:cntrl:]]/ }
   d=${d#"${d%%[![:space:]]*}"}; d=${d%"${d##*[![:space:]]}"}
   [[ $d != *'"'* ]] || d="\"${d//\"/\"\"}\""
+  printf '%s' "$d"
+}
+
+# TEXT without the invisible format characters that reorder or hide text in a terminal
+# (bidirectional controls, zero-width characters: U+061C, U+200B-F, U+202A-E, U+2060-F,
+# U+FEFF), line separators (U+2028/9) and C1 controls turned into spaces. Bytewise on
+# UTF-8 (run.sh runs with LC_ALL=C); all other text stays as it is.
+visible() {
+  local d=$1
+  d=${d//$'\xe2\x80'[$'\x8b'-$'\x8f'$'\xaa'-$'\xae']/}; d=${d//$'\xe2\x81'[$'\xa0'-$'\xaf']/}
+  d=${d//$'\xd8\x9c'/}; d=${d//$'\xef\xbb\xbf'/}
+  d=${d//$'\xe2\x80'[$'\xa8'$'\xa9']/ }; d=${d//$'\xc2'[$'\x80'-$'\x9f']/ }
   printf '%s' "$d"
 }
 

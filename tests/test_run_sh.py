@@ -1627,3 +1627,13 @@ def test_scratchpad_edited_while_training_runs_is_kept(based: Repo, box):
     assert based.read("scratchpad.md") == note
     assert based.rows()[-1][3] == "keep"
     assert based.git("status", "--porcelain") == "M scratchpad.md"
+
+
+def test_descriptions_lose_bidirectional_and_invisible_controls(based: Repo):
+    desc = "rev\u202eersed \u2066isolated\u2069 na\u00efve \u4f60\u597d \U0001f680 zero\u200bwidth\ufeff\u061c c1\u009bcsi"
+    want = "reversed isolated na\u00efve \u4f60\u597d \U0001f680 zerowidth c1 csi"
+    based.write("train.py", trainer("0.9"))
+    based.run(desc)
+    assert based.git("log", "-1", "--format=%B").strip() == want
+    assert based.rows()[-1][4] == want
+    assert based.table()["description"].tolist()[-1] == want
