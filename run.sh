@@ -202,10 +202,11 @@ main() {
     g update-ref "refs/autoresearch/base/${branch#autoresearch/}" "$base"
   fi
 
-  local mode=experiment row_desc msg=$desc
+  local mode=experiment row_desc msg
   [ "$rerun" = 1 ] && mode=rerun
   [ "$baseline" = 1 ] && [ "$rerun" = 0 ] && mode=baseline
-  [ "$smoke" = 1 ] && msg="[smoke] $desc"
+  msg=$(visible "$desc")
+  [ "$smoke" = 1 ] && msg="[smoke] $msg"
   row_desc=$(tsv_field "$desc")
   mkdir "$state/pending"                      # the journal of this run
   put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put desc "$desc"; put profile "$profile"
@@ -392,11 +393,24 @@ get() { cat "$state/pending/$1" 2>/dev/null || true; }
 # A description as one TSV field: no tabs or line breaks; quoted CSV-style when it
 # holds a double quote, so that pandas and the csv module read it back exactly.
 tsv_field() {
-  local d=$1
+  local d
+  d=$(visible "$1")
   d=${d//$'\r\n'/ / }; d=${d//$'\n'/ / }; d=${d//$'\r'/ / }
   d=${d//[[:cntrl:]]/ }
   d=${d#"${d%%[![:space:]]*}"}; d=${d%"${d##*[![:space:]]}"}
   [[ $d != *'"'* ]] || d="\"${d//\"/\"\"}\""
+  printf '%s' "$d"
+}
+
+# TEXT without the invisible format characters that reorder or hide text in a terminal
+# (bidirectional controls, zero-width characters: U+061C, U+200B-F, U+202A-E, U+2060-F,
+# U+FEFF), line separators (U+2028/9) and C1 controls turned into spaces. Bytewise on
+# UTF-8 (run.sh runs with LC_ALL=C); all other text stays as it is.
+visible() {
+  local d=$1
+  d=${d//$'\xe2\x80'[$'\x8b'-$'\x8f'$'\xaa'-$'\xae']/}; d=${d//$'\xe2\x81'[$'\xa0'-$'\xaf']/}
+  d=${d//$'\xd8\x9c'/}; d=${d//$'\xef\xbb\xbf'/}
+  d=${d//$'\xe2\x80'[$'\xa8'$'\xa9']/ }; d=${d//$'\xc2'[$'\x80'-$'\x9f']/ }
   printf '%s' "$d"
 }
 
@@ -536,13 +550,50 @@ box_args() {
 }
 
 # After a keep: what training added to the compile cache (the overlay's upper layer)
-# joins the cache, regular files and directories only (no links, devices or overlay
-# whiteouts). Any other run's additions go with $tmp: code that a discarded train.py
-# planted there is never imported by a later run.
+# joins the cache, but only files named and placed as Inductor and Triton write them
+# (torch 2.11, Triton 3.6; README, "Sandbox"): a kept train.py must not hand other data,
+# such as its weights, to later runs. Any other run's additions go with $tmp: code that
+# a discarded train.py planted there is never imported by a later run.
 promote_compile_cache() {
+  # The caps stop bulk data, far above what the compilers write. Measured: this train.py
+  # compiled on a CPU wrote 209 files, 5.3 MB in all, none over 0.44 MB; a flash-attention-
+  # like Triton kernel for sm_90 wrote 0.7 MB (its .llir 0.43 MB). A GPU run writes each
+  # Triton kernel, every autotuned variant, twice: in its directory and bundled into its
+  # graph's fxgraph entry (the largest files). A Triton kernel's directory crosses whole
+  # or not at all: Triton fails on a partial one.
+  local max_file=$((32 << 20)) max_run=$((256 << 20))
   [ "$box_kind" = bwrap ] && [ -n "$(ls -A "$tmp/up" 2>/dev/null)" ] || return 0
-  (cd "$tmp/up" && find . -mindepth 1 \( -type f -o -type d \) -print0 |
-    tar --null --no-recursion --mode=a-st,go-w -T - -cf - | tar -C "$cc" --no-same-owner -xf -) ||
+  (cd "$tmp/up" && find . -mindepth 1 ! -type d -printf '%y %s %P\0') |
+    awk -v RS='\0' -v ORS='\0' -v max_file="$max_file" -v max_run="$max_run" -v report="$tmp/dropped" '
+      function artefact(p) {
+        return p ~ /^inductor\/[a-z0-9][a-z0-9]\/[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.(py|cpp|so|best_config)$/ ||
+               p ~ /^inductor\/(fxgraph\/[a-z0-9][a-z0-9]|aotautograd)\/[a-z0-9]+\/[a-z0-9]+$/ ||
+               p ~ /^inductor\/locks\/[a-z0-9]+\.lock$/ || p ~ /^inductor\/cache\/[0-9a-f]+$/ ||
+               p ~ /^triton\/[A-Za-z0-9_-]+\/[A-Za-z0-9_.-]+\.(source|ttir|ttgir|llir|ptx|cubin|json|so)$/
+      }
+      { p = $0; sub(/^[^ ]* [^ ]* /, "", p); all++
+        unit = p; if (p ~ /^triton\/[^\/]+\//) sub(/\/[^\/]*$/, "", unit)   # a Triton kernel directory
+        if (!(unit in seen)) { seen[unit] = 1; units[++nu] = unit }
+        why = $1 != "f" ? "not a regular file" : !artefact(p) ? "not a compiler artefact" : \
+              $2 + 0 > max_file ? "over " max_file / 1048576 " MiB" : ""
+        if (why != "") { out[why]++; bad[unit] = 1; next }
+        n[unit]++; file[unit, n[unit]] = p; bytes[unit] += $2 }
+      END {
+        for (i = 1; i <= nu; i++) {
+          u = units[i]
+          if (!(u in n)) continue
+          why = (u in bad) ? "beside a dropped file in its Triton kernel directory" : \
+                total + bytes[u] > max_run ? "past this run'\''s " max_run / 1048576 " MiB" : ""
+          if (why != "") { out[why] += n[u]; continue }
+          total += bytes[u]
+          for (j = 1; j <= n[u]; j++) print file[u, j]
+        }
+        for (why in out) { list = list (list == "" ? "" : ", ") out[why] " " why; dropped += out[why] }
+        if (dropped) printf "%d of the %d files this run added (%s)", dropped, all, list >report
+      }' >"$tmp/promote"
+  [ ! -s "$tmp/dropped" ] || say "compile cache: dropped $(cat "$tmp/dropped"); only Inductor's and Triton's own files cross to later runs"
+  [ -s "$tmp/promote" ] || return 0
+  (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$cc" --no-same-owner -xf -) ||
     say "could not add this run's compile outputs to $cc; the cache stays as it was"
 }
 
@@ -633,13 +684,20 @@ kill_run() {
 # --------------------------------------------------- before and after training
 # Copies of what training must not change, outside the repository.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$root/scratchpad.md"
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv"
            "$common/autoresearch/heldout.tsv")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"
   done
-  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.before"
+  git_status >"$tmp/status.before"
+}
+
+# The repository's changes, one per line. scratchpad.md is left out: the agent's and
+# the person's notes may change while training runs and are never reverted (in the
+# sandbox training cannot write it).
+git_status() {
+  g status --porcelain=v1 -z --no-renames --untracked-files=all -- . ':!scratchpad.md' | tr '\0' '\n' | sort
 }
 
 # Puts back what training changed and prints what that was (empty: nothing).
@@ -655,7 +713,7 @@ check_untouched() {
   done
   if [ "$(g symbolic-ref -q HEAD)" != "refs/heads/$branch" ]; then out="${out:+$out, }HEAD"; g symbolic-ref HEAD "refs/heads/$branch"; fi
   if [ "$(g rev-parse HEAD)" != "$tried" ]; then out="${out:+$out, }branch $branch"; g update-ref "refs/heads/$branch" "$tried"; fi
-  g status --porcelain=v1 -z --no-renames --untracked-files=all | tr '\0' '\n' | sort >"$tmp/status.after"
+  git_status >"$tmp/status.after"
   while IFS= read -r line; do
     p=${line:3}; out="${out:+$out, }$p"
     if [ "${line:0:2}" = "??" ]; then rm -rf -- "$p"; else g checkout -q "$tried" -- "$p" 2>/dev/null || rm -f -- "$p"; fi

@@ -710,7 +710,7 @@ def test_host_unix_sockets(based: Repo, box):
 @needs_bwrap
 def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     """A discarded run's additions to the compile cache vanish with it; a kept run's
-    regular files and directories join the cache, its links do not."""
+    regular files (named as Inductor and Triton name theirs) join the cache, its links do not."""
     cc = based.cache / "compile"
 
     def plant(name: str) -> str:
@@ -718,10 +718,11 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
         import pathlib
         c = pathlib.Path(os.environ["AUTORESEARCH_CACHE"]) / "compile"
         print("SEEN", sorted(str(p.relative_to(c)) for p in c.rglob("*")))
-        (c / "{name}.py").write_text("print('planted code ran')")
-        os.symlink("/etc/passwd", c / "{name}-link")
-        (c / "sub").mkdir(exist_ok=True)
-        (c / "sub" / "{name}.bin").write_bytes(b"kernel")
+        (c / "inductor/xy").mkdir(parents=True, exist_ok=True)
+        (c / "inductor/xy/c{name}.py").write_text("print('planted code ran')")
+        os.symlink("/etc/passwd", c / "inductor/xy/c{name}link.py")
+        (c / "triton/KEY").mkdir(parents=True, exist_ok=True)
+        (c / "triton/KEY/{name}.cubin").write_bytes(b"kernel")
         """
 
     based.write("train.py", trainer("1.1", body=plant("discarded")))
@@ -730,10 +731,11 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     based.write("train.py", trainer("0.9", body=plant("kept")))
     assert "status:       keep" in based.run("writes kernels, kept").stdout
     assert "SEEN []" in based.read("run.log")  # the discarded run's module is not there
-    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == ["kept.py", "sub", "sub/kept.bin"]
+    kept = ["inductor", "inductor/xy", "inductor/xy/ckept.py", "triton", "triton/KEY", "triton/KEY/kept.cubin"]
+    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == kept
     based.write("train.py", trainer("0.95", body=plant("again")))
     based.run("reads the kept kernels")
-    assert "SEEN ['kept.py', 'sub', 'sub/kept.bin']" in based.read("run.log")
+    assert f"SEEN {kept}" in based.read("run.log")
 
 
 @needs_bwrap
@@ -1613,3 +1615,81 @@ def test_detached_worktree_starts_its_own_branch(based: Repo):
 def test_shellcheck_is_clean():
     p = subprocess.run(["shellcheck", str(RUN_SH)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
+
+
+# ------------------------------------------- what crosses from one run to the next
+
+
+@needs_bwrap
+def test_compile_cache_takes_only_compiler_artefacts_within_the_caps(based: Repo):
+    """A kept run's additions to the compile cache cross only as Inductor and Triton files,
+    each within 32 MiB and all within 256 MiB: no weights, no other data."""
+    body = """
+    c = os.environ["AUTORESEARCH_CACHE"] + "/compile/"
+    def put(rel, size=0, data=b"x"):
+        os.makedirs(os.path.dirname(c + rel), exist_ok=True)
+        with open(c + rel, "wb") as f:
+            f.write(data)
+            f.truncate(size or len(data))  # sparse: big, but cheap to write
+    put("inductor/xy/cxyabc.py", data=b"def call(args): pass\\n")
+    put("inductor/fxgraph/ab/fabc/entry1")
+    put("triton/GOODKEY/k.cubin"); put("triton/GOODKEY/__grp__k.json")
+    put("inductor/w.pt")                    # a state dict
+    put("inductor/xy/cbig.py", 33 << 20)    # a kernel's name, over the per-file cap
+    put("weights/w.py")                     # outside inductor/ and triton/
+    put("triton/BADKEY/k.cubin"); put("triton/BADKEY/w.npy")  # a kernel directory crosses whole
+    for i in range(9):
+        put(f"inductor/zz/cbulk{i}.py", 31 << 20)  # 279 MiB in all: one is past the run's cap
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("saves weights in the compile cache").stdout
+    assert "status:       keep" in out
+    cc = based.cache / "compile"
+    files = sorted(str(p.relative_to(cc)) for p in cc.rglob("*") if p.is_file())
+    bulk = [f for f in files if f.startswith("inductor/zz/")]
+    assert len(bulk) == 8
+    assert sorted(set(files) - set(bulk)) == ["inductor/fxgraph/ab/fabc/entry1", "inductor/xy/cxyabc.py",
+                                              "triton/GOODKEY/__grp__k.json", "triton/GOODKEY/k.cubin"]
+    line = next(l for l in out.splitlines() if "compile cache: dropped" in l)
+    assert "dropped 6 of the 18 files this run added" in line
+    for why in ("3 not a compiler artefact", "1 over 32 MiB", "1 beside a dropped file in its Triton kernel directory",
+                "1 past this run's 256 MiB"):
+        assert why in line, why
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_scratchpad_edited_while_training_runs_is_kept(based: Repo, box):
+    """scratchpad.md is never reverted: a note written while training runs (by the agent or
+    the person; without a sandbox, train.py itself stands in for them) stays, and is no crash."""
+    note = "# notes\nwritten while training ran\n"
+    if box == "none":
+        body = f"open('scratchpad.md', 'a').write({note[8:]!r})\n"
+    else:  # the repository is read-only in the box: the edit comes from outside
+        body = f"""
+        print("waiting for the note", flush=True)
+        deadline = time.time() + 20
+        while {note[8:]!r} not in open("scratchpad.md").read() and time.time() < deadline:
+            time.sleep(0.05)
+        """
+    based.write("train.py", trainer("0.9", body=body))
+    p = based.popen("writes notes meanwhile", AUTORESEARCH_SANDBOX=box)
+    if box != "none":
+        based.wait_for_log("waiting for the note")
+        with open(based.path / "scratchpad.md", "a") as f:
+            f.write(note[8:])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    assert "status:       keep" in out and "touched" not in out
+    assert based.read("scratchpad.md") == note
+    assert based.rows()[-1][3] == "keep"
+    assert based.git("status", "--porcelain") == "M scratchpad.md"
+
+
+def test_descriptions_lose_bidirectional_and_invisible_controls(based: Repo):
+    desc = "rev\u202eersed \u2066isolated\u2069 na\u00efve \u4f60\u597d \U0001f680 zero\u200bwidth\ufeff\u061c c1\u009bcsi"
+    want = "reversed isolated na\u00efve \u4f60\u597d \U0001f680 zerowidth c1 csi"
+    based.write("train.py", trainer("0.9"))
+    based.run(desc)
+    assert based.git("log", "-1", "--format=%B").strip() == want
+    assert based.rows()[-1][4] == want
+    assert based.table()["description"].tolist()[-1] == want
