@@ -185,12 +185,11 @@ def test_default_model_size_and_gpu_peaks():
 UNIFORM_BPB = """
 import math
 import torch
-from prepare import Tokenizer, get_token_bytes, eval_rows
-B = {batch}
+from prepare import Tokenizer, get_token_bytes, _eval_rows
 tok = Tokenizer.from_directory()
 nbytes = get_token_bytes("cpu")
 counted = total = 0
-for rows in eval_rows(tok, B):  # the batches evaluate_bpb scores
+for rows in _eval_rows(tok):  # the rows the evaluator scores
     y = torch.from_numpy(rows[:, 1:].astype("int64"))
     b = nbytes[y.reshape(-1)]
     counted += int((b > 0).sum())
@@ -230,8 +229,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert int(values["num_steps"]) > 11  # past the uncounted warm-up steps
     assert int(values["depth"]) == 2
 
-    smoke_batch = 8  # train.py's smoke DEVICE_BATCH_SIZE, which it passes to evaluate_bpb
-    uniform = run(["-c", UNIFORM_BPB.format(batch=smoke_batch)], env, timeout=120)
+    uniform = run(["-c", UNIFORM_BPB], env, timeout=120)
     assert uniform.returncode == 0, uniform.stderr
     uniform_bpb = float(uniform.stdout.strip().splitlines()[-1])
     # The budget is wall-clock: a quiet 2-core machine takes ~100 steps (val_bpb ~0.55 x uniform), one
