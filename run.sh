@@ -6,8 +6,10 @@
 #   ./run.sh --tag nov23 "..."                    name the branch started from main
 #
 # It commits train.py alone, trains it in an OS sandbox under a hard time limit,
-# keeps the commit when val_bpb beats the best kept on this branch and otherwise
-# puts train.py back, then appends one row to results.tsv and prints a report.
+# scores the model it hands over in a separate process (prepare.py --evaluate, in a
+# sandbox of its own), keeps the commit when val_bpb beats the best kept on this
+# branch and otherwise puts train.py back, then appends one row to results.tsv and
+# prints a report.
 # The README section "One experiment (run.sh)" documents the environment variables.
 #
 # Exit codes: 0 the experiment ran and was recorded (keep, discard, crash, rerun)
@@ -666,11 +668,12 @@ run_boxed() {
 train_view() {
   [ "$box_kind" = bwrap ] || return 0
   local view=$prep/tokens-train want have
-  want=$(cd "$prep/tokens" && stat -c '%n %i' train_*.bin) || return 1
+  want=$(cd "$prep/tokens" 2>/dev/null && stat -c '%n %i' train_*.bin 2>/dev/null) || want=""
   have=$(cd "$view" 2>/dev/null && stat -c '%n %i' train_*.bin 2>/dev/null) || have=""
-  [ "$want" != "$have" ] || return 0
-  rm -rf -- "$view.$$" && mkdir -- "$view.$$" && ln -- "$prep"/tokens/train_*.bin "$view.$$"/ &&
-    rm -rf -- "$view" && mv -- "$view.$$" "$view"
+  if [ -d "$view" ] && [ "$want" = "$have" ]; then return 0; fi
+  rm -rf -- "$view.$$" && mkdir -- "$view.$$" || return 1
+  [ -z "$want" ] || ln -- "$prep"/tokens/train_*.bin "$view.$$"/ || return 1
+  rm -rf -- "$view" && mv -- "$view.$$" "$view"
 }
 
 # Kills the processes of a run, found by the AUTORESEARCH_RUN tag in their environment.

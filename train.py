@@ -665,6 +665,9 @@ while True:
 print()  # end the \r progress line
 total_tokens = step * TOTAL_BATCH_SIZE
 
+# The model is scored outside this process: evaluate_bpb hands it over (torch.export of model(x),
+# so the forward pass must be traceable; program.md, "What evaluation needs"). Under run.sh it
+# returns nan and run.sh reports val_bpb; run by hand it returns the score.
 model.eval()
 with autocast_ctx:
     val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)

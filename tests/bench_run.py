@@ -20,7 +20,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ["run.sh before", "start-up", "compile and warm-up", "evaluation", "exit", "run.sh after"]
+PHASES = ["run.sh before", "start-up", "compile and warm-up", "evaluator start-up", "evaluation", "held-out evaluation",
+          "run.sh after"]
 RUNS = [  # (name, how train.py changes before the run, run.sh arguments)
     ("first run", None, ["first run"]),
     ("same train.py (rerun)", None, ["--rerun", "same code"]),

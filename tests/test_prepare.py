@@ -863,3 +863,21 @@ def test_data_saved_with_datasets(tmp_path):
     r = run_prepare(tmp_path / "c3", "--data", "nobody/no-such-dataset", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 1 and "nobody/no-such-dataset: no such file or directory here" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "c3" / "smoke" / "tokens").exists()
+
+
+def test_the_limits_the_documents_state_are_prepare_pys(tmp_path):
+    """program.md and README.md state the start-up allowance and the training limit: the figures
+    must be prepare.py's, in both profiles."""
+    figures = {}
+    for smoke in (False, True):
+        env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_SMOKE": "1" if smoke else "0"}
+        out = subprocess.run([sys.executable, "-c", "import prepare as P; print(P.STARTUP_ALLOWANCE, round(P.TRAINING_LIMIT))"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
+        figures[smoke] = [int(v) for v in out]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    program = open(os.path.join(ROOT, "program.md")).read()
+    allowance, limit = figures[False]
+    assert f"`STARTUP_ALLOWANCE` seconds after the launch ({allowance} s; smoke {figures[True][0]} s)" in readme
+    assert f"({limit} s; smoke {figures[True][1]} s)" in readme
+    assert f"`STARTUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5` ({limit} s; smoke {figures[True][1]} s)" in readme
+    assert f"`STARTUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5 s`: {limit} s" in program
