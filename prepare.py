@@ -37,7 +37,10 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
+import subprocess
 import sys
+import stat
 import sysconfig
 import threading
 import time
@@ -929,19 +932,26 @@ def check_prepared(full=False, training=False):
 # ---------------------------------------------------------------------------
 # The run record: what the harness itself saw, for run.sh
 # ---------------------------------------------------------------------------
-# run.sh opens a file and passes its descriptor in AUTORESEARCH_RECORD_FD. The training loader
-# and evaluate_bpb write one JSON line per event to it: how many batches and tokens, when the
-# warm-up ended, the hand-over. It is written in train.py's process, so it only describes the
-# run; run.sh's own clock bounds it (check_training), and no decision rests on it.
+# Under run.sh, training batches come from another process: run.sh starts `prepare.py
+# --serve-batches` outside the training sandbox and hands train.py's process the two ends of a
+# pipe (AUTORESEARCH_BATCH_FDS). The sandbox shows training no token file at all, so these
+# batches are the only data it can train on, and the server's clock of when it served them
+# bounds the budget (check_training). The budget's clock starts at the WARMUP_BATCHES-th batch,
+# or WARMUP_ALLOWANCE seconds after the first, whichever comes first; the first batch counts as
+# served STARTUP_ALLOWANCE seconds after the launch at the latest. The figures: an H100 spent
+# 81 s from the launch to its first counted step on a cold compile, 63 s of it compiling, which
+# happens after the first batch (train.py takes one before its loop); a smoke run on a busy
+# 2-core machine up to ~20 s in all.
+# The run record (AUTORESEARCH_RECORD_FD) gets evaluate_bpb's hand-over: when, the export time,
+# the peak memory. It is written in train.py's process, so it only describes the run.
 
-WARMUP_BATCHES = 32      # the budget's clock starts at this training batch: compilation and warm-up come first
-TRAIN_SLACK = (1.2, 5)   # from there to train.py's exit: at most TIME_BUDGET x 1.2 + 5 s (README, "the budget rule")
-# ...or this many seconds after the launch, whichever is first: train.py cannot postpone the clock
-# by drawing fewer batches. An H100 spent 81 s before its first counted step on a cold compile;
-# a smoke run on a busy 2-core machine up to ~45 s.
-STARTUP_ALLOWANCE = 60 if SMOKE else 120
-TRAINING_LIMIT = STARTUP_ALLOWANCE + TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]  # run.sh kills training at this
-LOADER_BUFFER = 1000     # documents the loader packs from; the evaluator packs its rows the same way
+WARMUP_BATCHES = 32       # the budget's clock starts at this training batch: compilation and warm-up come first
+STARTUP_ALLOWANCE = 45 if SMOKE else 60   # seconds from the launch to the first batch (imports, the model)
+WARMUP_ALLOWANCE = 45 if SMOKE else 90    # seconds from the first batch to the clock (compilation, warm-up)
+TRAIN_SLACK = (1.2, 5)    # from the clock to train.py's exit: at most TIME_BUDGET x 1.2 + 5 s (README, "the budget rule")
+TRAINING_LIMIT = STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]  # run.sh kills there
+MAX_BATCH_TOKENS = 1 << 26  # the largest batch the server packs (B x T), 128 MiB of uint16
+LOADER_BUFFER = 1000      # documents the loader packs from; the evaluator packs its rows the same way
 
 _record_fd = None
 if os.environ.get("AUTORESEARCH_RECORD_FD", "").isdigit():
@@ -950,11 +960,12 @@ if os.environ.get("AUTORESEARCH_RECORD_FD", "").isdigit():
         os.set_inheritable(_record_fd, False)  # not for train.py's subprocesses
     except OSError:
         _record_fd = None
-# Training batches served: the harness's own clock for the budget. clock: when the WARMUP_BATCHES-th
-# batch was served (torch.compile builds its kernels during the first steps, and the first steps
-# are warm-up that the budget does not count).
-_served = {"batches": 0, "tokens": 0, "first": None, "last": None, "clock": None}
-_written = [0.0]
+_batch_fds = None
+if re.fullmatch(r"\d+,\d+", os.environ.get("AUTORESEARCH_BATCH_FDS", "")):
+    _batch_fds = tuple(int(fd) for fd in os.environ.pop("AUTORESEARCH_BATCH_FDS").split(","))  # (read, write)
+    for _fd in _batch_fds:
+        os.set_inheritable(_fd, False)
+_batch_lock = threading.Lock()  # one request and its answer at a time, whatever the number of loaders
 
 
 def _record(kind, **fields):
@@ -962,20 +973,59 @@ def _record(kind, **fields):
         os.write(_record_fd, (json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n").encode())
 
 
-def _served_batch(tokens):
-    now, s = time.time(), _served
-    s["first"] = s["first"] or now
-    s["batches"] += 1
-    if s["batches"] == WARMUP_BATCHES:
-        s["clock"] = now
-    s["tokens"] += tokens
-    s["last"] = now
-    if s["batches"] == 1 or now - _written[0] >= 1.0:  # a line a second at most: nothing on the hot path
-        _written[0] = now
-        _record("train", **s)
+def _check_batch_shape(B, T):
+    if not (isinstance(B, int) and isinstance(T, int) and 1 <= T <= MAX_SEQ_LEN and 1 <= B * T <= MAX_BATCH_TOKENS):
+        raise PrepareError(f"a batch of {B} x {T} tokens: T must be 1..{MAX_SEQ_LEN} and B x T at most {MAX_BATCH_TOKENS:,}")
 
 
-atexit.register(lambda: _served["batches"] and _record("train", **_served))
+def _served_rows(B, T):
+    """Endless (uint16 rows [B, T+1], epoch) from the batch server (run.sh)."""
+    r, w = _batch_fds
+    size = 8 + 2 * B * (T + 1)
+    while True:
+        with _batch_lock:
+            os.write(w, f"{B} {T}\n".encode())
+            data = bytearray()
+            while len(data) < size:
+                chunk = os.read(r, size - len(data))
+                if not chunk:
+                    raise PrepareError("the batch server closed the pipe (see run.log for its reason)")
+                data += chunk
+        yield np.frombuffer(data, dtype=np.uint16, offset=8).reshape(B, T + 1), int.from_bytes(data[:8], "little")
+
+
+def serve_batches(requests, out):
+    """The batch server: answers each request line "B T" with an 8-byte epoch and B packed rows of
+    T+1 training tokens (uint16), and notes when. When training closes the pipe, prints what it
+    served (the budget's clock) as one `served:` line on stderr."""
+    check_prepared(training=True)
+    bos = Tokenizer.from_directory().get_bos_token_id()
+    packers = {}
+    served = {"batches": 0, "tokens": 0, "first": None, "clock": None, "last": None}
+    try:
+        for line in requests:
+            try:
+                B, T = (int(v) for v in line.split())
+            except ValueError:
+                raise PrepareError(f"the batch server got {line[:80]!r}, not a request") from None
+            _check_batch_shape(B, T)
+            if (B, T) not in packers:  # each shape packs from the start of the split, as a local loader does
+                ndocs, docs = _documents("train", bos)
+                packers[B, T] = _pack_rows(docs, bos, B, T, min(LOADER_BUFFER, ndocs))
+            rows, epoch = next(packers[B, T])
+            now = time.time()
+            served["first"] = served["first"] or now
+            served["batches"] += 1
+            served["tokens"] += B * T
+            served["last"] = now
+            if served["batches"] == WARMUP_BATCHES:
+                served["clock"] = now
+            out.write(epoch.to_bytes(8, "little") + rows.tobytes())
+            out.flush()
+    except BrokenPipeError:
+        pass  # training exited without reading its last batch
+    finally:
+        print("served: " + json.dumps(served), file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -1066,20 +1116,24 @@ def make_dataloader(tokenizer, B, T, split="train", buffer_size=LOADER_BUFFER, d
     if split != "train":
         raise PrepareError(f"make_dataloader serves the training split only, not {split!r}: "
                            "the validation split is read by the evaluator alone")
+    if _batch_fds:  # under run.sh: from the batch server, which checked the data
+        _check_batch_shape(B, T)
+        return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch, rows=_served_rows(B, T))
     check_prepared(training=True)  # a mismatched tokenizer or training set fails now, not after training
-    return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch, on_batch=_served_batch)
+    return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch)
 
 
-def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, prefetch=3, on_batch=None):
-    """Endless (inputs, targets, epoch) of a split. A background thread packs rows into pinned
-    buffers ahead of time; the copy to the GPU is asynchronous, so the GPU does not wait.
-    on_batch(tokens) is called as each batch is handed out (the record of training)."""
+def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, prefetch=3, rows=None):
+    """Endless (inputs, targets, epoch) of a split. A background thread packs rows (or takes them
+    from `rows`, the batch server's) into pinned buffers ahead of time; the copy to the GPU is
+    asynchronous, so the GPU does not wait."""
     import torch
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bos = tokenizer.get_bos_token_id()
-    ndocs, docs = _documents(split, bos)
-    # a buffer larger than the split would hold several copies of each document
-    rows = _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
+    if rows is None:
+        bos = tokenizer.get_bos_token_id()
+        ndocs, docs = _documents(split, bos)
+        # a buffer larger than the split would hold several copies of each document
+        rows = _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
     pin = device.type == "cuda"
     slots = [torch.empty((B, T + 1), dtype=torch.int64, pin_memory=pin) for _ in range(prefetch + 1)]
     free, ready = queue.Queue(), queue.Queue()  # at most len(slots) batches exist at once
@@ -1111,8 +1165,6 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
             slot, epoch = ready.get()
             if isinstance(slot, BaseException):
                 raise slot
-            if on_batch:
-                on_batch(B * T)
             batch = slot.to(device, non_blocking=pin)
             event = None
             if pin:
@@ -1145,26 +1197,23 @@ def evaluate_bpb(model, tokenizer, batch_size):
         raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
     directory = _HANDOVER or os.path.join(CACHE_DIR, "handover", f"manual-{os.getpid()}")
     info = handover(model, directory)
-    _record("handover", train=_served, **info)
+    _record("handover", **info)
     if _HANDOVER:
         print(f"evaluate_bpb: the model went to the harness ({info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
               f"exported in {info['export_seconds']:.1f}s); run.sh scores it in a separate process", flush=True)
         return float("nan")
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_HANDOVER"}
     out = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--evaluate", directory, "--no-heldout"],
-                         env=env, capture_output=True, text=True)
+                         capture_output=True, text=True)
     result = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
-    import shutil
     shutil.rmtree(directory, ignore_errors=True)
     if out.returncode != 0 or "val_bpb" not in result:
         raise PrepareError(f"the evaluation failed: {result.get('reason') or (out.stderr.strip().splitlines() or ['?'])[-1]}")
     return float(result["val_bpb"])
 
 # ---------------------------------------------------------------------------
-# ===========================================================================
-# The harness: the hand-over, the evaluator and the run record's checks. Not needed to edit train.py.
-# ===========================================================================
+# The evaluator's machinery: the hand-over, rebuilding and scoring it, the budget's clock.
+# Not needed to edit train.py.
+# ---------------------------------------------------------------------------
 # The trained model crosses from train.py's process to the evaluator as data: the graph that
 # torch.export traces from model(x) and the tensors it reads. The evaluator rebuilds the graph
 # from allowed operations only (PyTorch's aten operators, FlexAttention, tuple indexing), so no
@@ -1177,6 +1226,11 @@ CAUSAL_TOLERANCE = 1e-3         # logits at a position may not move more than th
 # options: the others read files (from_file), print, or belong to TorchScript's string library.
 _HARMLESS_STR_ARGS = {"approximate", "rounding_mode", "reduce", "padding_mode", "mode", "equation", "side",
                       "interpolation", "indexing", "reduction", "assert_msg"}
+# ...and these by name: they see memory beyond their input's values (strides, storage, raw
+# indexing, uninitialised memory), or draw random numbers (the scored function must be one).
+_REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe|"
+                          r"nested|empty|rand|dropout|bernoulli|normal|uniform|exponential|geometric|cauchy|"
+                          r"multinomial|poisson|set_|resize|data_ptr")
 _HANDOVER = os.environ.pop("AUTORESEARCH_HANDOVER", "")  # run.sh: where the trained model goes
 
 
@@ -1311,6 +1365,8 @@ def _allowed_op(name):
         raise PrepareError(refuse)
     if op._schema.is_mutable:
         raise PrepareError(refuse + " (it changes its inputs in place: a model that keeps state between calls)")
+    if _REFUSED_OPS.search(parts[1]):
+        raise PrepareError(refuse + " (it reads memory other than its inputs' values, or draws random numbers)")
     if any("str" in str(a.type) and a.name not in _HARMLESS_STR_ARGS for a in op._schema.arguments):
         raise PrepareError(refuse + " (an operator that takes a file name or prints)")
     return op
@@ -1347,7 +1403,11 @@ def _decode_graph(nodes, device):
             root.add_module(f"sub{i}", _decode_graph(n["graph"], device))
             env.append(graph.get_attr(f"sub{i}"))
         elif n["op"] == "call_function":
-            env.append(graph.call_function(_allowed_op(n["target"]), tuple(dec(n["args"])), dec(n["kwargs"])))
+            op, kwargs = _allowed_op(n["target"]), dec(n["kwargs"])
+            names = {a.name for a in op._schema.arguments} if hasattr(op, "_schema") else set()
+            if not isinstance(kwargs, dict) or any(k not in names for k in kwargs):  # FX writes keys as code
+                raise PrepareError(f"the hand-over gives {n['target']} keyword arguments it does not take")
+            env.append(graph.call_function(op, tuple(dec(n["args"])), kwargs))
         elif n["op"] == "output":
             env.append(graph.output(*dec(n["args"])))
         else:
@@ -1359,16 +1419,15 @@ def load_handover(directory, device, compile_model):
     """(forward(x) -> logits for EVAL_ROWS rows, its size in bytes) from a hand-over directory."""
     import torch
     try:
-        with open(os.path.join(directory, "model.json")) as f:
-            meta = json.load(f)
+        meta = json.loads(_read_regular(os.path.join(directory, "model.json")))
         if (meta["rows"], meta["seq_len"]) != (EVAL_ROWS, MAX_SEQ_LEN):
             raise PrepareError(f"the model was handed over for {meta['rows']} x {meta['seq_len']} inputs, "
                                f"not {EVAL_ROWS} x {MAX_SEQ_LEN}")
         gm = _decode_graph(meta["graph"], device)
-        size = os.path.getsize(os.path.join(directory, "model.bin"))
-        if size > HANDOVER_MAX_BYTES or sum(t["bytes"] for t in meta["tensors"]) != size:
+        raw = np.frombuffer(_read_regular(os.path.join(directory, "model.bin")), dtype=np.uint8)
+        size = raw.size
+        if sum(t["bytes"] for t in meta["tensors"]) != size:
             raise PrepareError(f"model.bin holds {size:,} bytes, not what model.json describes")
-        raw = np.fromfile(os.path.join(directory, "model.bin"), dtype=np.uint8)
         tensors = []
         for t in meta["tensors"]:
             dtype = getattr(torch, t["dtype"], None)
@@ -1381,7 +1440,9 @@ def load_handover(directory, device, compile_model):
             raise PrepareError("the graph does not take exactly one input, the tokens")
     except PrepareError:
         raise
-    except FileNotFoundError:
+    except OSError as e:
+        if not isinstance(e, FileNotFoundError):
+            raise PrepareError(f"the hand-over in {directory} is not readable ({e.strerror}: a link, or no file)") from e
         raise PrepareError("train.py handed no model over: it must end with evaluate_bpb(model, tokenizer, "
                            "batch_size), and exit after it") from None
     except Exception as e:
@@ -1400,6 +1461,27 @@ def load_handover(directory, device, compile_model):
     return forward, size
 
 
+def _read_regular(path):
+    """The bytes of a file train.py wrote: a regular file itself, never what a link points to."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > HANDOVER_MAX_BYTES:
+            raise PrepareError(f"{os.path.basename(path)} in the hand-over is not a regular file of at most "
+                               f"{HANDOVER_MAX_BYTES:,} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _inputs(rows, device):
+    """The model's input for rows of T+1 tokens: a new contiguous tensor of the T inputs alone, so
+    no view of it reaches the targets (a strided read of x would find them in a shared storage)."""
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64)).to(device)
+
+
 def check_causal(forward, rows, vocab_size):
     """A language model's logits at position t may depend on tokens 0..t of its own row only. Each row
     of a scored batch gets a random position j; the tokens from j on are replaced by random ones, and
@@ -1407,14 +1489,14 @@ def check_causal(forward, rows, vocab_size):
     import random
     import torch
     rng = random.SystemRandom()
-    x = torch.from_numpy(rows[:, :-1].astype(np.int64))
+    x = _inputs(rows, "cpu")
     changed, cut = x.clone(), []
     for r in range(x.size(0)):
         j = rng.randrange(1, x.size(1))
         changed[r, j:] = torch.tensor([rng.randrange(vocab_size) for _ in range(x.size(1) - j)])
         changed[r, j] = (x[r, j] + 1 + rng.randrange(vocab_size - 1)) % vocab_size  # differs at j for sure
         cut.append(j)
-    a, b = forward(x.to(_eval_device())), forward(changed.to(_eval_device()))
+    a, b = forward(x.to(_eval_device())), forward(changed.contiguous().to(_eval_device()))
     for r, j in enumerate(cut):
         moved = (a[r, :j].float() - b[r, :j].float()).abs().max().item()
         if not moved <= CAUSAL_TOLERANCE:
@@ -1448,9 +1530,8 @@ def _score(forward, batches, token_bytes):
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     for rows in batches:
-        batch = torch.from_numpy(rows.astype(np.int64)).to(device)
-        x, y = batch[:, :-1], batch[:, 1:].reshape(-1)
-        logits = forward(x)
+        logits = forward(_inputs(rows, device))
+        y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64)).to(device).reshape(-1)
         nats = F.cross_entropy(logits.reshape(y.numel(), -1).float(), y, reduction="none")
         nbytes = token_bytes[y]
         total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
@@ -1487,44 +1568,49 @@ def evaluate_handover(directory, heldout=True):
     return result
 
 
-def check_training(record, launched, exited):
-    """The training run's figures from its record (written by the loader and evaluate_bpb in train.py's
-    process, so informational), bounded by run.sh's own clock, which train.py cannot hold: from the
-    launch, the budget's clock starts at the WARMUP_BATCHES-th training batch or STARTUP_ALLOWANCE
-    seconds after the launch, whichever comes first, and runs until the process exits."""
-    events = []
+def check_training(served_text, record, launched, exited):
+    """The training run's figures and its budget, by clocks train.py does not hold: run.sh's
+    (launched, exited) and the batch server's (served_text: its `served:` line). The budget's clock
+    starts at the WARMUP_BATCHES-th batch served, or WARMUP_ALLOWANCE seconds after the first
+    (which counts as served STARTUP_ALLOWANCE seconds after the launch at the latest), whichever
+    comes first, and runs until train.py exits. The record (train.py's process) adds the hand-over's
+    time and the peak memory, for the report alone."""
+    lines = [line for line in served_text.splitlines() if line.startswith("served: ")]
+    served = json.loads(lines[-1][len("served: "):]) if lines else {}
+    number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+    first, clock = number(served.get("first")), number(served.get("clock"))
+    first_by = min(first, launched + STARTUP_ALLOWANCE) if first else launched + STARTUP_ALLOWANCE
+    start = min(clock, first_by + WARMUP_ALLOWANCE) if clock else first_by + WARMUP_ALLOWANCE
+    start = min(start, exited)
+    seconds = exited - start
+    allowed = TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]
+    if clock and clock == start:
+        since = f"from training batch {WARMUP_BATCHES}"
+    elif first and first <= launched + STARTUP_ALLOWANCE:
+        since = f"from {WARMUP_ALLOWANCE}s after the first batch (WARMUP_ALLOWANCE)"
+    else:
+        since = f"from {STARTUP_ALLOWANCE + WARMUP_ALLOWANCE}s after the launch (STARTUP_ALLOWANCE + WARMUP_ALLOWANCE)"
+    if seconds > allowed:
+        raise PrepareError(f"training ran {seconds:.1f}s by the harness's clock ({since} until train.py exited); "
+                           f"the budget is {TIME_BUDGET}s and at most {allowed:.0f}s is allowed")
+    hand = {}
     for line in record.splitlines():
         try:
             e = json.loads(line)
-            if isinstance(e, dict) and isinstance(e.get("time"), (int, float)):
-                events.append(e)
         except ValueError:
-            pass  # a line cut short when training was killed
-    clamp = lambda t: min(max(float(t), launched), exited) if isinstance(t, (int, float)) else None  # noqa: E731
-    train = [e for e in events if e.get("kind") == "train" and isinstance(e.get("batches"), int)]
-    last = max(train, key=lambda e: e["batches"]) if train else {}
-    hand = [e for e in events if e.get("kind") == "handover"]
-    first, clock = clamp(last.get("first")), clamp(last.get("clock"))
-    start = min(clock or exited, launched + STARTUP_ALLOWANCE)
-    handed = clamp(hand[-1]["time"]) if hand else exited
-    seconds = max(0.0, exited - start)
-    allowed = TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]
-    if seconds > allowed:
-        why = (f"from training batch {WARMUP_BATCHES}" if clock and clock <= launched + STARTUP_ALLOWANCE
-               else f"from {STARTUP_ALLOWANCE}s after the launch (STARTUP_ALLOWANCE: the budget's clock starts then at "
-                    f"the latest)")
-        raise PrepareError(f"training ran {seconds:.1f}s by the harness's clock ({why} until train.py exited); the budget "
-                           f"is {TIME_BUDGET}s and at most {allowed:.0f}s is allowed")
-    mem = hand[-1].get("peak_vram_mb") if hand else None
-    out = {"training_seconds": f"{seconds:.1f}", "training_tokens": last.get("tokens", 0),
-           "training_batches": last.get("batches", 0), "time_budget": TIME_BUDGET,
-           "clock_from": f"batch {WARMUP_BATCHES}" if clock and clock <= launched + STARTUP_ALLOWANCE
-           else f"the start-up allowance ({STARTUP_ALLOWANCE}s)",
-           "peak_vram_mb": f"{mem:.1f}" if isinstance(mem, (int, float)) else "0.0",
-           "startup_seconds": f"{(first or start) - launched:.1f}",  # imports, model, data checks
-           "warmup_seconds": f"{start - (first or start):.1f}",      # compilation, warm-up steps
-           "handover_seconds": f"{max(0.0, exited - handed):.1f}"}   # export, writing the model, exit
-    return out
+            continue  # a line cut short when training was killed
+        if isinstance(e, dict) and e.get("kind") == "handover":
+            hand = e
+    handed = number(hand.get("time"))
+    handed = min(max(handed, start), exited) if handed else exited
+    mem = number(hand.get("peak_vram_mb"))
+    return {"training_seconds": f"{seconds:.1f}", "training_tokens": int(served.get("tokens") or 0),
+            "training_batches": int(served.get("batches") or 0), "time_budget": TIME_BUDGET,
+            "clock_from": since.removeprefix("from "), "peak_vram_mb": f"{mem or 0.0:.1f}",
+            "startup_seconds": f"{min(first or start, start) - launched:.1f}",  # imports, model, data checks
+            "warmup_seconds": f"{start - min(first or start, start):.1f}",      # compilation, warm-up steps
+            "handover_seconds": f"{exited - handed:.1f}"}                        # export, writing the model, exit
+
 
 # ---------------------------------------------------------------------------
 # Main
@@ -1633,6 +1719,8 @@ if __name__ == "__main__":
     parser.add_argument("--launched", type=float, help="(with --evaluate) when training was started, epoch seconds; "
                         "the run record comes on stdin")
     parser.add_argument("--exited", type=float, help="(with --evaluate) when training ended, epoch seconds")
+    parser.add_argument("--served", metavar="FILE", help="(with --evaluate) the batch server's report")
+    parser.add_argument("--serve-batches", action="store_true", help="(run.sh) serve training batches on stdin/stdout")
     args = parser.parse_args()
     QUIET = args.quiet
     try:
@@ -1648,7 +1736,9 @@ if __name__ == "__main__":
         elif args.evaluate:
             try:
                 if args.launched is not None:
-                    for k, v in check_training(sys.stdin.read(), args.launched, args.exited).items():
+                    with open(args.served or os.devnull, errors="replace") as f:
+                        served = f.read()
+                    for k, v in check_training(served, sys.stdin.read(), args.launched, args.exited).items():
                         print(f"{k}: {v}", flush=True)
                 result = evaluate_handover(args.evaluate, heldout=not args.no_heldout)
             except PrepareError as e:
@@ -1660,6 +1750,8 @@ if __name__ == "__main__":
                 sys.exit(1)
             for k, v in result.items():
                 print(f"{k}: {v}")
+        elif args.serve_batches:
+            serve_batches(sys.stdin.buffer, sys.stdout.buffer)
         else:
             print(f"Cache directory: {CACHE_DIR}" + ("  [SMOKE profile]" if SMOKE else ""), flush=True)
             prepare(args)

@@ -192,7 +192,6 @@ main() {
   is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
   [ -n "$limit" ] || limit=$(awk -F': *' '$1 == "training_limit" { print $2 }' "$tmp/check.out")
   is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
-  train_view || die 1 "cannot link the training split into $prep/tokens-train (hard links in the cache directory)"
 
   # ------------------------------------------------------ changes start here
   if [ -n "$new_branch" ]; then
@@ -241,13 +240,20 @@ main() {
   # One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log appended).
   while :; do
     t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}   # t_iter: where the report's "outside:" line starts
-    # fd 3: the run record, written by prepare.py's loader and evaluate_bpb in train.py's process
-    # (a description of the run; the numbers that decide come from the evaluator and run.sh's clock).
-    # The model is handed over in $tmp/handover, the one place training may write.
+    # Training batches come from the batch server, a process of prepare.py's in a sandbox of its
+    # own, over a pipe (fds 4 and 5); its clock of what it served bounds the budget. fd 3: the run
+    # record, where evaluate_bpb notes its hand-over (train.py's process: it describes, it does not
+    # decide). The model is handed over in $tmp/handover, the one place training may write.
     : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
-    run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_HANDOVER="$tmp/handover" "$py" train.py \
-      </dev/null >>run.log 2>&1 3>>"$tmp/record" || rc=$?
+    rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
+    run_boxed "$limit" serve "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" &
+    local srv_pid=$!
+    # (each side opens the requests pipe first: neither waits for the other for ever)
+    run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
+      "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" 5>"$tmp/requests" 4<"$tmp/batches" || rc=$?
     t_exit=$EPOCHREALTIME
+    wait "$srv_pid"   # training's exit closed the requests: the server reports what it served and exits
+    grep -v '^served: ' "$tmp/served" >>run.log   # the server's own complaints, if any
     secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
     wall=$(awk -v w="$wall" -v s="$secs" 'BEGIN { printf "%.1f", w + s }')
 
@@ -258,10 +264,10 @@ main() {
     # The evaluator, a new process that runs no code of train.py's, bounds the training time by
     # run.sh's clock, then scores the handed-over model on data training never saw.
     verdict=0 reason=""
-    if [ "$rc" -eq 0 ] && [ -z "$touched" ]; then
+    if [ "$rc" -eq 0 ]; then
       t_ev0=$EPOCHREALTIME
       run_boxed 600 eval "$py" -I prepare.py --evaluate "$tmp/handover" --launched "$t_run" --exited "$t_exit" \
-        <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+        --served "$tmp/served" <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
       t_ev1=$EPOCHREALTIME
     else
       : >"$tmp/verify.out"
@@ -473,7 +479,7 @@ choose_sandbox() {
   prep=$cache; [ "$smoke" = 0 ] || prep=$cache/smoke   # the profile's prepared data
   cc=$prep/compile                                      # train.py's compile cache
   mkdir -p "$cc" "$prep/evaluator" "$tmp/up" "$tmp/work" "$tmp/t" "$tmp/handover"
-  box_check=() box_train=() box_eval=() box_kind=none box_tmp=$tmp/t pdeath=()
+  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = none ]; then
@@ -498,8 +504,9 @@ choose_sandbox() {
         box_kind=bwrap box_tmp=/tmp box_train=("${box[@]}")
         box_args "$b" "$how" check; box_check=("${box[@]}")
         box_args "$b" "$how" eval; box_eval=("${box[@]}")
+        box_args "$b" "$how" check; box_serve=("${box[@]}")
         box_short="$("$b" --version 2>/dev/null) ($b)"
-        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer and the training split (no validation or held-out data, no raw data), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
+        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
         else box_on+="compile cache private and empty (no overlay mounts here: slower); "; box_short+=", compile cache not reused"
         fi
@@ -518,10 +525,10 @@ choose_sandbox() {
 
 # box_args BWRAP overlay|tmpfs check|train|eval: the bubblewrap command. Only what the
 # process needs is mounted, read-only; the root, $HOME and the mount points stay read-only.
-# train: of the prepared data, the tokenizer and the training split alone (the evaluation
-# splits and the raw data are not there at all), the compile cache, and the hand-over
-# directory, writable. eval (the evaluator) and check: all the prepared data; the evaluator
-# writes its own compile cache, which training never sees.
+# train: of the prepared data, the tokenizer and manifest.json alone (no token files and no
+# raw data: its batches come from the batch server), the compile cache, and the hand-over
+# directory, writable. eval (the evaluator) and check (the data check, the batch server):
+# all the prepared data; the evaluator writes its own compile cache, which training never sees.
 box_args() {
   local p cap=$((4 << 30)) home=${HOME:-/}
   cap_gb=$((cap >> 30))
@@ -540,7 +547,7 @@ box_args() {
   case $3 in
     train)
       box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json"
-            --ro-bind-try "$prep/tokens-train" "$prep/tokens" --bind "$tmp/handover" "$tmp/handover")
+            --bind "$tmp/handover" "$tmp/handover")
       if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
       else box+=(--size "$cap" --tmpfs "$cc")
       fi ;;
@@ -642,12 +649,12 @@ take_gpu_locks() {
   done
 }
 
-# run_boxed LIMIT check|train|eval CMD...: CMD in that sandbox (box_args) with the
+# run_boxed LIMIT check|serve|train|eval CMD...: CMD in that sandbox (box_args) with the
 # allow-listed environment, in its own process group (timeout makes one), killed with it
 # after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout.
 run_boxed() {
   local limit=$1 rc=0 bx=()
-  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
+  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; serve) bx=("${box_serve[@]}") ;; *) bx=("${box_check[@]}") ;; esac
   shift 2
   mkdir -p "$tmp/t" "$tmp/handover"
   "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
@@ -661,21 +668,6 @@ run_boxed() {
   [ "$box_kind" != none ] || kill_run "$run_id" || true
   return "$rc"
 }
-# The training split alone, as hard links in one directory that the sandbox shows training
-# in place of tokens/: the validation and held-out files are not there at all. Rebuilt only
-# when the training files changed (a new prepare.py run), so a worktree training beside this
-# one keeps its view.
-train_view() {
-  [ "$box_kind" = bwrap ] || return 0
-  local view=$prep/tokens-train want have
-  want=$(cd "$prep/tokens" 2>/dev/null && stat -c '%n %i' train_*.bin 2>/dev/null) || want=""
-  have=$(cd "$view" 2>/dev/null && stat -c '%n %i' train_*.bin 2>/dev/null) || have=""
-  if [ -d "$view" ] && [ "$want" = "$have" ]; then return 0; fi
-  rm -rf -- "$view.$$" && mkdir -- "$view.$$" || return 1
-  [ -z "$want" ] || ln -- "$prep"/tokens/train_*.bin "$view.$$"/ || return 1
-  rm -rf -- "$view" && mv -- "$view.$$" "$view"
-}
-
 # Kills the processes of a run, found by the AUTORESEARCH_RUN tag in their environment.
 kill_run() {
   local f pids=()

@@ -413,29 +413,56 @@ def test_a_missing_or_unreadable_hand_over_is_a_clear_error(smoke, tmp_path):
     assert r.returncode == 1 and r.stdout.startswith("reason: train.py handed no model over")
 
 
-def test_the_budget_clock_starts_at_warm_up_or_the_allowance(smoke):
+def test_the_budget_clock_is_the_batch_servers_and_run_shs(smoke):
     budget, allowed = smoke.TIME_BUDGET, smoke.TIME_BUDGET * smoke.TRAIN_SLACK[0] + smoke.TRAIN_SLACK[1]
-    allowance = smoke.STARTUP_ALLOWANCE
-    def record(first, clock, batches=100):
-        train = {"batches": batches, "tokens": batches * 2048, "first": first, "last": 0, "clock": clock}
-        return json.dumps({"kind": "train", "time": first, **train}) + "\n" + json.dumps(
-            {"kind": "handover", "time": 0, "peak_vram_mb": 12.5})
-    # 30 s of start-up and warm-up before the 32nd batch are not counted
-    r = smoke.check_training(record(1005, 1030), launched=1000.0, exited=1030 + budget)
-    assert float(r["training_seconds"]) == pytest.approx(budget) and r["clock_from"] == "batch 32"
-    assert float(r["startup_seconds"]) == pytest.approx(5) and float(r["warmup_seconds"]) == pytest.approx(25)
-    assert r["peak_vram_mb"] == "12.5"
+    up, warm = smoke.STARTUP_ALLOWANCE, smoke.WARMUP_ALLOWANCE
+    served = lambda first, clock, batches=100: "noise from the server\nserved: " + json.dumps(  # noqa: E731
+        {"batches": batches, "tokens": batches * 2048, "first": first, "clock": clock})
+    handover = json.dumps({"kind": "handover", "time": 1040, "peak_vram_mb": 12.5})
+    # start-up and warm-up before the 32nd batch are not counted
+    r = smoke.check_training(served(1005, 1020), handover, launched=1000.0, exited=1020 + budget)
+    assert float(r["training_seconds"]) == pytest.approx(budget) and r["clock_from"] == "training batch 32"
+    assert float(r["startup_seconds"]) == pytest.approx(5) and float(r["warmup_seconds"]) == pytest.approx(15)
+    assert r["peak_vram_mb"] == "12.5" and r["training_batches"] == 100 and r["training_tokens"] == 204800
     with pytest.raises(smoke.PrepareError, match="by the harness's clock"):
-        smoke.check_training(record(1005, 1030), launched=1000.0, exited=1030 + allowed + 1)
-    # the clock starts STARTUP_ALLOWANCE after the launch at the latest, whatever the record says:
-    # a late 32nd batch, none at all, or a record silenced or forged
-    for rec in (record(1005, 1000 + allowance + 60), record(1005, None, batches=31), "", "garbage\n{]",
-                record(1005, 5000)):
-        r = smoke.check_training(rec, launched=1000.0, exited=1000 + allowance + budget)
-        assert float(r["training_seconds"]) <= budget + 1e-6
+        smoke.check_training(served(1005, 1020), handover, launched=1000.0, exited=1020 + allowed + 1)
+    # a 32nd batch drawn late: the clock starts WARMUP_ALLOWANCE after the first
+    r = smoke.check_training(served(1005, 1005 + warm + 50), "", launched=1000.0, exited=1005 + warm + budget)
+    assert float(r["training_seconds"]) == pytest.approx(budget) and "WARMUP_ALLOWANCE" in r["clock_from"]
+    with pytest.raises(smoke.PrepareError, match="WARMUP_ALLOWANCE"):
+        smoke.check_training(served(1005, None, batches=31), "", launched=1000.0, exited=1005 + warm + allowed + 1)
+    # no batch by STARTUP_ALLOWANCE (or none at all, or no server report): the first counts as served then
+    for text in (served(1000 + up + 40, None, 3), served(None, None, 0), "", "served: {]"[:0]):
         with pytest.raises(smoke.PrepareError, match="STARTUP_ALLOWANCE"):
-            smoke.check_training(rec, launched=1000.0, exited=1000 + allowance + allowed + 1)
-    assert smoke.TRAINING_LIMIT == allowance + allowed  # run.sh kills training there
+            smoke.check_training(text, "", launched=1000.0, exited=1000 + up + warm + allowed + 1)
+    # the record is train.py's: a forged hand-over time or memory shifts nothing that decides
+    forged = json.dumps({"kind": "handover", "time": "x\nval_bpb: 0.01", "peak_vram_mb": "1\nval_bpb: 0.01"})
+    r = smoke.check_training(served(1005, 1020), forged + "\n{]", launched=1000.0, exited=1020 + budget)
+    assert all("\n" not in str(v) for v in r.values()) and r["peak_vram_mb"] == "0.0"
+    assert smoke.TRAINING_LIMIT == up + warm + allowed  # run.sh kills training there
+
+
+def test_the_batch_server_serves_what_a_local_loader_packs(smoke):
+    """run.sh's batch server and train.py's client, over real pipes: the same batches as the local
+    loader, and a `served:` report with the clock."""
+    tok = smoke.Tokenizer.from_directory()
+    srv = subprocess.Popen([sys.executable, "-I", os.path.join(ROOT, "prepare.py"), "--serve-batches"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        smoke._batch_fds = (srv.stdout.fileno(), srv.stdin.fileno())
+        served = smoke.make_dataloader(tok, 4, 64, device="cpu", prefetch=1)
+        got = [next(served)[0] for _ in range(40)]
+    finally:
+        smoke._batch_fds = None
+        srv.stdin.close()
+    report = srv.stderr.read().decode()
+    srv.wait(timeout=30)
+    local = smoke.make_dataloader(tok, 4, 64, device="cpu")
+    assert all(torch.equal(a, next(local)[0]) for a in got)
+    counts = json.loads(report.split("served: ")[1])
+    assert counts["batches"] >= 40 and counts["tokens"] == counts["batches"] * 4 * 64 and counts["clock"] >= counts["first"]
+    with pytest.raises(smoke.PrepareError, match="B x T at most"):
+        smoke._check_batch_shape(1 << 20, 1024)
 
 
 def test_make_dataloader_refuses_the_validation_split(smoke):
@@ -871,13 +898,68 @@ def test_the_limits_the_documents_state_are_prepare_pys(tmp_path):
     figures = {}
     for smoke in (False, True):
         env = {**os.environ, "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_SMOKE": "1" if smoke else "0"}
-        out = subprocess.run([sys.executable, "-c", "import prepare as P; print(P.STARTUP_ALLOWANCE, round(P.TRAINING_LIMIT))"],
+        out = subprocess.run([sys.executable, "-c", "import prepare as P; "
+                              "print(P.STARTUP_ALLOWANCE, P.WARMUP_ALLOWANCE, round(P.TRAINING_LIMIT))"],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
         figures[smoke] = [int(v) for v in out]
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    program = open(os.path.join(ROOT, "program.md")).read()
-    allowance, limit = figures[False]
-    assert f"`STARTUP_ALLOWANCE` seconds after the launch ({allowance} s; smoke {figures[True][0]} s)" in readme
-    assert f"({limit} s; smoke {figures[True][1]} s)" in readme
-    assert f"`STARTUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5` ({limit} s; smoke {figures[True][1]} s)" in readme
-    assert f"`STARTUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5 s`: {limit} s" in program
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())  # line breaks as spaces
+    program = " ".join(open(os.path.join(ROOT, "program.md")).read().split())
+    (up, warm, limit), (s_up, s_warm, s_limit) = figures[False], figures[True]
+    assert f"`WARMUP_ALLOWANCE` seconds after the first ({warm} s; smoke {s_warm} s)" in readme
+    assert f"`STARTUP_ALLOWANCE` seconds after the launch at the latest ({up} s; smoke {s_up} s)" in readme
+    assert f"TIME_BUDGET × 1.2 + 5 s` ({limit} s; smoke {s_limit} s)" in readme
+    assert f"`STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5` ({limit} s; smoke {s_limit} s)" in readme
+    assert f"`STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET × 1.2 + 5 s`: {limit} s" in program
+
+
+def _graph(smoke, tmp_path, nodes, kwargs_of=None):
+    """A hand-over written by hand, as a train.py may: the graph's nodes, no tensors."""
+    d = tmp_path / "crafted"
+    d.mkdir(exist_ok=True)
+    (d / "model.json").write_text(json.dumps({"inputs": ["x"], "tensors": [], "rows": smoke.EVAL_ROWS,
+                                              "seq_len": smoke.MAX_SEQ_LEN, "graph": nodes}))
+    (d / "model.bin").write_bytes(b"")
+    return str(d)
+
+
+def _call(target, *args, **kwargs):
+    return {"op": "call_function", "target": target, "args": list(args), "kwargs": {"dict": [[k, v] for k, v in kwargs.items()]}}
+
+
+def test_a_graph_cannot_reach_the_targets_through_strides(smoke, tmp_path):
+    """The reviewer's attack: the inputs were a view of rows whose storage held the targets, so a
+    strided read found them (val_bpb 0.000001). Now the input is a tensor of its own, and the
+    operators that read strides or raw storage are refused."""
+    N, T, V = (lambda i: {"node": i}), smoke.MAX_SEQ_LEN, smoke.VOCAB_SIZE
+    nodes = [{"op": "placeholder"}, _call("aten.sym_stride.int", N(0), 0), _call("aten.sub.int", N(1), T),
+             _call("aten.as_strided.default", N(0), [smoke.EVAL_ROWS, T], [N(1), 1], N(2)),
+             _call("aten.one_hot.default", N(3), V), _call("aten._to_copy.default", N(4), dtype={"dtype": "float32"}),
+             _call("aten.mul.Tensor", N(5), 20.0), {"op": "output", "args": [{"tuple": [N(6)]}]}]
+    with pytest.raises(smoke.PrepareError, match="reads memory other than its inputs"):
+        smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+    tok = smoke.Tokenizer.from_directory()
+    x = smoke._inputs(next(smoke._eval_rows(tok)), "cpu")
+    assert x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * 8  # nothing but the inputs
+
+
+def test_keyword_names_in_a_hand_over_cannot_become_code(smoke, tmp_path):
+    """FX writes keyword names into the code it generates: a name carrying code ran in the
+    evaluator and printed a forged result."""
+    evil = "padding_idx=-1)\nprint('val_bpb: 0.123456', flush=True); import os; os._exit(0)\ndef _g():\n    _z = dict(a"
+    def inject(meta):
+        next(n for n in meta["graph"] if n["op"] == "call_function")["kwargs"] = {"dict": [[evil, 0]]}
+    with pytest.raises(smoke.PrepareError, match="keyword arguments it does not take"):
+        smoke.evaluate_handover(_crafted(smoke, tmp_path, inject))
+
+
+def test_the_hand_over_files_must_be_regular_files_not_links(smoke, tmp_path):
+    """model.bin linked to the validation tokens turned them into the model's 'weights'."""
+    d = _crafted(smoke, tmp_path, lambda meta: None)
+    os.remove(os.path.join(d, "model.bin"))
+    os.symlink(smoke.split_files("val")[0], os.path.join(d, "model.bin"))
+    with pytest.raises(smoke.PrepareError, match="a link"):
+        smoke.evaluate_handover(d)
+    os.remove(os.path.join(d, "model.bin"))
+    os.mkfifo(os.path.join(d, "model.bin"))  # would block a plain read for ever
+    with pytest.raises(smoke.PrepareError, match="not a regular file"):
+        smoke.evaluate_handover(d)
