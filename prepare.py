@@ -936,8 +936,9 @@ def check_prepared(full=False, training=False):
 # --serve-batches` outside the training sandbox and hands train.py's process the two ends of a
 # pipe (AUTORESEARCH_BATCH_FDS). The sandbox shows training no token file at all, so these
 # batches are the only data it can train on, and the server's clock of when it served them
-# bounds the budget (check_training). The budget's clock starts at the WARMUP_BATCHES-th batch,
-# or WARMUP_ALLOWANCE seconds after the first, whichever comes first; the first batch counts as
+# bounds the budget (check_training). The budget's clock starts at the batch that brings the
+# tokens served to WARMUP_TOKENS (the 32nd batch of the default train.py), or WARMUP_ALLOWANCE
+# seconds after the first batch, whichever comes first; the first batch counts as
 # served STARTUP_ALLOWANCE seconds after the launch at the latest. The figures: an H100 spent
 # 81 s from the launch to its first counted step on a cold compile, 63 s of it compiling, which
 # happens after the first batch (train.py takes one before its loop); a smoke run on a busy
@@ -945,12 +946,14 @@ def check_prepared(full=False, training=False):
 # The run record (AUTORESEARCH_RECORD_FD) gets evaluate_bpb's hand-over: when, the export time,
 # the peak memory. It is written in train.py's process, so it only describes the run.
 
-WARMUP_BATCHES = 32       # the budget's clock starts at this training batch: compilation and warm-up come first
+WARMUP_TOKENS = 32 * (8 if SMOKE else 128) * MAX_SEQ_LEN  # the clock starts once this many are served:
+                                                           # 32 batches of the default train.py
 STARTUP_ALLOWANCE = 45 if SMOKE else 60   # seconds from the launch to the first batch (imports, the model)
 WARMUP_ALLOWANCE = 45 if SMOKE else 90    # seconds from the first batch to the clock (compilation, warm-up)
 TRAIN_SLACK = (1.2, 5)    # from the clock to train.py's exit: at most TIME_BUDGET x 1.2 + 5 s (README, "the budget rule")
 TRAINING_LIMIT = STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]  # run.sh kills there
-MAX_BATCH_TOKENS = 1 << 26  # the largest batch the server packs (B x T), 128 MiB of uint16
+MAX_BATCH_TOKENS = 1 << 22  # the largest batch the server packs (B x T): 16 of the default train.py's
+MAX_BATCH_SHAPES = 8        # distinct (B, T) the server packs for one run
 LOADER_BUFFER = 1000      # documents the loader packs from; the evaluator packs its rows the same way
 
 _record_fd = None
@@ -996,36 +999,43 @@ def _served_rows(B, T):
 
 def serve_batches(requests, out):
     """The batch server: answers each request line "B T" with an 8-byte epoch and B packed rows of
-    T+1 training tokens (uint16), and notes when. When training closes the pipe, prints what it
-    served (the budget's clock) as one `served:` line on stderr."""
+    T+1 training tokens (uint16), and notes when. A `served:` line on stderr gives what it served
+    so far, written at the first batch, when the clock starts and at the end, so that a server
+    killed mid-run has already told when the clock started."""
     check_prepared(training=True)
     bos = Tokenizer.from_directory().get_bos_token_id()
     packers = {}
     served = {"batches": 0, "tokens": 0, "first": None, "clock": None, "last": None}
+    report = lambda: print("served: " + json.dumps(served), file=sys.stderr, flush=True)  # noqa: E731
     try:
-        for line in requests:
+        while line := requests.readline(64):
             try:
                 B, T = (int(v) for v in line.split())
             except ValueError:
                 raise PrepareError(f"the batch server got {line[:80]!r}, not a request") from None
             _check_batch_shape(B, T)
             if (B, T) not in packers:  # each shape packs from the start of the split, as a local loader does
+                if len(packers) == MAX_BATCH_SHAPES:
+                    raise PrepareError(f"more than {MAX_BATCH_SHAPES} batch shapes asked for in one run")
                 ndocs, docs = _documents("train", bos)
                 packers[B, T] = _pack_rows(docs, bos, B, T, min(LOADER_BUFFER, ndocs))
             rows, epoch = next(packers[B, T])
             now = time.time()
-            served["first"] = served["first"] or now
             served["batches"] += 1
             served["tokens"] += B * T
             served["last"] = now
-            if served["batches"] == WARMUP_BATCHES:
-                served["clock"] = now
+            if served["first"] is None:
+                served["first"] = now
+                report()
+            if served["clock"] is None and served["tokens"] >= WARMUP_TOKENS:
+                served["clock"], served["clock_batch"] = now, served["batches"]
+                report()
             out.write(epoch.to_bytes(8, "little") + rows.tobytes())
             out.flush()
     except BrokenPipeError:
         pass  # training exited without reading its last batch
     finally:
-        print("served: " + json.dumps(served), file=sys.stderr, flush=True)
+        report()
 
 
 # ---------------------------------------------------------------------------
@@ -1222,15 +1232,24 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
 HANDOVER_MAX_BYTES = 64 << 30   # weights and constants handed over: a bound for the evaluator's reads
 CAUSAL_TOLERANCE = 1e-3         # logits at a position may not move more than this when later tokens change
+CAUSAL_CHECK_SHARE = 0.25       # validation batches whose causality is checked too: +25% forward passes
 # aten operators with a string argument are refused unless the string is one of these harmless
-# options: the others read files (from_file), print, or belong to TorchScript's string library.
+# options, and a short word at that (_SAFE_STR): the others read files (from_file), print, or
+# belong to TorchScript's string library, and a compiler may write a string into code.
 _HARMLESS_STR_ARGS = {"approximate", "rounding_mode", "reduce", "padding_mode", "mode", "equation", "side",
-                      "interpolation", "indexing", "reduction", "assert_msg"}
+                      "interpolation", "indexing", "reduction"}
+_SAFE_STR = re.compile(r"[A-Za-z0-9_,.>-]{0,64}")
 # ...and these by name: they see memory beyond their input's values (strides, storage, raw
-# indexing, uninitialised memory), or draw random numbers (the scored function must be one).
+# indexing, uninitialised memory), draw random numbers, or keep state: batch and instance norm
+# write their running statistics in place though their schemas do not say so, and recurrent
+# layers may too. Operators tagged nondeterministic_seeded or taking a Generator are refused too,
+# but for attention, whose dropout_p must then be 0 (_check_arguments).
 _REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe|"
                           r"nested|empty|rand|dropout|bernoulli|normal|uniform|exponential|geometric|cauchy|"
-                          r"multinomial|poisson|set_|resize|data_ptr")
+                          r"multinomial|poisson|binomial|gamma|dirichlet|rrelu|set_|resize|data_ptr|"
+                          r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn")
+_FLEX_OPTIONS = re.compile(r"[A-Z][A-Z0-9_]{0,40}")  # FlexAttention's kernel_options: names, and values
+                                                     # other than numbers and flags (BACKEND: AUTO)
 _HANDOVER = os.environ.pop("AUTORESEARCH_HANDOVER", "")  # run.sh: where the trained model goes
 
 
@@ -1365,10 +1384,13 @@ def _allowed_op(name):
         raise PrepareError(refuse)
     if op._schema.is_mutable:
         raise PrepareError(refuse + " (it changes its inputs in place: a model that keeps state between calls)")
-    if _REFUSED_OPS.search(parts[1]):
-        raise PrepareError(refuse + " (it reads memory other than its inputs' values, or draws random numbers)")
+    names = {a.name for a in op._schema.arguments}
+    seeded = torch.Tag.nondeterministic_seeded in op.tags and "dropout_p" not in names  # attention: dropout_p 0
+    if _REFUSED_OPS.search(parts[1]) or seeded or any("Generator" in str(a.type) for a in op._schema.arguments):
+        raise PrepareError(refuse + " (it reads memory other than its inputs' values, draws random numbers "
+                                    "or keeps state between calls)")
     if any("str" in str(a.type) and a.name not in _HARMLESS_STR_ARGS for a in op._schema.arguments):
-        raise PrepareError(refuse + " (an operator that takes a file name or prints)")
+        raise PrepareError(refuse + " (it takes a string: a file name, text to print, a message)")
     return op
 
 
@@ -1403,16 +1425,50 @@ def _decode_graph(nodes, device):
             root.add_module(f"sub{i}", _decode_graph(n["graph"], device))
             env.append(graph.get_attr(f"sub{i}"))
         elif n["op"] == "call_function":
-            op, kwargs = _allowed_op(n["target"]), dec(n["kwargs"])
-            names = {a.name for a in op._schema.arguments} if hasattr(op, "_schema") else set()
-            if not isinstance(kwargs, dict) or any(k not in names for k in kwargs):  # FX writes keys as code
-                raise PrepareError(f"the hand-over gives {n['target']} keyword arguments it does not take")
-            env.append(graph.call_function(op, tuple(dec(n["args"])), kwargs))
+            op, args, kwargs = _allowed_op(n["target"]), tuple(dec(n["args"])), dec(n["kwargs"])
+            _check_arguments(n["target"], op, args, kwargs)
+            env.append(graph.call_function(op, args, kwargs))
         elif n["op"] == "output":
             env.append(graph.output(*dec(n["args"])))
         else:
             raise PrepareError(f"the hand-over holds a graph node of kind {n['op']!r}")
     return torch.fx.GraphModule(root, graph)
+
+
+def _check_arguments(name, op, args, kwargs):
+    """Arguments as the operator's schema takes them: keyword names it has (FX writes them as code),
+    strings only where harmless and short, devices as devices; FlexAttention's options as flags."""
+    import torch
+    bad = PrepareError(f"the hand-over gives {name} arguments it does not take")
+    if not isinstance(kwargs, dict):
+        raise bad
+    if not hasattr(op, "_schema"):  # getitem, FlexAttention
+        if kwargs:
+            raise bad
+        if name == "higher_order.flex_attention":
+            options = args[6] if len(args) > 6 else None
+            if not isinstance(options, dict) or not all(
+                    _FLEX_OPTIONS.fullmatch(k) and (isinstance(v, (bool, int, float)) or
+                                                    isinstance(v, str) and _FLEX_OPTIONS.fullmatch(v))
+                    for k, v in options.items()):
+                raise PrepareError("the hand-over gives FlexAttention options other than named flags and sizes")
+        return
+    schema = {a.name: a for a in op._schema.arguments}
+    if any(k not in schema for k in kwargs) or len(args) > len(op._schema.arguments):
+        raise bad
+    bound = list(zip(op._schema.arguments, args)) + [(schema[k], v) for k, v in kwargs.items()]
+    for arg, value in bound:
+        kind = str(arg.type)
+        if "str" in kind and value is not None and not (
+                arg.name in _HARMLESS_STR_ARGS and isinstance(value, str) and _SAFE_STR.fullmatch(value)):
+            raise PrepareError(f"the hand-over gives {name} the string {str(value)[:40]!r} for {arg.name}")
+        if "Device" in kind and value is not None and not isinstance(value, torch.device):
+            raise bad
+        if isinstance(value, str) and "str" not in kind:
+            raise bad
+        if arg.name in ("dropout_p", "dropout", "train") and value not in (None, 0, 0.0, False):
+            raise PrepareError(f"the hand-over asks {name} for {arg.name}={value}: the scored function draws "
+                               f"no random numbers (no dropout at evaluation)")
 
 
 def load_handover(directory, device, compile_model):
@@ -1447,8 +1503,11 @@ def load_handover(directory, device, compile_model):
                            "batch_size), and exit after it") from None
     except Exception as e:
         raise PrepareError(f"the hand-over in {directory} is not readable ({type(e).__name__}: {e})") from e
-    run = torch.compile(gm, dynamic=False) if compile_model else gm
     at = args.index(None)
+    run = gm
+    if compile_model:  # Inductor straight from the graph: it is already ATen (Dynamo would re-trace it)
+        x = torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)
+        run = torch._inductor.compile(gm, args[:at] + [x] + args[at + 1:])
 
     def forward(x):
         with torch.no_grad():
@@ -1482,13 +1541,14 @@ def _inputs(rows, device):
     return torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64)).to(device)
 
 
-def check_causal(forward, rows, vocab_size):
+def check_causal(forward, rows, vocab_size, logits=None, rng=None):
     """A language model's logits at position t may depend on tokens 0..t of its own row only. Each row
-    of a scored batch gets a random position j; the tokens from j on are replaced by random ones, and
-    the logits before j must not move (a look-ahead, a mask dropped, or one row reading another)."""
+    of a batch gets a random position j; the tokens from j on are replaced by random ones, and the
+    logits before j must not move (a look-ahead, a mask dropped, or one row reading another).
+    logits: the model's logits for the rows as they are, when the scoring pass has them."""
     import random
     import torch
-    rng = random.SystemRandom()
+    rng = rng or random.SystemRandom()
     x = _inputs(rows, "cpu")
     changed, cut = x.clone(), []
     for r in range(x.size(0)):
@@ -1496,7 +1556,8 @@ def check_causal(forward, rows, vocab_size):
         changed[r, j:] = torch.tensor([rng.randrange(vocab_size) for _ in range(x.size(1) - j)])
         changed[r, j] = (x[r, j] + 1 + rng.randrange(vocab_size - 1)) % vocab_size  # differs at j for sure
         cut.append(j)
-    a, b = forward(x.to(_eval_device())), forward(changed.contiguous().to(_eval_device()))
+    a = forward(x.to(_eval_device())) if logits is None else logits
+    b = forward(changed.contiguous().to(_eval_device()))
     for r, j in enumerate(cut):
         moved = (a[r, :j].float() - b[r, :j].float()).abs().max().item()
         if not moved <= CAUSAL_TOLERANCE:
@@ -1521,23 +1582,30 @@ def _eval_rows(tokenizer, split="val"):
         yield next(rows)[0]
 
 
-def _score(forward, batches, token_bytes):
-    """(bits per byte, tokens scored) of forward's logits over the batches."""
+def _score(forward, batches, token_bytes, check=0.0):
+    """(bits per byte, tokens scored, checksum of the first batch's logits) of forward's logits over the
+    batches. check: the share of batches, drawn at random, whose causality is checked as well (one
+    more forward pass each): a look-ahead at a few positions only is then seen somewhere."""
+    import random
     import torch
     import torch.nn.functional as F
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    n, first, rng = 0, None, random.SystemRandom()
     for rows in batches:
         logits = forward(_inputs(rows, device))
+        if first is None:
+            first = logits.double().sum().item()
+        if rng.random() < check:
+            check_causal(forward, rows, logits.size(-1), logits, rng)
         y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64)).to(device).reshape(-1)
         nats = F.cross_entropy(logits.reshape(y.numel(), -1).float(), y, reduction="none")
         nbytes = token_bytes[y]
         total_nats += (nats * (nbytes > 0)).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
         n += y.numel()
-    return (total_nats / (math.log(2) * total_bytes.double())).item(), n
+    return (total_nats / (math.log(2) * total_bytes.double())).item(), n, first
 
 
 def evaluate_handover(directory, heldout=True):
@@ -1552,16 +1620,22 @@ def evaluate_handover(directory, heldout=True):
     torch.set_float32_matmul_precision("high")
     forward, size = load_handover(directory, device, compile_model=device.type == "cuda")
     token_bytes = torch.from_numpy(tok.token_byte_lengths()).to(device)
-    check_causal(forward, next(_eval_rows(tok, "val")), tok.get_vocab_size())  # compiles, on a GPU
+    first = next(_eval_rows(tok, "val"))
+    before = forward(_inputs(first, device))  # compiles, on a GPU
+    check_causal(forward, first, tok.get_vocab_size(), before)
+    before = before.double().sum().item()
     t1 = time.time()
-    val, tokens = _score(forward, _eval_rows(tok, "val"), token_bytes)
+    val, tokens, again = _score(forward, _eval_rows(tok, "val"), token_bytes, CAUSAL_CHECK_SHARE)
+    if not math.isclose(again, before, rel_tol=1e-7, abs_tol=1.0):  # the same batch: the same logits
+        raise PrepareError("the model gave other logits for the same batch on a later call: it keeps state "
+                           "between calls, or its forward pass is not deterministic")
     if not math.isfinite(val):
         raise PrepareError(f"val_bpb is {val}")
     result = {"val_bpb": f"{val:.6f}", "eval_tokens": tokens, "handover_mib": f"{size / 2**20:.1f}",
               "evaluator_seconds": f"{t1 - t0:.1f}", "eval_seconds": f"{time.time() - t1:.1f}"}
     if heldout:
         t2 = time.time()
-        held, _ = _score(forward, _eval_rows(tok, "heldout"), token_bytes)
+        held, _, _ = _score(forward, _eval_rows(tok, "heldout"), token_bytes)
         result.update(heldout_bpb=f"{held:.6f}", heldout_seconds=f"{time.time() - t2:.1f}")
     if device.type == "cuda":
         result["eval_peak_vram_mb"] = f"{torch.cuda.max_memory_allocated() / 2**20:.1f}"
@@ -1571,12 +1645,14 @@ def evaluate_handover(directory, heldout=True):
 def check_training(served_text, record, launched, exited):
     """The training run's figures and its budget, by clocks train.py does not hold: run.sh's
     (launched, exited) and the batch server's (served_text: its `served:` line). The budget's clock
-    starts at the WARMUP_BATCHES-th batch served, or WARMUP_ALLOWANCE seconds after the first
+    starts once WARMUP_TOKENS are served, or WARMUP_ALLOWANCE seconds after the first batch
     (which counts as served STARTUP_ALLOWANCE seconds after the launch at the latest), whichever
     comes first, and runs until train.py exits. The record (train.py's process) adds the hand-over's
     time and the peak memory, for the report alone."""
     lines = [line for line in served_text.splitlines() if line.startswith("served: ")]
     served = json.loads(lines[-1][len("served: "):]) if lines else {}
+    if not isinstance(served, dict):
+        served = {}
     number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
     first, clock = number(served.get("first")), number(served.get("clock"))
     first_by = min(first, launched + STARTUP_ALLOWANCE) if first else launched + STARTUP_ALLOWANCE
@@ -1585,7 +1661,7 @@ def check_training(served_text, record, launched, exited):
     seconds = exited - start
     allowed = TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]
     if clock and clock == start:
-        since = f"from training batch {WARMUP_BATCHES}"
+        since = f"from training batch {served.get('clock_batch')}"
     elif first and first <= launched + STARTUP_ALLOWANCE:
         since = f"from {WARMUP_ALLOWANCE}s after the first batch (WARMUP_ALLOWANCE)"
     else:

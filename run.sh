@@ -246,7 +246,7 @@ main() {
     # decide). The model is handed over in $tmp/handover, the one place training may write.
     : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
     rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
-    run_boxed "$limit" serve "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" &
+    run_boxed "$limit" serve "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
     local srv_pid=$!
     # (each side opens the requests pipe first: neither waits for the other for ever)
     run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
@@ -546,8 +546,9 @@ box_args() {
   [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
   case $3 in
     train)
+      # run.sh's own files in $tmp (guard copies, the pipes) are hidden: only the hand-over shows
       box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json"
-            --bind "$tmp/handover" "$tmp/handover")
+            --tmpfs "$tmp" --bind "$tmp/handover" "$tmp/handover")
       if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
       else box+=(--size "$cap" --tmpfs "$cc")
       fi ;;

@@ -332,7 +332,7 @@ class FlexModel(torch.nn.Module):
     def forward(self, x):
         from torch.nn.attention.flex_attention import flex_attention
         h = self.emb(x).view(x.size(0), x.size(1), 4, 16).transpose(1, 2)
-        y = flex_attention(h, h, h, block_mask=self.mask).transpose(1, 2).reshape(x.size(0), x.size(1), 64)
+        y = flex_attention(h, h.flip(-1), h * 0.5, block_mask=self.mask).transpose(1, 2).reshape(x.size(0), x.size(1), 64)
         return self.out(y).float()
 
 
@@ -346,6 +346,11 @@ def test_flex_attention_crosses_over_and_scores_as_in_process(smoke, tmp_path):
     with torch.no_grad():
         assert torch.equal(forward(x), model(x))
     smoke.check_causal(forward, next(smoke._eval_rows(tok)), tok.get_vocab_size())
+    # on a GPU the evaluator compiles the graph with Inductor, as here on the CPU (Dynamo cannot
+    # re-trace an exported FlexAttention node, so it is not torch.compile)
+    compiled, _ = smoke.load_handover(str(tmp_path / "h"), torch.device("cpu"), compile_model=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-4)
 
 
 class Lookahead(torch.nn.Module):
@@ -386,8 +391,8 @@ def _crafted(smoke, tmp_path, mutate):
 
 
 @pytest.mark.parametrize("target, why", [
-    ("aten.from_file.default", "a file name or prints"),
-    ("aten._print.default", "a file name or prints"),
+    ("aten.from_file.default", "it takes a string"),
+    ("aten._print.default", "it takes a string"),
     ("aten.add_.Tensor", "changes its inputs in place"),
     ("aten.__class__.__init__", "does not run"),
     ("builtins.exec", "only PyTorch's aten operators"),
@@ -417,7 +422,7 @@ def test_the_budget_clock_is_the_batch_servers_and_run_shs(smoke):
     budget, allowed = smoke.TIME_BUDGET, smoke.TIME_BUDGET * smoke.TRAIN_SLACK[0] + smoke.TRAIN_SLACK[1]
     up, warm = smoke.STARTUP_ALLOWANCE, smoke.WARMUP_ALLOWANCE
     served = lambda first, clock, batches=100: "noise from the server\nserved: " + json.dumps(  # noqa: E731
-        {"batches": batches, "tokens": batches * 2048, "first": first, "clock": clock})
+        {"batches": batches, "tokens": batches * 2048, "first": first, "clock": clock, "clock_batch": 32})
     handover = json.dumps({"kind": "handover", "time": 1040, "peak_vram_mb": 12.5})
     # start-up and warm-up before the 32nd batch are not counted
     r = smoke.check_training(served(1005, 1020), handover, launched=1000.0, exited=1020 + budget)
@@ -450,19 +455,28 @@ def test_the_batch_server_serves_what_a_local_loader_packs(smoke):
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         smoke._batch_fds = (srv.stdout.fileno(), srv.stdin.fileno())
-        served = smoke.make_dataloader(tok, 4, 64, device="cpu", prefetch=1)
+        served = smoke.make_dataloader(tok, 8, 256, device="cpu", prefetch=1)
         got = [next(served)[0] for _ in range(40)]
     finally:
         smoke._batch_fds = None
         srv.stdin.close()
     report = srv.stderr.read().decode()
     srv.wait(timeout=30)
-    local = smoke.make_dataloader(tok, 4, 64, device="cpu")
+    local = smoke.make_dataloader(tok, 8, 256, device="cpu")
     assert all(torch.equal(a, next(local)[0]) for a in got)
-    counts = json.loads(report.split("served: ")[1])
-    assert counts["batches"] >= 40 and counts["tokens"] == counts["batches"] * 4 * 64 and counts["clock"] >= counts["first"]
+    lines = [json.loads(line[len("served: "):]) for line in report.splitlines() if line.startswith("served: ")]
+    # written at the first batch, when the clock starts (32 default batches of tokens), and at the end
+    assert [line["batches"] for line in lines[:2]] == [1, 32] and lines[1]["clock_batch"] == 32
+    counts = lines[-1]
+    assert counts["batches"] >= 40 and counts["tokens"] == counts["batches"] * 8 * 256 and counts["clock"] >= counts["first"]
     with pytest.raises(smoke.PrepareError, match="B x T at most"):
         smoke._check_batch_shape(1 << 20, 1024)
+    # more shapes than a run needs, or a line that is no request, end the server with a reason
+    shapes = "".join(f"1 {t}\n" for t in range(1, smoke.MAX_BATCH_SHAPES + 2)).encode()
+    for stdin, why in ((shapes, "batch shapes"), (b"x" * 10000, "not a request")):
+        r = subprocess.run([sys.executable, "-I", os.path.join(ROOT, "prepare.py"), "--serve-batches"], input=stdin,
+                           capture_output=True, timeout=60)
+        assert r.returncode == 1 and why in r.stderr.decode() and "served: " in r.stderr.decode()
 
 
 def test_make_dataloader_refuses_the_validation_split(smoke):
@@ -948,7 +962,7 @@ def test_keyword_names_in_a_hand_over_cannot_become_code(smoke, tmp_path):
     evil = "padding_idx=-1)\nprint('val_bpb: 0.123456', flush=True); import os; os._exit(0)\ndef _g():\n    _z = dict(a"
     def inject(meta):
         next(n for n in meta["graph"] if n["op"] == "call_function")["kwargs"] = {"dict": [[evil, 0]]}
-    with pytest.raises(smoke.PrepareError, match="keyword arguments it does not take"):
+    with pytest.raises(smoke.PrepareError, match="arguments it does not take"):
         smoke.evaluate_handover(_crafted(smoke, tmp_path, inject))
 
 
@@ -963,3 +977,74 @@ def test_the_hand_over_files_must_be_regular_files_not_links(smoke, tmp_path):
     os.mkfifo(os.path.join(d, "model.bin"))  # would block a plain read for ever
     with pytest.raises(smoke.PrepareError, match="not a regular file"):
         smoke.evaluate_handover(d)
+
+
+@pytest.mark.parametrize("nodes_of, why", [
+    # running statistics written in place by batch norm, though its schema does not say so: a call counter
+    (lambda N, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                   _call("aten.native_batch_norm.default", N(1), None, None, None, None, True, 0.5, 1e-5)],
+     "keeps state between calls"),
+    (lambda N, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.rrelu.default", N(1))],
+     "draws random numbers"),
+    (lambda N, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                   _call("aten.binomial.default", N(1), N(1))], "draws random numbers"),
+    # a string a compiler writes into the code it generates
+    (lambda N, V: [_call("aten._assert_async.msg", N(0), "\\\"); system(\\\"touch /tmp/x\\\"); (\\\"")],
+     "it takes a string"),
+    (lambda N, V: [_call("aten.gelu.default", N(0), approximate="tanh'); import os; ('")], "the string"),
+    # a device given as a string, which would not become the evaluator's device
+    (lambda N, V: [_call("aten.zeros.default", [1], device="cpu")], "arguments it does not take"),
+    (lambda N, V: [_call("aten.scaled_dot_product_attention.default", N(0), N(0), N(0), None, 0.5)], "no dropout"),
+])
+def test_the_evaluator_refuses_state_randomness_and_code_in_strings(smoke, tmp_path, nodes_of, why):
+    """Found by an adversarial review: each let a graph count its calls, draw a coin, or write code."""
+    N = lambda i: {"node": i}  # noqa: E731
+    body = nodes_of(N, smoke.VOCAB_SIZE)
+    nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
+    with pytest.raises(smoke.PrepareError, match=why):
+        smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+
+
+def test_flex_attention_options_are_flags_and_sizes_only(smoke, tmp_path):
+    tok = smoke.Tokenizer.from_directory()
+    smoke.handover(FlexModel(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval(), str(tmp_path / "h"))
+    meta = json.loads((tmp_path / "h/model.json").read_text())
+    flex = next(n for n in meta["graph"] if n.get("target") == "higher_order.flex_attention")
+    flex["args"][6]["dict"].append(["BLOCK_M'''\nimport os\n'''", 1])
+    (tmp_path / "h/model.json").write_text(json.dumps(meta))
+    with pytest.raises(smoke.PrepareError, match="FlexAttention options"):
+        smoke.evaluate_handover(str(tmp_path / "h"))
+
+
+class SparseLookahead(torch.nn.Module):
+    """Looks at the next token only where the current token is 0 mod 5: a pure function that no
+    single cut per row is sure to catch."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.now, self.next = torch.nn.Embedding(V, V), torch.nn.Embedding(V, V)
+
+    def forward(self, x):
+        gate = (x % 5 == 0).unsqueeze(-1).float()
+        return self.now(x) + gate * self.next(x.roll(-1, dims=1))
+
+
+def test_a_look_ahead_at_a_few_positions_is_found_in_the_scored_batches(smoke, tmp_path):
+    tok = smoke.Tokenizer.from_directory()
+    smoke.handover(SparseLookahead(tok.get_vocab_size()), str(tmp_path / "h"))
+    with pytest.raises(smoke.PrepareError, match="the model looks ahead"):
+        smoke.evaluate_handover(str(tmp_path / "h"))
+
+
+def test_a_model_whose_logits_change_from_call_to_call_is_refused(smoke, tmp_path, monkeypatch):
+    """Defence in depth behind the refused operators: the first batch is scored twice, and must get
+    the same logits both times."""
+    tok = smoke.Tokenizer.from_directory()
+    V, calls = tok.get_vocab_size(), [0]
+
+    def counting(x):  # causal, but its answers drift with the number of calls
+        calls[0] += 1
+        return torch.zeros(*x.shape, V) + (calls[0] > 2) * torch.nn.functional.one_hot(x, V).float()
+    monkeypatch.setattr(smoke, "load_handover", lambda d, device, compile_model: (counting, 0))
+    with pytest.raises(smoke.PrepareError, match="other logits for the same batch"):
+        smoke.evaluate_handover(str(tmp_path))
