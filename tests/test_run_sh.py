@@ -517,7 +517,7 @@ def test_secrets_do_not_reach_training(based: Repo):
     based.write("train.py", trainer("0.9", body=body))
     based.run("env", OPENAI_API_KEY="sekrit-1", HF_TOKEN="sekrit-2", MY_PASSWORD="sekrit-3",
               RANDOM_VAR="sekrit-4", TORCH_HF_TOK="sekrit-5", LC_PASSPHRASE="sekrit-6",
-              TORCHINDUCTOR_ANYTHING="sekrit-7", SSH_AUTH_SOCK="sekrit-8", CUDA_VISIBLE_DEVICES="7",
+              TORCHINDUCTOR_REMOTE_TOKEN="sekrit-7", SSH_AUTH_SOCK="sekrit-8", CUDA_VISIBLE_DEVICES="7",
               OMP_NUM_THREADS="2", TRITON_CACHE_DIR="/read-only/elsewhere", AUTORESEARCH_SMOKE="0",
               XDG_RUNTIME_DIR="/run/user/elsewhere", LC_TIME="C")
     log = based.read("run.log")
@@ -1703,3 +1703,88 @@ def test_descriptions_lose_bidirectional_and_invisible_controls(based: Repo):
     assert based.git("log", "-1", "--format=%B").strip() == want
     assert based.rows()[-1][4] == want
     assert based.table()["description"].tolist()[-1] == want
+
+
+# ------------------------------------------------- ./run.sh --doctor, and the GPU path (issue 17)
+
+
+def tree(d: Path) -> dict:
+    """Every regular file under d, by content."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def run_sh_function(call: str, **env: str) -> subprocess.CompletedProcess:
+    """A call of run.sh's functions alone: run.sh without its last line, `main "$@"`."""
+    src = RUN_SH.read_text()
+    assert src.rstrip().endswith('main "$@"')
+    return subprocess.run(["bash", "-c", src.rstrip()[: -len('main "$@"')] + call], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_missing_uvm_device_nodes_are_made_before_the_box_starts(tmp_path: Path):
+    """/dev/nvidiactl without /dev/nvidia-uvm: run.sh runs nvidia-modprobe -u -c=0, as libcuda
+    would on the host (the box cannot); without it, one line says what to do."""
+    dev, tools = tmp_path / "dev", tmp_path / "tools"
+    dev.mkdir(), tools.mkdir()
+    (dev / "nvidiactl").touch()
+    (tools / "nvidia-modprobe").write_text(f'#!/bin/sh\necho "$@" >{tmp_path}/args\ntouch {dev}/nvidia-uvm {dev}/nvidia-uvm-tools\n')
+    (tools / "nvidia-modprobe").chmod(0o755)
+    without = path_without(tmp_path, "nvidia-modprobe", "modprobe")
+    p = run_sh_function(f"gpu_nodes {dev}", PATH=f"{tools}{os.pathsep}{without}")
+    assert p.stdout == "" and (tmp_path / "args").read_text() == "-u -c=0\n" and (dev / "nvidia-uvm").exists()
+    (tmp_path / "args").unlink()
+    assert run_sh_function(f"gpu_nodes {dev}", PATH=f"{tools}{os.pathsep}{without}").stdout == ""
+    assert not (tmp_path / "args").exists()  # present: nothing to do
+    (dev / "nvidia-uvm").unlink()
+    p = run_sh_function(f"gpu_nodes {dev}", PATH=without)
+    assert p.stdout.startswith(f"run.sh: {dev}/nvidia-uvm is missing and could not be made (no nvidia-modprobe here)")
+    assert "nvidia-modprobe -u -c=0" in p.stdout and p.stdout.count("\n") == 1
+    (dev / "nvidiactl").unlink()
+    assert run_sh_function(f"gpu_nodes {dev}", PATH=without).stdout == ""  # no driver: nothing to say
+
+
+def fake_driver(tmp: Path) -> tuple[Path, Path, str]:
+    """libcuda.so.1 in a directory the box shows nowhere else, a link to a file in another one, and
+    an ldconfig on PATH whose cache lists it."""
+    link, real = tmp / "drv/lib/libcuda.so.1", tmp / "drv/store/libcuda.so.580.1"
+    real.parent.mkdir(parents=True), link.parent.mkdir(parents=True)
+    real.write_text("driver")
+    link.symlink_to(real)
+    (tmp / "ldconfig-bin").mkdir()
+    (tmp / "ldconfig-bin/ldconfig").write_text(f"#!/bin/sh\nprintf '\\tlibcuda.so.1 (libc6,x86-64) => {link}\\n'\n")
+    (tmp / "ldconfig-bin/ldconfig").chmod(0o755)
+    return link, real, f"{tmp / 'ldconfig-bin'}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_driver_library_directories_outside_the_box_are_found(tmp_path: Path):
+    link, real, path = fake_driver(tmp_path)
+    p = run_sh_function("driver_dirs", PATH=path, LD_LIBRARY_PATH=f"/usr/lib:{link.parent}")
+    assert p.stdout.splitlines() == [str(link.parent), str(real.parent)]  # once each
+    p = run_sh_function("driver_dirs", PATH=path, HOME=str(link.parent / "me"))
+    assert p.stdout.splitlines() == [str(real.parent)]  # never a directory that holds all of $HOME
+
+
+@needs_bwrap
+def test_the_driver_library_and_compiler_settings_reach_the_box(based: Repo):
+    """libcuda.so.1 outside /usr, /lib*, /opt, /etc is visible in the box, read-only; the compilers'
+    settings cross (their cache directories and secret-looking names do not)."""
+    link, real, path = fake_driver(based.tmp)
+    body = f"""
+    print("LIB", open({str(link)!r}).read(), os.access({str(real)!r}, os.W_OK))
+    print("ENV", sorted(k for k in os.environ if k.startswith(("TRITON", "TORCHINDUCTOR", "CC", "CXX", "CPATH", "LIBRARY", "CUDA_CACHE", "NVIDIA_DRIVER"))))
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    based.run("driver", PATH=path, TRITON_PTXAS_PATH="/p", TORCHINDUCTOR_MAX_AUTOTUNE="1", CC="gcc", CXX="g++",
+              CPATH="/i", LIBRARY_PATH="/l", CUDA_CACHE_PATH="/c", NVIDIA_DRIVER_CAPABILITIES="compute",
+              TRITON_CACHE_DIR="/x", TRITON_HOME="/x", TORCHINDUCTOR_CACHE_DIR="/x", TRITON_REMOTE_TOKEN="sekrit")
+    log = based.read("run.log")
+    assert "LIB driver False" in log, log
+    assert ("ENV ['CC', 'CPATH', 'CUDA_CACHE_PATH', 'CXX', 'LIBRARY_PATH', 'NVIDIA_DRIVER_CAPABILITIES', "
+            "'TORCHINDUCTOR_MAX_AUTOTUNE', 'TRITON_PTXAS_PATH']") in log, log
+
+
+def test_without_uv_the_refusal_names_the_variable_and_an_example(repo: Repo):
+    del repo.env["AUTORESEARCH_PYTHON"]
+    err = _refuses(repo, ["x"], PATH=path_without(repo.tmp, "uv"))
+    assert "set AUTORESEARCH_PYTHON to a Python with PyTorch" in err
+    assert re.search(r"e\.g\. AUTORESEARCH_PYTHON=/\S+ \./run\.sh", err), err
