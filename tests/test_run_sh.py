@@ -1713,6 +1713,45 @@ def tree(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
+@needs_bwrap
+def test_doctor_checks_the_machine_in_the_sandbox_and_changes_nothing(harness: Repo):
+    """The real prepare.py in the real sandbox, on the CPU (smoke profile): every item says ok or
+    skip and why; nothing changes outside .git/autoresearch, the compile cache included."""
+    from conftest import changed, snapshot
+    before, cache = snapshot(harness.path), tree(harness.cache)
+    t = time.time()
+    p = harness.run("--doctor")
+    out = p.stdout
+    assert time.time() - t < 60, out
+    items = {m.group(2).strip(): (m.group(1), m.group(3)) for m in re.finditer(r"^(ok|skip|warn|FAIL) +(\S+(?: \S+)?) +(.*)$", out, re.M)
+             if m.group(2).strip() in ("sandbox", "driver", "gpu lock", "python", "gpu", "compile", "matmul", "evaluator",
+                                       "compile cache", "data", "git identity")}
+    assert len(items) == 11, out
+    assert items["sandbox"][0] == "ok" and "bubblewrap" in items["sandbox"][1]
+    assert items["python"][0] == "ok" and f"({PY})" in items["python"][1] and "torch 2." in items["python"][1]
+    if not os.path.exists("/dev/nvidiactl"):  # a CPU machine, as CI's
+        assert items["gpu"] == ("skip", "no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run")
+        assert items["compile"][0] == "skip" and "on the CPU" in items["compile"][1]
+    assert items["evaluator"][0] == "ok" and "is writable" in items["evaluator"][1]
+    assert items["compile cache"][0] == "ok" and "an overlay over" in items["compile cache"][1]
+    assert items["data"][0] == "ok" and "smoke: python stdlib" in items["data"][1]
+    assert items["git identity"][0] == "warn" and "run.sh@autoresearch.invalid" in items["git identity"][1]
+    assert "doctor: every required item passes" in out
+    assert changed(before, snapshot(harness.path)) == [] and tree(harness.cache) == cache
+    assert not (harness.path / ".git/autoresearch/tmp").exists()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA driver")
+def test_doctor_on_a_machine_without_gpu_or_data_says_what_to_do(harness: Repo):
+    """The GPU profile on a CPU, with no GPU data prepared: FAIL items that say what to do, exit 1."""
+    p = harness.run("--doctor", rc=1, AUTORESEARCH_SMOKE="0")
+    assert re.search(r"^FAIL +gpu +no GPU: only the smoke profile \(AUTORESEARCH_SMOKE=1\) will run", p.stdout, re.M)
+    assert re.search(r"^FAIL +data +no prepared data at .*uv run prepare\.py", p.stdout, re.M)
+    assert re.search(r"^ok +gpu lock +free: all GPUs", p.stdout, re.M)
+    assert "doctor: 3 item(s) FAIL" in p.stdout  # gpu, evaluator (no GPU either), data
+    assert harness.run("--doctor", "now", rc=2).stderr.startswith("run.sh: --doctor takes no description")
+
+
 def run_sh_function(call: str, **env: str) -> subprocess.CompletedProcess:
     """A call of run.sh's functions alone: run.sh without its last line, `main "$@"`."""
     src = RUN_SH.read_text()
