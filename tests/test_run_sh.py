@@ -1827,3 +1827,18 @@ def test_without_uv_the_refusal_names_the_variable_and_an_example(repo: Repo):
     err = _refuses(repo, ["x"], PATH=path_without(repo.tmp, "uv"))
     assert "set AUTORESEARCH_PYTHON to a Python with PyTorch" in err
     assert re.search(r"e\.g\. AUTORESEARCH_PYTHON=/\S+ \./run\.sh", err), err
+
+
+@needs_bwrap
+def test_bench_run_cold_cache_is_one_the_sandbox_can_read(harness: Repo):
+    """tests/bench_run.py --cold: the prepared data in a new cache directory, hard-linked (a link into
+    the old cache would dangle in the box, which shows only the cache it is given)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_run import cold_cache
+    own = harness.tmp / "cold"
+    cold_cache(str(harness.cache), str(own))
+    src, dst = harness.cache / "smoke/manifest.json", own / "smoke/manifest.json"
+    assert not dst.is_symlink() and dst.stat().st_ino == src.stat().st_ino
+    assert not (own / "smoke/compile").exists()
+    out = harness.run("--doctor", AUTORESEARCH_CACHE=str(own)).stdout
+    assert re.search(r"^ok +data +%s/smoke " % re.escape(str(own)), out, re.M), out
