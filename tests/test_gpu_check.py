@@ -36,7 +36,8 @@ def test_the_device_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert (r["cold.status"], r["warm.status"]) == ("keep", "rerun"), r
     for run in ("cold", "warm"):
         assert r[f"{run}.sandbox"].startswith(("bubblewrap", "NONE")), r
-        assert 0 < float(r[f"{run}.training"]) < 20 and int(r[f"{run}.num_steps"]) > 10
+        # (the harness's clock starts at the 32nd batch: on a loaded CPU the 5 s budget can end first)
+        assert 0 <= float(r[f"{run}.training"]) < 20 and int(r[f"{run}.num_steps"]) > 10
         assert float(r[f"{run}.tokens_per_s"]) > 0
         phases = [float(r[f"{run}.{phase}"]) for phase in PHASES]
         assert abs(sum(phases) - float(r[f"{run}.outside"])) < 0.5
