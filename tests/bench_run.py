@@ -7,8 +7,9 @@ its report, for the runs of a night: the first (cold compile caches), the same t
 
 It works in a throw-away clone of this checkout's HEAD (the branch and results.tsv stay there)
 and with the prepared data and compile caches of AUTORESEARCH_CACHE (default ~/.cache/autoresearch);
---cold uses an empty compile cache for the first run. The phases come from run.sh's `outside:` line
-(the run record and run.sh's own clock) and its `training:` line.
+--cold uses an empty compile cache for the first run (the prepared data hard-linked into a new
+cache directory beside AUTORESEARCH_CACHE, removed after). The phases come from run.sh's
+`outside:` line (the run record and run.sh's own clock) and its `training:` line.
 """
 
 import argparse
@@ -30,16 +31,36 @@ RUNS = [  # (name, how train.py changes before the run, run.sh arguments)
 ]
 
 
-def run(repo, args, env):
-    p = subprocess.run(["./run.sh", *args], cwd=repo, env=env, capture_output=True, text=True)
-    out = p.stdout
+def report_times(out):
+    """The times of run.sh's report: its `outside:` line (total, outside and each of PHASES) and the
+    harness's clock from its `training:` line; None when the report has no such lines (a crash)."""
     m = re.search(r"^outside:\s+([\d.]+)s of ([\d.]+)s outside the budget: (.*)$", out, re.M)
     t = re.search(r"^training:\s+([\d.]+)s", out, re.M)
-    if p.returncode != 0 or not m or not t:
-        sys.exit(f"run.sh {' '.join(args)} did not report its times:\n{out[-3000:]}\n{p.stderr[-2000:]}")
+    if not m or not t:
+        return None
     phases = dict(re.findall(r"([a-z .-]+?) ([\d.]+)(?:,|$)", m.group(3)))
     return {"total": float(m.group(2)), "outside": float(m.group(1)), "training": float(t.group(1)),
             **{k.strip(): float(v) for k, v in phases.items()}}
+
+
+def run(repo, args, env):
+    p = subprocess.run(["./run.sh", *args], cwd=repo, env=env, capture_output=True, text=True)
+    times = report_times(p.stdout)
+    if p.returncode != 0 or not times:
+        sys.exit(f"run.sh {' '.join(args)} did not report its times:\n{p.stdout[-3000:]}\n{p.stderr[-2000:]}")
+    return times
+
+
+def cold_cache(cache, own):
+    """The prepared data of cache (both profiles) in own, beside empty compile caches. As hard
+    links, so on cache's file system: symbolic links into $HOME would dangle in the sandbox,
+    which hides $HOME (a copy where hard links cannot be made)."""
+    for base, sub in ((cache, own), (os.path.join(cache, "smoke"), os.path.join(own, "smoke"))):
+        os.makedirs(sub, exist_ok=True)
+        for name in ("tokenizer", "tokens", "manifest.json"):  # what run.sh and the evaluator read
+            src = os.path.join(base, name)
+            if os.path.exists(src) and subprocess.run(["cp", "-al", src, sub], capture_output=True).returncode != 0:
+                subprocess.run(["cp", "-a", src, sub], check=True)
 
 
 def main():
@@ -50,14 +71,11 @@ def main():
     repo = os.path.join(tmp, "repo")
     subprocess.run(["git", "clone", "-q", ROOT, repo], check=True)
     env = dict(os.environ, AUTORESEARCH_TAG="bench")
-    if args.cold:  # the prepared data, linked; an empty compile cache beside it
-        cache = os.environ.get("AUTORESEARCH_CACHE") or os.path.expanduser("~/.cache/autoresearch")
-        own = os.path.join(tmp, "cache")
-        os.makedirs(os.path.join(own, "smoke"))
-        for base, sub in ((cache, own), (os.path.join(cache, "smoke"), os.path.join(own, "smoke"))):
-            for name in ("data", "tokenizer", "tokens", "manifest.json"):
-                if os.path.exists(os.path.join(base, name)):
-                    os.symlink(os.path.join(base, name), os.path.join(sub, name))
+    own = None
+    if args.cold:  # the prepared data, hard-linked beside the cache; empty compile caches
+        cache = os.path.abspath(os.environ.get("AUTORESEARCH_CACHE") or os.path.expanduser("~/.cache/autoresearch"))
+        own = tempfile.mkdtemp(prefix="bench_run-cache.", dir=os.path.dirname(cache))
+        cold_cache(cache, own)
         env["AUTORESEARCH_CACHE"] = own
     rows = []
     try:
@@ -71,6 +89,8 @@ def main():
             print(f"{name}: {rows[-1][1]['total']:.1f}s", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
     print("| run | " + " | ".join(PHASES) + " | outside the budget | training (harness) | run.sh in all |")
     print("|---" * (len(PHASES) + 4) + "|")
     for name, r in rows:

@@ -517,7 +517,7 @@ def test_secrets_do_not_reach_training(based: Repo):
     based.write("train.py", trainer("0.9", body=body))
     based.run("env", OPENAI_API_KEY="sekrit-1", HF_TOKEN="sekrit-2", MY_PASSWORD="sekrit-3",
               RANDOM_VAR="sekrit-4", TORCH_HF_TOK="sekrit-5", LC_PASSPHRASE="sekrit-6",
-              TORCHINDUCTOR_ANYTHING="sekrit-7", SSH_AUTH_SOCK="sekrit-8", CUDA_VISIBLE_DEVICES="7",
+              TORCHINDUCTOR_REMOTE_TOKEN="sekrit-7", SSH_AUTH_SOCK="sekrit-8", CUDA_VISIBLE_DEVICES="7",
               OMP_NUM_THREADS="2", TRITON_CACHE_DIR="/read-only/elsewhere", AUTORESEARCH_SMOKE="0",
               XDG_RUNTIME_DIR="/run/user/elsewhere", LC_TIME="C")
     log = based.read("run.log")
@@ -1703,3 +1703,142 @@ def test_descriptions_lose_bidirectional_and_invisible_controls(based: Repo):
     assert based.git("log", "-1", "--format=%B").strip() == want
     assert based.rows()[-1][4] == want
     assert based.table()["description"].tolist()[-1] == want
+
+
+# ------------------------------------------------- ./run.sh --doctor, and the GPU path (issue 17)
+
+
+def tree(d: Path) -> dict:
+    """Every regular file under d, by content."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@needs_bwrap
+def test_doctor_checks_the_machine_in_the_sandbox_and_changes_nothing(harness: Repo):
+    """The real prepare.py in the real sandbox, on the CPU (smoke profile): every item says ok or
+    skip and why; nothing changes outside .git/autoresearch, the compile cache included."""
+    from conftest import changed, snapshot
+    before, cache = snapshot(harness.path), tree(harness.cache)
+    t = time.time()
+    p = harness.run("--doctor")
+    out = p.stdout
+    assert time.time() - t < 60, out
+    items = {m.group(2).strip(): (m.group(1), m.group(3)) for m in re.finditer(r"^(ok|skip|warn|FAIL) +(\S+(?: \S+)?) +(.*)$", out, re.M)
+             if m.group(2).strip() in ("sandbox", "driver", "gpu lock", "python", "gpu", "compile", "matmul", "evaluator",
+                                       "compile cache", "data", "git identity")}
+    assert len(items) == 11, out
+    assert items["sandbox"][0] == "ok" and "bubblewrap" in items["sandbox"][1]
+    assert items["python"][0] == "ok" and f"({PY})" in items["python"][1] and "torch 2." in items["python"][1]
+    if not os.path.exists("/dev/nvidiactl"):  # a CPU machine, as CI's
+        assert items["gpu"] == ("skip", "no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run")
+        assert items["compile"][0] == "skip" and "on the CPU" in items["compile"][1]
+    assert items["evaluator"][0] == "ok" and "is writable" in items["evaluator"][1]
+    assert items["compile cache"][0] == "ok" and "an overlay over" in items["compile cache"][1]
+    assert items["data"][0] == "ok" and "smoke: python stdlib" in items["data"][1]
+    assert items["git identity"][0] == "warn" and "run.sh@autoresearch.invalid" in items["git identity"][1]
+    assert "doctor: every required item passes" in out
+    assert changed(before, snapshot(harness.path)) == [] and tree(harness.cache) == cache
+    assert not (harness.path / ".git/autoresearch/tmp").exists()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a machine with an NVIDIA driver")
+def test_doctor_on_a_machine_without_gpu_or_data_says_what_to_do(harness: Repo):
+    """The GPU profile on a CPU, with no GPU data prepared: FAIL items that say what to do, exit 1."""
+    p = harness.run("--doctor", rc=1, AUTORESEARCH_SMOKE="0")
+    assert re.search(r"^FAIL +gpu +no GPU: only the smoke profile \(AUTORESEARCH_SMOKE=1\) will run", p.stdout, re.M)
+    assert re.search(r"^FAIL +data +no prepared data at .*uv run prepare\.py", p.stdout, re.M)
+    assert re.search(r"^ok +gpu lock +free: all GPUs", p.stdout, re.M)
+    assert "doctor: 3 item(s) FAIL" in p.stdout  # gpu, evaluator (no GPU either), data
+    assert harness.run("--doctor", "now", rc=2).stderr.startswith("run.sh: --doctor takes no description")
+
+
+def run_sh_function(call: str, **env: str) -> subprocess.CompletedProcess:
+    """A call of run.sh's functions alone: run.sh without its last line, `main "$@"`."""
+    src = RUN_SH.read_text()
+    assert src.rstrip().endswith('main "$@"')
+    return subprocess.run(["bash", "-c", src.rstrip()[: -len('main "$@"')] + call], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_missing_uvm_device_nodes_are_made_before_the_box_starts(tmp_path: Path):
+    """/dev/nvidiactl without /dev/nvidia-uvm: run.sh runs nvidia-modprobe -u -c=0, as libcuda
+    would on the host (the box cannot); without it, one line says what to do."""
+    dev, tools = tmp_path / "dev", tmp_path / "tools"
+    dev.mkdir(), tools.mkdir()
+    (dev / "nvidiactl").touch()
+    (tools / "nvidia-modprobe").write_text(f'#!/bin/sh\necho "$@" >{tmp_path}/args\ntouch {dev}/nvidia-uvm {dev}/nvidia-uvm-tools\n')
+    (tools / "nvidia-modprobe").chmod(0o755)
+    without = path_without(tmp_path, "nvidia-modprobe", "modprobe")
+    p = run_sh_function(f"gpu_nodes {dev}", PATH=f"{tools}{os.pathsep}{without}")
+    assert p.stdout == "" and (tmp_path / "args").read_text() == "-u -c=0\n" and (dev / "nvidia-uvm").exists()
+    (tmp_path / "args").unlink()
+    assert run_sh_function(f"gpu_nodes {dev}", PATH=f"{tools}{os.pathsep}{without}").stdout == ""
+    assert not (tmp_path / "args").exists()  # present: nothing to do
+    (dev / "nvidia-uvm").unlink()
+    p = run_sh_function(f"gpu_nodes {dev}", PATH=without)
+    assert p.stdout.startswith(f"run.sh: {dev}/nvidia-uvm is missing and could not be made (no nvidia-modprobe here)")
+    assert "nvidia-modprobe -u -c=0" in p.stdout and p.stdout.count("\n") == 1
+    (dev / "nvidiactl").unlink()
+    assert run_sh_function(f"gpu_nodes {dev}", PATH=without).stdout == ""  # no driver: nothing to say
+
+
+def fake_driver(tmp: Path) -> tuple[Path, Path, str]:
+    """libcuda.so.1 in a directory the box shows nowhere else, a link to a file in another one, and
+    an ldconfig on PATH whose cache lists it."""
+    link, real = tmp / "drv/lib/libcuda.so.1", tmp / "drv/store/libcuda.so.580.1"
+    real.parent.mkdir(parents=True), link.parent.mkdir(parents=True)
+    real.write_text("driver")
+    link.symlink_to(real)
+    (tmp / "ldconfig-bin").mkdir()
+    (tmp / "ldconfig-bin/ldconfig").write_text(f"#!/bin/sh\nprintf '\\tlibcuda.so.1 (libc6,x86-64) => {link}\\n'\n")
+    (tmp / "ldconfig-bin/ldconfig").chmod(0o755)
+    return link, real, f"{tmp / 'ldconfig-bin'}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_driver_library_directories_outside_the_box_are_found(tmp_path: Path):
+    link, real, path = fake_driver(tmp_path)
+    p = run_sh_function("driver_dirs", PATH=path, LD_LIBRARY_PATH=f"/usr/lib:{link.parent}")
+    assert p.stdout.splitlines() == [str(link.parent), str(real.parent)]  # once each
+    p = run_sh_function("driver_dirs", PATH=path, HOME=str(link.parent / "me"))
+    assert p.stdout.splitlines() == [str(real.parent)]  # never a directory that holds all of $HOME
+
+
+@needs_bwrap
+def test_the_driver_library_and_compiler_settings_reach_the_box(based: Repo):
+    """libcuda.so.1 outside /usr, /lib*, /opt, /etc is visible in the box, read-only; the compilers'
+    settings cross (their cache directories and secret-looking names do not)."""
+    link, real, path = fake_driver(based.tmp)
+    body = f"""
+    print("LIB", open({str(link)!r}).read(), os.access({str(real)!r}, os.W_OK))
+    print("ENV", sorted(k for k in os.environ if k.startswith(("TRITON", "TORCHINDUCTOR", "CC", "CXX", "CPATH", "LIBRARY", "CUDA_CACHE", "NVIDIA_DRIVER"))))
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    based.run("driver", PATH=path, TRITON_PTXAS_PATH="/p", TORCHINDUCTOR_MAX_AUTOTUNE="1", CC="gcc", CXX="g++",
+              CPATH="/i", LIBRARY_PATH="/l", CUDA_CACHE_PATH="/c", NVIDIA_DRIVER_CAPABILITIES="compute",
+              TRITON_CACHE_DIR="/x", TRITON_HOME="/x", TORCHINDUCTOR_CACHE_DIR="/x", TRITON_REMOTE_TOKEN="sekrit")
+    log = based.read("run.log")
+    assert "LIB driver False" in log, log
+    assert ("ENV ['CC', 'CPATH', 'CUDA_CACHE_PATH', 'CXX', 'LIBRARY_PATH', 'NVIDIA_DRIVER_CAPABILITIES', "
+            "'TORCHINDUCTOR_MAX_AUTOTUNE', 'TRITON_PTXAS_PATH']") in log, log
+
+
+def test_without_uv_the_refusal_names_the_variable_and_an_example(repo: Repo):
+    del repo.env["AUTORESEARCH_PYTHON"]
+    err = _refuses(repo, ["x"], PATH=path_without(repo.tmp, "uv"))
+    assert "set AUTORESEARCH_PYTHON to a Python with PyTorch" in err
+    assert re.search(r"e\.g\. AUTORESEARCH_PYTHON=/\S+ \./run\.sh", err), err
+
+
+@needs_bwrap
+def test_bench_run_cold_cache_is_one_the_sandbox_can_read(harness: Repo):
+    """tests/bench_run.py --cold: the prepared data in a new cache directory, hard-linked (a link into
+    the old cache would dangle in the box, which shows only the cache it is given)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_run import cold_cache
+    own = harness.tmp / "cold"
+    cold_cache(str(harness.cache), str(own))
+    src, dst = harness.cache / "smoke/manifest.json", own / "smoke/manifest.json"
+    assert not dst.is_symlink() and dst.stat().st_ino == src.stat().st_ino
+    assert not (own / "smoke/compile").exists()
+    out = harness.run("--doctor", AUTORESEARCH_CACHE=str(own)).stdout
+    assert re.search(r"^ok +data +%s/smoke " % re.escape(str(own)), out, re.M), out

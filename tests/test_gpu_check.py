@@ -1,0 +1,51 @@
+"""tests/gpu_check.sh, the one prepared device check, end to end on the CPU (--cpu: the smoke
+profile, a small corpus), so that the one GPU attempt is never lost to a typo: the doctor, the
+corpus and prepare.py --data, a cold run and a warm rerun through the real run.sh in a throw-away
+repository, and the table of their figures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_run import PHASES
+from gpu_check import DOCTOR_ITEMS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state():
+    return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True,
+                          text=True).stdout
+
+
+def test_the_device_check_runs_end_to_end_on_the_cpu(tmp_path):
+    out, home = tmp_path / "out", tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "GPU_CHECK_"))}
+    env.update(HOME=str(home), TMPDIR=str(tmp_path), AUTORESEARCH_PYTHON=sys.executable)
+    before = git_state()
+    p = subprocess.run(["bash", "tests/gpu_check.sh", "--cpu", str(out)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=480)
+    assert p.returncode == 0, p.stdout[-5000:] + p.stderr[-2000:]
+    r = dict(line.split("\t", 1) for line in (out / "results.txt").read_text().splitlines())
+    assert [f"doctor.{i}" in r for i in DOCTOR_ITEMS] == [True] * len(DOCTOR_ITEMS), r
+    assert r["doctor.data"].startswith("ok ") and "checked again after step 2" in r["doctor.data"]
+    assert r["doctor.gpu"] == "skip no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run"
+    assert "MB of jsonl" in r["corpus"] and "Done:" in r["prepare"]
+    assert (r["cold.status"], r["warm.status"]) == ("keep", "rerun"), r
+    for run in ("cold", "warm"):
+        assert r[f"{run}.sandbox"].startswith(("bubblewrap", "NONE")), r
+        # (the harness's clock starts at the 32nd batch: on a loaded CPU the 5 s budget can end first)
+        assert 0 <= float(r[f"{run}.training"]) < 20 and int(r[f"{run}.num_steps"]) > 10
+        assert float(r[f"{run}.tokens_per_s"]) > 0
+        phases = [float(r[f"{run}.{phase}"]) for phase in PHASES]
+        assert abs(sum(phases) - float(r[f"{run}.outside"])) < 0.5
+    assert r["reference.status"].startswith("skipped")  # it needs CUDA
+    table = (out / "table.md").read_text()
+    assert table.startswith("| | ours: first run (cold caches) | ours: rerun (warm caches) | reference train.py (cold) |")
+    assert f"| **{float(r['cold.outside']):.1f}** | **{float(r['warm.outside']):.1f}** |" in table
+    assert {f.name for f in out.iterdir()} <= {"results.txt", "table.md", "gpu_check.log", "doctor.txt", "cold.txt",
+                                               "warm.txt", "reference.txt"}  # at most 8 files come back
+    assert git_state() == before  # the checkout is as it was; the work went to a copy
+    assert list(tmp_path.glob("gpu_check.*")) == []  # and the copy is gone
