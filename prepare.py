@@ -25,7 +25,6 @@ Nothing is pickled: every file is plain data that cannot execute code when read.
 """
 
 import argparse
-import atexit
 import base64
 import bisect
 import glob
@@ -1017,8 +1016,7 @@ def serve_batches(requests, out):
             if (B, T) not in packers:  # each shape packs from the start of the split, as a local loader does
                 if len(packers) == MAX_BATCH_SHAPES:
                     raise PrepareError(f"more than {MAX_BATCH_SHAPES} batch shapes asked for in one run")
-                ndocs, docs = _documents("train", bos)
-                packers[B, T] = _pack_rows(docs, bos, B, T, min(LOADER_BUFFER, ndocs))
+                packers[B, T] = _packed("train", bos, B, T)
             rows, epoch = next(packers[B, T])
             now = time.time()
             served["batches"] += 1
@@ -1119,6 +1117,14 @@ def _pack_rows(docs, bos, B, T, buffer_size):
         yield rows, epoch
 
 
+def _packed(split, bos, B, T, buffer_size=LOADER_BUFFER):
+    """Endless packed rows of a split (_pack_rows), from its start: what the local loader, the batch
+    server and the evaluator all serve. A buffer larger than the split would hold several copies of
+    each document."""
+    ndocs, docs = _documents(split, bos)
+    return _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
+
+
 def make_dataloader(tokenizer, B, T, split="train", buffer_size=LOADER_BUFFER, device=None, prefetch=3):
     """Endless training batches (inputs, targets, epoch): inputs/targets int64 [B, T] on `device`
     (CUDA when available), targets = inputs shifted by one. The validation and held-out splits are
@@ -1140,10 +1146,7 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
     import torch
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if rows is None:
-        bos = tokenizer.get_bos_token_id()
-        ndocs, docs = _documents(split, bos)
-        # a buffer larger than the split would hold several copies of each document
-        rows = _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
+        rows = _packed(split, tokenizer.get_bos_token_id(), B, T, buffer_size)
     pin = device.type == "cuda"
     slots = [torch.empty((B, T + 1), dtype=torch.int64, pin_memory=pin) for _ in range(prefetch + 1)]
     free, ready = queue.Queue(), queue.Queue()  # at most len(slots) batches exist at once
@@ -1574,9 +1577,7 @@ def _eval_device():
 def _eval_rows(tokenizer, split="val"):
     """The uint16 rows [EVAL_ROWS, MAX_SEQ_LEN + 1] the evaluator scores, batch by batch: inputs
     row[:-1], targets row[1:]; the first EVAL_TOKENS (HELDOUT_TOKENS) of the split."""
-    bos = tokenizer.get_bos_token_id()
-    ndocs, docs = _documents(split, bos)
-    rows = _pack_rows(docs, bos, EVAL_ROWS, MAX_SEQ_LEN, min(LOADER_BUFFER, ndocs))
+    rows = _packed(split, tokenizer.get_bos_token_id(), EVAL_ROWS, MAX_SEQ_LEN)
     tokens = HELDOUT_TOKENS if split == "heldout" else EVAL_TOKENS
     for _ in range(max(1, tokens // (EVAL_ROWS * MAX_SEQ_LEN))):
         yield next(rows)[0]

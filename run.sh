@@ -260,7 +260,7 @@ main() {
     # decide). The model is handed over in $tmp/handover, the one place training may write.
     : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
     rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
-    run_boxed "$limit" serve "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
+    run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
     local srv_pid=$!
     # (each side opens the requests pipe first: neither waits for the other for ever)
     run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
@@ -591,7 +591,7 @@ choose_sandbox() {
   prep=$cache; [ "$smoke" = 0 ] || prep=$cache/smoke   # the profile's prepared data
   cc=$prep/compile                                      # train.py's compile cache
   mkdir -p "$cc" "$prep/evaluator" "$tmp/up" "$tmp/work" "$tmp/t" "$tmp/handover"
-  box_check=() box_train=() box_eval=() box_serve=() box_kind=none box_tmp=$tmp/t pdeath=() box_why="" drv_dirs=()
+  box_check=() box_train=() box_eval=() box_kind=none box_tmp=$tmp/t pdeath=() box_why="" drv_dirs=()
   # A process started through pdeath is killed when its parent dies.
   if setpriv --help 2>/dev/null | grep -q pdeathsig; then pdeath=(setpriv --pdeathsig KILL); fi
   if [ "$want_box" = none ]; then
@@ -618,7 +618,6 @@ choose_sandbox() {
         box_kind=bwrap box_tmp=/tmp box_train=("${box[@]}")
         box_args "$b" "$how" check; box_check=("${box[@]}")
         box_args "$b" "$how" eval; box_eval=("${box[@]}")
-        box_args "$b" "$how" check; box_serve=("${box[@]}")
         box_short="$("$b" --version 2>/dev/null) ($b)"
         box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
@@ -811,14 +810,14 @@ take_gpu_locks() {
   done
 }
 
-# run_boxed LIMIT check|serve|train|eval CMD...: CMD in that sandbox (box_args) with the
+# run_boxed LIMIT check|train|eval CMD...: CMD in that sandbox (box_args) with the
 # allow-listed environment, in its own process group (timeout makes one), killed with it
 # after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout.
 run_boxed() {
   local limit=$1 rc=0 bx=()
-  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; serve) bx=("${box_serve[@]}") ;; *) bx=("${box_check[@]}") ;; esac
+  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
   shift 2
-  mkdir -p "$tmp/t" "$tmp/handover"
+  mkdir -p "$tmp/t"
   "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
     AUTORESEARCH_RUN="$run_id" "$@" <&0 8>&- &   # <&0: the caller's stdin, not /dev/null

@@ -51,9 +51,7 @@ def train_model(tok):
 def before(model, tok, batch):
     nbytes = P.get_token_bytes(next(model.parameters()).device)
     for split, tokens in (("val", P.EVAL_TOKENS), ("heldout", P.HELDOUT_TOKENS)):
-        bos = tok.get_bos_token_id()
-        ndocs, docs = P._documents(split, bos)
-        rows = P._pack_rows(docs, bos, batch, P.MAX_SEQ_LEN, min(P.LOADER_BUFFER, ndocs))
+        rows = P._packed(split, tok.get_bos_token_id(), batch, P.MAX_SEQ_LEN)
         nats = torch.zeros((), dtype=torch.float64, device=nbytes.device)
         total = torch.zeros((), dtype=torch.int64, device=nbytes.device)
         with torch.no_grad():

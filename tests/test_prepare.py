@@ -304,9 +304,7 @@ def test_the_metric_of_the_real_model_is_what_evaluating_in_process_gave(smoke, 
     model = smoke_gpt(smoke)
     nbytes = smoke.get_token_bytes()
     nats, total = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
-    bos = tok.get_bos_token_id()
-    ndocs, docs = smoke._documents("val", bos)
-    rows = smoke._pack_rows(docs, bos, 8, smoke.MAX_SEQ_LEN, min(smoke.LOADER_BUFFER, ndocs))
+    rows = smoke._packed("val", tok.get_bos_token_id(), 8, smoke.MAX_SEQ_LEN)
     with torch.no_grad():
         for _ in range(smoke.EVAL_TOKENS // (8 * smoke.MAX_SEQ_LEN)):
             batch = torch.from_numpy(next(rows)[0].astype(np.int64))
