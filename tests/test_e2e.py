@@ -93,6 +93,12 @@ def parse_report(stdout):
     return report
 
 
+def example_report(doc, after):
+    """The `name:` keys, in order, of the example report in the code block that follows `after`."""
+    block = doc.split(after, 1)[1].split("```", 2)[1]
+    return list(parse_report(block.split("\n", 1)[1]))
+
+
 def read_rows(repo):
     lines = (repo / "results.tsv").read_text(encoding="utf-8").splitlines()
     assert lines[0].split("\t")[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
@@ -136,9 +142,9 @@ def test_a_night_in_the_smoke_profile(night):
     runs = []  # (description, status) of every run that was not refused
 
     # --- set-up: read the files, check the data; run.sh refuses without it.
-    for name in ("README.md", "prepare.py", "train.py", "program.md", "scratchpad.md"):
+    for name in ("prepare.py", "train.py", "program.md", "scratchpad.md"):
         assert (repo / name).read_text(encoding="utf-8")
-    agent.note("set-up: read README.md, prepare.py, train.py; checking the data")
+    agent.note("set-up: read program.md, train.py, prepare.py up to its fence; checking the data")
     refused = agent.run("baseline")
     assert refused.returncode == 3, refused.stdout + refused.stderr
     assert "prepare" in refused.stderr and "uv run prepare.py" in refused.stderr
@@ -165,6 +171,19 @@ def test_a_night_in_the_smoke_profile(night):
     best_train = agent.read_train()
     runs.append(("baseline", "keep"))
     agent.note(f"baseline: val_bpb {best:.6f} at {best_commit}")
+    # The report has the lines the README's example shows (a keep).
+    readme, program = (REPO / "README.md").read_text(encoding="utf-8"), (REPO / "program.md").read_text(encoding="utf-8")
+    assert list(base.report) == example_report(readme, "**Log** one row to `results.tsv` and **report**:")
+
+    # --- program.md's first step, when the person already ran the baseline: a refusal that
+    # names it, and changes nothing.
+    rows_before = (repo / "results.tsv").read_bytes()
+    again = agent.run("baseline")
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert f"nothing to run: train.py is the kept commit {best_commit}" in again.stderr
+    assert f"val_bpb {best:.6f}" in again.stderr
+    assert (repo / "results.tsv").read_bytes() == rows_before
+    assert git(repo, "rev-parse", "--short=7", "HEAD") == best_commit
 
     # --- learn the noise: the same code again.
     rerun = agent.run("--rerun", "baseline noise")
@@ -212,6 +231,9 @@ def test_a_night_in_the_smoke_profile(night):
     zero = agent.run("all learning rates 0")
     assert zero.returncode == 0, zero.stdout + zero.stderr
     assert zero.report["status"] == "discard", zero.stdout
+    # program.md's example report is a discard: the same lines, in the same order.
+    discard_keys = example_report(program, "The report ends like this:")
+    assert list(zero.report) == discard_keys
     assert float(zero.report["val_bpb"]) > best
     assert "reverted" in zero.report["commit"]
     assert agent.read_train() == best_train
@@ -226,6 +248,9 @@ def test_a_night_in_the_smoke_profile(night):
     assert crash.returncode == 0, crash.stdout + crash.stderr
     assert crash.report["status"] == "crash", crash.stdout
     assert "SyntaxError" in crash.stdout  # the log tail run.sh prints
+    # As program.md says: a reason: line after status:, and no training:, decision: or outside:.
+    assert list(crash.report) == ["status", "reason"] + [
+        k for k in discard_keys if k not in ("status", "training", "decision", "outside")]
     assert agent.read_train() == best_train
     assert git(repo, "rev-parse", "--short=7", "HEAD") == best_commit
     runs.append(("typo in train.py", "crash"))
@@ -267,6 +292,12 @@ def test_a_night_in_the_smoke_profile(night):
 
     # --- every results.tsv row, in order.
     rows = read_rows(repo)
+    # The columns program.md and the README show are the file's.
+    header = (repo / "results.tsv").read_text(encoding="utf-8").splitlines()[0].split("\t")
+    shown = re.search(r"^`(commit  [^`]+)`$", program, re.M)[1].split()
+    assert shown == header
+    table = readme.split("| column | value |", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"^\| `([a-z_]+)` \|", table, re.M) == header
     assert [(r[4], r[3]) for r in rows] == runs
     assert all(r[6] == "smoke" for r in rows)  # the profile column, set by run.sh
     for row in rows:

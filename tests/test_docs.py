@@ -1,0 +1,99 @@
+"""README.md and program.md: what they tell the agent and the person is what the code does.
+
+What needs a real run (the report's lines, the results.tsv columns, the baseline refusal) is
+checked against the smoke night of tests/test_e2e.py; the figures prepare.py defines (the
+allowances, the time limit) in tests/test_prepare.py. Here: what the agent reads at set-up,
+and the statements that need no run.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+READING_BUDGET = 16_000  # tokens (characters / 4) the agent reads at set-up (issue 18; was ~46k)
+
+
+def read(name):
+    return (REPO / name).read_text(encoding="utf-8")
+
+
+def reading_list():
+    """[(file, text)]: what program.md's set-up tells the agent to read, cut where it says."""
+    setup = read("program.md").split("## 1. Set-up", 1)[1].split("\n2. ", 1)[0]
+    items = re.findall(r"^   - `([^`]+)`(?:, up to the line `([^`]+)`)?", setup, re.M)
+    out = []
+    for name, fence in items:
+        text = read(name)
+        if fence:
+            assert text.count(fence) == 1, f"{name}: the fence {fence!r} must appear exactly once"
+            text = text[:text.index(fence)]
+        out.append((name, text))
+    return out
+
+
+def test_what_the_agent_reads_at_set_up_fits_the_budget():
+    """program.md names the files (and where to stop in prepare.py); their sum is the figure."""
+    files = reading_list()
+    names = [n for n, _ in files]
+    assert sorted(names) == ["prepare.py", "program.md", "scratchpad.md", "train.py"], names
+    tokens = {n: len(t) // 4 for n, t in files}
+    total = sum(tokens.values())
+    print(f"set-up reading: {total} tokens (characters / 4): {tokens}")
+    assert total <= READING_BUDGET, f"the agent's set-up reading is {total} tokens: {tokens}"
+    # The README is for the person: the set-up and the restart prompts never send the agent there.
+    sys.path.insert(0, str(REPO / ".agents"))
+    try:
+        import night
+    finally:
+        sys.path.pop(0)
+    for text in (read("program.md"), read("AGENTS.md"), night.START, night.RESTART):
+        assert "README" not in text
+
+
+def test_the_agent_facing_part_of_prepare_py_is_what_train_py_uses():
+    """Everything train.py imports from prepare.py is defined above the fence the agent stops at."""
+    (fence,) = [f for n, f in re.findall(r"^   - `([^`]+)`, up to the line `([^`]+)`",
+                                          read("program.md"), re.M) if n == "prepare.py"]
+    head = read("prepare.py").split(fence)[0]
+    imported = re.search(r"^from prepare import (.+)$", read("train.py"), re.M)[1]
+    for name in (n.strip() for n in imported.split(",")):
+        assert re.search(rf"^(def |class )?{name}\b", head, re.M), f"{name} is below prepare.py's fence"
+
+
+def test_the_readme_file_table_names_every_tracked_top_level_entry():
+    ls = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True)
+    if ls.returncode != 0:
+        pytest.skip("not a git checkout")
+    entries = {p.split("/")[0] for p in ls.stdout.splitlines()}
+    table = read("README.md").split("| file | what it is |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([^`/]+)/?[^`]*`", table))
+    assert entries <= named, f"not in the README's file table: {sorted(entries - named)}"
+
+
+def test_the_experiments_an_hour_follow_from_the_example_report():
+    """The README's time per experiment and experiments per hour agree with its example report."""
+    readme = " ".join(read("README.md").split())
+    minutes = {int(m) for m in re.findall(r"experiment takes about (\d+) minutes", readme)}
+    minutes |= {int(m) for m in re.findall(r"One experiment takes about (\d+) minutes",
+                                            " ".join(read("program.md").split()))}
+    assert len(minutes) == 1, minutes
+    (m,) = minutes
+    total = float(re.search(r"^outside: .* of ([0-9.]+)s outside the budget", read("README.md"), re.M)[1])
+    assert round(total / 60) == m, (total, m)
+    per_hour = int(re.search(r"so about (\d+) run an hour and (\d+) a night", readme)[1])
+    per_night = int(re.search(r"so about \d+ run an hour and (\d+) a night", readme)[1])
+    assert per_hour == 60 // m and per_night == 8 * per_hour
+
+
+def test_the_interactive_prompt_in_the_readme_is_the_supervisors():
+    sys.path.insert(0, str(REPO / ".agents"))
+    try:
+        import night
+    finally:
+        sys.path.pop(0)
+    block = read("README.md").split("**Interactive instead.**", 1)[1].split("```text\n", 1)[1]
+    assert " ".join(block.split("```", 1)[0].split()) == " ".join(night.START.split())
