@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
 # torch is imported in the functions that use it: run.sh calls --check and --serve-batches in
-# every experiment, they need none of it, and importing it takes 2-4 s. So train.py can import
-# prepare before torch.
+# every experiment, they need none of it, and importing it takes 2-4 s. So train.py imports
+# prepare first and calls set_compile_cache before it imports torch.
 
 # ---------------------------------------------------------------------------
 # Fixed constants (the smoke profile, AUTORESEARCH_SMOKE=1, shrinks them so the same code runs on a CPU)
@@ -64,6 +64,7 @@ else:
 CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
 if SMOKE:
     CACHE_DIR = os.path.join(CACHE_DIR, "smoke")  # never mixed with real data
+COMPILE_CACHE_DIR = os.path.join(CACHE_DIR, "compile")  # train.py's torch.compile caches (set_compile_cache)
 
 # The budget rule. Under run.sh, training batches come from a batch server that notes when it
 # serves each one. The clock starts at the batch that brings the tokens served to WARMUP_TOKENS,
@@ -129,6 +130,14 @@ class Tokenizer:
             if i not in special:
                 lengths[i] = len(self.enc.decode_single_token_bytes(i))
         return lengths
+
+
+def set_compile_cache(directory=COMPILE_CACHE_DIR):
+    """Point torch.compile's caches (Inductor's, Triton's) at `directory` unless the environment
+    already does. Call it before importing torch: train.py's caches live next to the data, so an
+    experiment reuses the kernels the previous one compiled."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(directory, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(directory, "triton"))
 
 
 def get_token_bytes(device="cpu"):
@@ -199,6 +208,7 @@ DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
+EVALUATOR_CACHE_DIR = os.path.join(CACHE_DIR, "evaluator")  # the evaluator's compile caches: training never sees them
 
 # ClimbMix: parquet shards shard_00000 ... shard_06542 with a "text" column; the last is the validation shard.
 # HF_ENDPOINT points at a hub mirror, as for huggingface_hub; AUTORESEARCH_BASE_URL at a plain file server.
@@ -1612,8 +1622,7 @@ def _score(forward, batches, token_bytes, check=0.0):
 
 def evaluate_handover(directory, heldout=True):
     """The evaluator: val_bpb (and the held-out score) of a handed-over model, with its timings."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(CACHE_DIR, "evaluator", "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(CACHE_DIR, "evaluator", "triton"))
+    set_compile_cache(EVALUATOR_CACHE_DIR)
     import torch
     t0 = time.time()
     check_prepared()
@@ -1718,7 +1727,7 @@ def doctor(box, gpu_busy=False):
            "/dev/nvidia-uvm is missing" if os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia-uvm") else
            next((str(w.message).strip().splitlines()[0] for w in caught if "CUDA" in str(w.message)), ""))
     no_gpu = "no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run" + (f" ({why})" if why else "")
-    cache = os.path.join(CACHE_DIR, "evaluator" if box == "eval" else "compile")
+    cache = EVALUATOR_CACHE_DIR if box == "eval" else COMPILE_CACHE_DIR
     try:
         with tempfile.NamedTemporaryFile(dir=cache):
             writable = ""
