@@ -1,27 +1,10 @@
 """
-Data, tokenizer, loader and the fixed metric for autoresearch. Do not modify:
-the agent edits train.py only, and everything that must stay fixed lives here.
+The fixed part of autoresearch: data, tokenizer, loader and the metric. Do not modify it:
+the agent edits train.py only.
 
-Usage:
-    uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation and held-out shards
-    uv run prepare.py --num-shards 40     # more training data (-1 = all 6541 training shards)
-    uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
-    uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
-    uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
-    uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
-    uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation: sha256)
-    uv run prepare.py --quiet             # no progress lines (for logs)
-    uv run prepare.py --verify-run run.log <record   # (run.sh) the result of a run, from its record
-    AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
-
-Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE):
-    data/       downloaded ClimbMix parquet shards
-    tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
-    tokens/     train_*.bin, val_*.bin and heldout_*.bin: uint16 token ids, each document preceded by BOS,
-                with a .json sidecar per source recording its sha256, token counts and sha256s
-    manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
-                file, with each token file's size and mtime
-Nothing is pickled: every file is plain data that cannot execute code when read.
+The agent reads this file up to the fence (THE HARNESS): the constants, the budget rule and
+what train.py imports (Tokenizer, make_dataloader, evaluate_bpb). Below the fence is the
+machinery behind them and the command line (`uv run prepare.py --help`).
 """
 
 import argparse
@@ -53,11 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tiktoken
-# torch is imported in the functions that use it: run.sh calls --check and --verify-run twice
-# per experiment, they need none of it, and importing it takes 2-4 s.
+# torch is imported in the functions that use it: run.sh calls --check and --serve-batches in
+# every experiment, they need none of it, and importing it takes 2-4 s. So train.py imports
+# prepare first and calls set_compile_cache before it imports torch.
 
 # ---------------------------------------------------------------------------
-# Fixed constants (the smoke profile shrinks them so the same code runs on a CPU)
+# Fixed constants (the smoke profile, AUTORESEARCH_SMOKE=1, shrinks them so the same code runs on a CPU)
 # ---------------------------------------------------------------------------
 
 SMOKE = os.environ.get("AUTORESEARCH_SMOKE", "") not in ("", "0")
@@ -77,17 +61,154 @@ else:
     EVAL_ROWS = 8
     VOCAB_SIZE = 1024
 
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+if SMOKE:
+    CACHE_DIR = os.path.join(CACHE_DIR, "smoke")  # never mixed with real data
+COMPILE_CACHE_DIR = os.path.join(CACHE_DIR, "compile")  # train.py's torch.compile caches (set_compile_cache)
+
+# The budget rule. Under run.sh, training batches come from a batch server that notes when it
+# serves each one. The clock starts at the batch that brings the tokens served to WARMUP_TOKENS,
+# at the latest WARMUP_ALLOWANCE s after the first batch; the first batch counts as served at the
+# latest STARTUP_ALLOWANCE s after the launch. From the clock to train.py's exit (the hand-over
+# included): at most TIME_BUDGET x 1.2 + 5 s, or the run is a crash. run.sh kills training
+# TRAINING_LIMIT s after the launch. Start-up and compilation are thus outside TIME_BUDGET.
+WARMUP_TOKENS = 32 * (8 if SMOKE else 128) * MAX_SEQ_LEN  # the clock starts once this many are served:
+                                                           # 32 batches of the default train.py
+STARTUP_ALLOWANCE = 45 if SMOKE else 60   # seconds from the launch to the first batch (imports, the model)
+WARMUP_ALLOWANCE = 45 if SMOKE else 90    # seconds from the first batch to the clock (compilation, warm-up)
+TRAIN_SLACK = (1.2, 5)    # from the clock to train.py's exit: at most TIME_BUDGET x 1.2 + 5 s (README, "the budget rule")
+TRAINING_LIMIT = STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]  # run.sh kills there
+MAX_BATCH_TOKENS = 1 << 22  # the largest batch the server packs (B x T): 16 of the default train.py's
+MAX_BATCH_SHAPES = 8        # distinct (B, T) the server packs for one run
+LOADER_BUFFER = 1000      # documents the loader packs from; the evaluator packs its rows the same way
+
+# ---------------------------------------------------------------------------
+# Tokenizer, loader and the metric: what train.py uses
+# ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """tiktoken wrapper with the reference's interface."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        d = tokenizer_dir or TOKENIZER_DIR
+        if not os.path.exists(os.path.join(d, "tokenizer.tiktoken")):
+            raise PrepareError(f"no tokenizer at {d}: run `{PREPARE_CMD}` first")
+        return cls(_load_encoding(d))
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        if prepend is not None and not isinstance(prepend, int):
+            prepend = self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return rows if prepend is None else [[prepend] + r for r in rows]
+        raise ValueError(f"encode() takes a str or a list of str, not {type(text).__name__}")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_byte_lengths(self):
+        """Bytes per token id: the length of the token's own byte sequence (not of its decoded
+        text, which turns a partial UTF-8 sequence into a 3-byte replacement character); 0 for
+        special tokens, which carry no text."""
+        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+        lengths = np.zeros(self.enc.n_vocab, dtype=np.int32)
+        for i in range(self.enc.n_vocab):
+            if i not in special:
+                lengths[i] = len(self.enc.decode_single_token_bytes(i))
+        return lengths
+
+
+def set_compile_cache(directory=COMPILE_CACHE_DIR):
+    """Point torch.compile's caches (Inductor's, Triton's) at `directory` unless the environment
+    already does. Call it before importing torch: train.py's caches live next to the data, so an
+    experiment reuses the kernels the previous one compiled."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(directory, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(directory, "triton"))
+
+
+def get_token_bytes(device="cpu"):
+    import torch
+    return torch.from_numpy(Tokenizer.from_directory().token_byte_lengths()).to(device)
+
+
+def make_dataloader(tokenizer, B, T, split="train", buffer_size=LOADER_BUFFER, device=None, prefetch=3):
+    """Endless training batches (inputs, targets, epoch): inputs/targets int64 [B, T] on `device`
+    (CUDA when available), targets = inputs shifted by one. The validation and held-out splits are
+    the evaluator's alone: under run.sh training cannot even see their files."""
+    if split != "train":
+        raise PrepareError(f"make_dataloader serves the training split only, not {split!r}: "
+                           "the validation split is read by the evaluator alone")
+    if _batch_fds:  # under run.sh: from the batch server, which checked the data
+        _check_batch_shape(B, T)
+        return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch, rows=_served_rows(B, T))
+    check_prepared(training=True)  # a mismatched tokenizer or training set fails now, not after training
+    return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch)
+
+# ---------------------------------------------------------------------------
+# Evaluation: the fixed metric (do not change), computed outside train.py's process
+# ---------------------------------------------------------------------------
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
+    over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets, over
+    the first EVAL_TOKENS of the split. model(x) must return logits [B, T, vocab].
+
+    The score is never computed in this process. evaluate_bpb hands the model over: torch.export
+    turns model(x) into a graph of PyTorch operations, written with its tensors as plain data
+    (no pickle, no Python of train.py's), and a separate process (`prepare.py --evaluate`) checks
+    that the model is causal and scores the graph, EVAL_ROWS rows at a time. Under run.sh that
+    process runs after this one has exited, and evaluate_bpb returns nan; run by hand, it is
+    started here and evaluate_bpb returns its val_bpb. batch_size is kept for the reference's
+    signature; the evaluator's rows per pass are its own."""
+    if tokenizer.get_vocab_size() != VOCAB_SIZE:
+        raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
+    directory = _HANDOVER or os.path.join(CACHE_DIR, "handover", f"manual-{os.getpid()}")
+    info = handover(model, directory)
+    _record("handover", **info)
+    if _HANDOVER:
+        print(f"evaluate_bpb: the model went to the harness ({info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
+              f"exported in {info['export_seconds']:.1f}s); run.sh scores it in a separate process", flush=True)
+        return float("nan")
+    out = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--evaluate", directory, "--no-heldout"],
+                         capture_output=True, text=True)
+    result = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    shutil.rmtree(directory, ignore_errors=True)
+    if out.returncode != 0 or "val_bpb" not in result:
+        raise PrepareError(f"the evaluation failed: {result.get('reason') or (out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(result["val_bpb"])
+
+
+# ==== THE HARNESS: not needed to edit train.py. The agent reads prepare.py up to this line. ====
+# Below: the data download, document readers, BPE training, tokenization into token files and
+# the manifest, the batch server, the hand-over and the evaluator, run-record verification, the CLI.
+
+# ---------------------------------------------------------------------------
+# The harness's constants
+# ---------------------------------------------------------------------------
+
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]
 
-CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-if SMOKE:
-    CACHE_DIR = os.path.join(CACHE_DIR, "smoke")  # never mixed with real data
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 MANIFEST = os.path.join(CACHE_DIR, "manifest.json")
+EVALUATOR_CACHE_DIR = os.path.join(CACHE_DIR, "evaluator")  # the evaluator's compile caches: training never sees them
 
 # ClimbMix: parquet shards shard_00000 ... shard_06542 with a "text" column; the last is the validation shard.
 # HF_ENDPOINT points at a hub mirror, as for huggingface_hub; AUTORESEARCH_BASE_URL at a plain file server.
@@ -634,56 +755,6 @@ def _load_encoding(tokenizer_dir):
     return tiktoken.Encoding(name="autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
 
 
-class Tokenizer:
-    """tiktoken wrapper with the reference's interface."""
-
-    def __init__(self, enc):
-        self.enc = enc
-        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
-
-    @classmethod
-    def from_directory(cls, tokenizer_dir=None):
-        d = tokenizer_dir or TOKENIZER_DIR
-        if not os.path.exists(os.path.join(d, "tokenizer.tiktoken")):
-            raise PrepareError(f"no tokenizer at {d}: run `{PREPARE_CMD}` first")
-        return cls(_load_encoding(d))
-
-    def get_vocab_size(self):
-        return self.enc.n_vocab
-
-    def get_bos_token_id(self):
-        return self.bos_token_id
-
-    def encode(self, text, prepend=None, num_threads=8):
-        if prepend is not None and not isinstance(prepend, int):
-            prepend = self.enc.encode_single_token(prepend)
-        if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            return ids if prepend is None else [prepend] + ids
-        if isinstance(text, list):
-            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            return rows if prepend is None else [[prepend] + r for r in rows]
-        raise ValueError(f"encode() takes a str or a list of str, not {type(text).__name__}")
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-    def token_byte_lengths(self):
-        """Bytes per token id: the length of the token's own byte sequence (not of its decoded
-        text, which turns a partial UTF-8 sequence into a 3-byte replacement character); 0 for
-        special tokens, which carry no text."""
-        special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
-        lengths = np.zeros(self.enc.n_vocab, dtype=np.int32)
-        for i in range(self.enc.n_vocab):
-            if i not in special:
-                lengths[i] = len(self.enc.decode_single_token_bytes(i))
-        return lengths
-
-
-def get_token_bytes(device="cpu"):
-    import torch
-    return torch.from_numpy(Tokenizer.from_directory().token_byte_lengths()).to(device)
-
 # ---------------------------------------------------------------------------
 # Tokenization to uint16 files, one task per source file, all cores
 # ---------------------------------------------------------------------------
@@ -935,25 +1006,13 @@ def check_prepared(full=False, training=False):
 # --serve-batches` outside the training sandbox and hands train.py's process the two ends of a
 # pipe (AUTORESEARCH_BATCH_FDS). The sandbox shows training no token file at all, so these
 # batches are the only data it can train on, and the server's clock of when it served them
-# bounds the budget (check_training). The budget's clock starts at the batch that brings the
-# tokens served to WARMUP_TOKENS (the 32nd batch of the default train.py), or WARMUP_ALLOWANCE
-# seconds after the first batch, whichever comes first; the first batch counts as
-# served STARTUP_ALLOWANCE seconds after the launch at the latest. The figures: an H100 spent
-# 81 s from the launch to its first counted step on a cold compile, 63 s of it compiling, which
+# bounds the budget (check_training; the rule is stated at WARMUP_TOKENS above). WARMUP_TOKENS is
+# the 32nd batch of the default train.py. The figures behind the allowances: an H100 spent 81 s
+# from the launch to its first counted step on a cold compile, 63 s of it compiling, which
 # happens after the first batch (train.py takes one before its loop); a smoke run on a busy
 # 2-core machine up to ~20 s in all.
 # The run record (AUTORESEARCH_RECORD_FD) gets evaluate_bpb's hand-over: when, the export time,
 # the peak memory. It is written in train.py's process, so it only describes the run.
-
-WARMUP_TOKENS = 32 * (8 if SMOKE else 128) * MAX_SEQ_LEN  # the clock starts once this many are served:
-                                                           # 32 batches of the default train.py
-STARTUP_ALLOWANCE = 45 if SMOKE else 60   # seconds from the launch to the first batch (imports, the model)
-WARMUP_ALLOWANCE = 45 if SMOKE else 90    # seconds from the first batch to the clock (compilation, warm-up)
-TRAIN_SLACK = (1.2, 5)    # from the clock to train.py's exit: at most TIME_BUDGET x 1.2 + 5 s (README, "the budget rule")
-TRAINING_LIMIT = STARTUP_ALLOWANCE + WARMUP_ALLOWANCE + TIME_BUDGET * TRAIN_SLACK[0] + TRAIN_SLACK[1]  # run.sh kills there
-MAX_BATCH_TOKENS = 1 << 22  # the largest batch the server packs (B x T): 16 of the default train.py's
-MAX_BATCH_SHAPES = 8        # distinct (B, T) the server packs for one run
-LOADER_BUFFER = 1000      # documents the loader packs from; the evaluator packs its rows the same way
 
 _record_fd = None
 if os.environ.get("AUTORESEARCH_RECORD_FD", "").isdigit():
@@ -1125,20 +1184,6 @@ def _packed(split, bos, B, T, buffer_size=LOADER_BUFFER):
     return _pack_rows(docs, bos, B, T, min(buffer_size, ndocs))
 
 
-def make_dataloader(tokenizer, B, T, split="train", buffer_size=LOADER_BUFFER, device=None, prefetch=3):
-    """Endless training batches (inputs, targets, epoch): inputs/targets int64 [B, T] on `device`
-    (CUDA when available), targets = inputs shifted by one. The validation and held-out splits are
-    the evaluator's alone: under run.sh training cannot even see their files."""
-    if split != "train":
-        raise PrepareError(f"make_dataloader serves the training split only, not {split!r}: "
-                           "the validation split is read by the evaluator alone")
-    if _batch_fds:  # under run.sh: from the batch server, which checked the data
-        _check_batch_shape(B, T)
-        return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch, rows=_served_rows(B, T))
-    check_prepared(training=True)  # a mismatched tokenizer or training set fails now, not after training
-    return _loader(tokenizer, B, T, "train", buffer_size, device, prefetch)
-
-
 def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, prefetch=3, rows=None):
     """Endless (inputs, targets, epoch) of a split. A background thread packs rows (or takes them
     from `rows`, the batch server's) into pinned buffers ahead of time; the copy to the GPU is
@@ -1191,41 +1236,7 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
         stop.set()
 
 # ---------------------------------------------------------------------------
-# Evaluation: the fixed metric (do not change), computed outside train.py's process
-# ---------------------------------------------------------------------------
-
-def evaluate_bpb(model, tokenizer, batch_size):
-    """Bits per byte on the pinned validation split: the sum of per-token cross-entropy (nats)
-    over targets whose byte length is above 0, divided by ln 2 x the bytes of those targets, over
-    the first EVAL_TOKENS of the split. model(x) must return logits [B, T, vocab].
-
-    The score is never computed in this process. evaluate_bpb hands the model over: torch.export
-    turns model(x) into a graph of PyTorch operations, written with its tensors as plain data
-    (no pickle, no Python of train.py's), and a separate process (`prepare.py --evaluate`) checks
-    that the model is causal and scores the graph, EVAL_ROWS rows at a time. Under run.sh that
-    process runs after this one has exited, and evaluate_bpb returns nan; run by hand, it is
-    started here and evaluate_bpb returns its val_bpb. batch_size is kept for the reference's
-    signature; the evaluator's rows per pass are its own."""
-    if tokenizer.get_vocab_size() != VOCAB_SIZE:
-        raise PrepareError("the tokenizer passed to evaluate_bpb is not the prepared one")
-    directory = _HANDOVER or os.path.join(CACHE_DIR, "handover", f"manual-{os.getpid()}")
-    info = handover(model, directory)
-    _record("handover", **info)
-    if _HANDOVER:
-        print(f"evaluate_bpb: the model went to the harness ({info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB, "
-              f"exported in {info['export_seconds']:.1f}s); run.sh scores it in a separate process", flush=True)
-        return float("nan")
-    out = subprocess.run([sys.executable, "-I", os.path.abspath(__file__), "--evaluate", directory, "--no-heldout"],
-                         capture_output=True, text=True)
-    result = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
-    shutil.rmtree(directory, ignore_errors=True)
-    if out.returncode != 0 or "val_bpb" not in result:
-        raise PrepareError(f"the evaluation failed: {result.get('reason') or (out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return float(result["val_bpb"])
-
-# ---------------------------------------------------------------------------
-# The evaluator's machinery: the hand-over, rebuilding and scoring it, the budget's clock.
-# Not needed to edit train.py.
+# The evaluator's machinery: the hand-over, rebuilding and scoring it, the budget's clock
 # ---------------------------------------------------------------------------
 # The trained model crosses from train.py's process to the evaluator as data: the graph that
 # torch.export traces from model(x) and the tensors it reads. The evaluator rebuilds the graph
@@ -1611,8 +1622,7 @@ def _score(forward, batches, token_bytes, check=0.0):
 
 def evaluate_handover(directory, heldout=True):
     """The evaluator: val_bpb (and the held-out score) of a handed-over model, with its timings."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(CACHE_DIR, "evaluator", "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(CACHE_DIR, "evaluator", "triton"))
+    set_compile_cache(EVALUATOR_CACHE_DIR)
     import torch
     t0 = time.time()
     check_prepared()
@@ -1717,7 +1727,7 @@ def doctor(box, gpu_busy=False):
            "/dev/nvidia-uvm is missing" if os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia-uvm") else
            next((str(w.message).strip().splitlines()[0] for w in caught if "CUDA" in str(w.message)), ""))
     no_gpu = "no GPU: only the smoke profile (AUTORESEARCH_SMOKE=1) will run" + (f" ({why})" if why else "")
-    cache = os.path.join(CACHE_DIR, "evaluator" if box == "eval" else "compile")
+    cache = EVALUATOR_CACHE_DIR if box == "eval" else COMPILE_CACHE_DIR
     try:
         with tempfile.NamedTemporaryFile(dir=cache):
             writable = ""
@@ -1871,7 +1881,31 @@ def prepare(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Prepare data, tokenizer and token files for autoresearch")
+    parser = argparse.ArgumentParser(
+        description="Prepare data, tokenizer and token files for autoresearch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""\
+usage examples:
+  uv run prepare.py                     # ClimbMix: 10 training shards + the pinned validation and held-out shards
+  uv run prepare.py --num-shards 40     # more training data (-1 = all 6541 training shards)
+  uv run prepare.py --data a.parquet b.jsonl c.txt dir/   # your own corpus instead (offline)
+  uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
+  uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
+  uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
+  uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation: sha256)
+  uv run prepare.py --quiet             # no progress lines (for logs)
+  AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
+run.sh alone uses --serve-batches, --evaluate and --doctor.
+
+Everything is stored under ~/.cache/autoresearch (or $AUTORESEARCH_CACHE; smoke/ below it for the smoke profile):
+  data/       downloaded ClimbMix parquet shards
+  tokenizer/  tokenizer.tiktoken (base64 token + rank per line) and tokenizer.json
+  tokens/     train_*.bin, val_*.bin and heldout_*.bin: uint16 token ids, each document preceded by BOS,
+              with a .json sidecar per source recording its sha256, token counts and sha256s
+  manifest.json  the corpus; the sha256 of the tokenizer, of every source and of every token
+              file, with each token file's size and mtime
+  compile/    train.py's compile cache; evaluator/ the evaluator's
+  handover/   models handed over by evaluate_bpb run by hand (removed once scored)
+Nothing is pickled: every file is plain data that cannot execute code when read.""")
     parser.add_argument("--num-shards", type=int, default=10, help="ClimbMix training shards (-1 = all); the validation and held-out shards are always added")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--data", nargs="+", metavar="PATH", help="instead of ClimbMix: .parquet/.jsonl/.txt files or directories, "

@@ -11,13 +11,10 @@ Usage:
 import os
 import sys
 
-# Set before torch is imported. The compile caches live next to the data so that an experiment
-# reuses the kernels the previous one compiled (same rule for the cache dir as prepare.py).
-_cache_dir = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-if os.environ.get("AUTORESEARCH_SMOKE", "") not in ("", "0"):
-    _cache_dir = os.path.join(_cache_dir, "smoke")
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache_dir, "compile", "inductor"))
-os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_cache_dir, "compile", "triton"))
+# prepare.py imports no torch, so it comes first: the compile caches and the allocator are set
+# before torch is imported.
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, SMOKE, Tokenizer, make_dataloader, evaluate_bpb, set_compile_cache
+set_compile_cache()  # next to the data: an experiment reuses the kernels the previous one compiled
 os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 import gc
@@ -29,8 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
-
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, SMOKE, Tokenizer, make_dataloader, evaluate_bpb
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags)

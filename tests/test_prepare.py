@@ -924,6 +924,49 @@ def test_the_limits_the_documents_state_are_prepare_pys(tmp_path):
     assert f"under a time limit of {limit} s" in program
 
 
+FENCE = "# ==== THE HARNESS: not needed to edit train.py. The agent reads prepare.py up to this line. ===="
+
+
+def test_the_agent_reads_prepare_py_up_to_one_fence_and_train_py_needs_nothing_below_it():
+    """The agent reads prepare.py up to the fence (program.md): one fence, at most 12,000 characters
+    above it, and everything train.py takes from prepare.py is defined there; no function or class
+    defined below it is named in train.py."""
+    import ast
+    text = open(os.path.join(ROOT, "prepare.py"), encoding="utf-8").read()
+    assert text.count("# ==== THE HARNESS") == 1 and f"\n{FENCE}\n" in text
+    above = text[:text.index(FENCE)]
+    assert len(above) <= 12_000, f"{len(above):,} characters above the fence"
+    fence_line = above.count("\n") + 1
+
+    def defined(node):  # the module-level names a statement of prepare.py defines
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return {node.name}
+        return {t.id for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for target in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                for t in ast.walk(target) if isinstance(t, ast.Name)}
+    tree = ast.parse(text)
+    above_names = set().union(*(defined(n) for n in tree.body if n.end_lineno < fence_line))
+    below_defs = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno > fence_line}
+    assert {"MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE", "SMOKE", "WARMUP_TOKENS", "STARTUP_ALLOWANCE",
+            "WARMUP_ALLOWANCE", "TRAIN_SLACK", "TRAINING_LIMIT", "Tokenizer", "make_dataloader", "evaluate_bpb"} <= above_names
+
+    train = ast.parse(open(os.path.join(ROOT, "train.py"), encoding="utf-8").read())
+    imported = {a.name for n in ast.walk(train) if isinstance(n, ast.ImportFrom) and n.module == "prepare" for a in n.names}
+    via_module = {n.attr for n in ast.walk(train)
+                  if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "prepare"}
+    assert imported and not (imported | via_module) - above_names, (imported | via_module) - above_names
+    own = {n.name for n in ast.walk(train) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    named = ({n.id for n in ast.walk(train) if isinstance(n, ast.Name)} - {"prepare"}) | via_module | imported
+    assert not (named - own) & below_defs, (named - own) & below_defs
+
+    # train.py imports prepare before torch to place the compile caches: prepare.py imports no
+    # torch, and the caches are where run.sh's overlay and the evaluator's sandbox expect them
+    out = subprocess.run([sys.executable, "-c", "import sys, prepare as P; print('torch' in sys.modules, "
+                          "P.COMPILE_CACHE_DIR == P.CACHE_DIR + '/compile', P.EVALUATOR_CACHE_DIR == P.CACHE_DIR + '/evaluator')"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]
+
+
 def _graph(smoke, tmp_path, nodes, kwargs_of=None):
     """A hand-over written by hand, as a train.py may: the graph's nodes, no tensors."""
     d = tmp_path / "crafted"
