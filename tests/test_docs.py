@@ -45,23 +45,14 @@ def test_what_the_agent_reads_at_set_up_fits_the_budget():
     print(f"set-up reading: {total} tokens (characters / 4): {tokens}")
     assert total <= READING_BUDGET, f"the agent's set-up reading is {total} tokens: {tokens}"
     # The README is for the person: the set-up and the restart prompts never send the agent there.
+    # (What train.py imports is above prepare.py's fence: tests/test_prepare.py.)
     sys.path.insert(0, str(REPO / ".agents"))
     try:
         import night
     finally:
         sys.path.pop(0)
-    for text in (read("program.md"), read("AGENTS.md"), night.START, night.RESTART):
+    for text in (read("program.md"), night.START, night.RESTART):
         assert "README" not in text
-
-
-def test_the_agent_facing_part_of_prepare_py_is_what_train_py_uses():
-    """Everything train.py imports from prepare.py is defined above the fence the agent stops at."""
-    (fence,) = [f for n, f in re.findall(r"^   - `([^`]+)`, up to the line `([^`]+)`",
-                                          read("program.md"), re.M) if n == "prepare.py"]
-    head = read("prepare.py").split(fence)[0]
-    imported = re.search(r"^from prepare import (.+)$", read("train.py"), re.M)[1]
-    for name in (n.strip() for n in imported.split(",")):
-        assert re.search(rf"^(def |class )?{name}\b", head, re.M), f"{name} is below prepare.py's fence"
 
 
 def test_the_readme_file_table_names_every_tracked_top_level_entry():
