@@ -68,6 +68,9 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
     ws, repo = workspace, workspace.repo
     trust(ws)
     train, pad = repo / "train.py", repo / "scratchpad.md"
+    heldout = repo / ".git" / "autoresearch" / "heldout.tsv"  # run.sh's held-out scores
+    heldout.parent.mkdir()
+    heldout.write_text("commit\tval_bpb\theldout_bpb\n")
     before = snapshot(repo)
     new_train = train.read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05") + "# rewritten\n"
     allowed = [
@@ -86,6 +89,7 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
         bash("./run.sh"),
     ]
     refusals = [
+        Call("Read", {"file_path": str(heldout)}),
         edit(repo / "prepare.py", "MAX_SEQ_LEN = 2048", "MAX_SEQ_LEN = 1024"),
         edit(repo / "run.sh", "set -", "set +"),
         edit(repo / "program.md", "# autoresearch", "# anything goes"),
