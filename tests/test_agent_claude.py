@@ -173,6 +173,8 @@ def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(work
     assert "Read program.md in full" in server.prompts[0]
     for prompt in server.prompts[1:]:
         assert "You were restarted" in prompt and "results.tsv" in prompt and "scratchpad.md" in prompt
+    for prompt in server.prompts[:2]:  # program.md's steps are program.md's: no copy that could drift
+        assert "README" not in prompt and "./run.sh" not in prompt and "baseline" not in prompt
 
 
 def test_a_short_night_under_the_supervisor(workspace):
