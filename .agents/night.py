@@ -5,9 +5,11 @@
     .agents/night.py --agent codex --for 8h        # Codex (codex exec)
     touch .agents/stop                             # ask it to stop
 
-The agent gets the README's start prompt (read program.md ...). When it ends its turn (which headless
+The agent is told to read program.md in full and follow it (START below): what
+to read, the set-up and the loop are program.md's alone, the prompts add only
+what is particular to a headless night. When the agent ends its turn (which headless
 agents do, "never stop" or not), it is started again, in a fresh session, with a
-prompt to continue from scratchpad.md and results.tsv, until the deadline or
+prompt to go on from scratchpad.md and results.tsv (RESTART), until the deadline or
 until the stop file appears. Everything goes to .agents/night.log.
 
 An experiment is never cut short or repeated by this script: before a restart it
@@ -40,18 +42,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / ".agents"
-START = """Read program.md in full and follow it. Do the set-up first: read README.md,
-prepare.py and train.py, check that the data is prepared, run the baseline with
-./run.sh "baseline" and measure the noise with ./run.sh --rerun "baseline noise".
-Then start the experiment loop and keep going until I stop you: I am asleep, so
-never stop to ask whether to continue."""
+# The prompts defer to program.md and repeat none of its steps, so they cannot drift from it.
+START = """Read program.md in full and follow it: its set-up first, then the experiment loop.
+This is a headless night: I am asleep and cannot answer, so never stop to ask whether
+to continue. If this session ends, a fresh one goes on from scratchpad.md and results.tsv."""
 RESTART = """You were restarted: your previous session ended, and the night goes on.
-Read program.md again, then scratchpad.md (your notes and plan) and results.tsv
-(every experiment that finished, the last row being the most recent; run.log holds
-the last run's output). Do not repeat an experiment that results.tsv already
-records. If the set-up (baseline, noise) is not done yet, finish it; otherwise
-continue the experiment loop from where your notes stand, and keep going until I
-stop you: I am asleep, so never stop to ask whether to continue."""
+Read program.md in full again and follow it from where the night stands, not from
+the start: scratchpad.md holds your notes and plan, results.tsv every experiment that
+finished (the last row is the most recent) and run.log the last run's output. Finish
+program.md's set-up only if results.tsv shows it unfinished, never repeat an experiment
+that results.tsv already records, and carry on with the loop from where your notes
+stand. I am asleep and cannot answer, so never stop to ask whether to continue."""
 # What each CLI prints when it ignores the project's settings in an untrusted workspace.
 UNTRUSTED = {"claude": "has not been trusted", "codex": "Untrusted project-local configuration is disabled"}
 TRUST_STEP = {

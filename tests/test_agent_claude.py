@@ -10,10 +10,12 @@ The workspace is trusted the way the README says (projects[<repo>] in
 ~/.claude.json, HOME being the test's own): without that, Claude Code ignores
 .claude/settings.json.
 
-Minutes on a 2-core CPU: three smoke trainings (30-70 s each) in the night.
+Minutes on a 2-core CPU: three smoke trainings (30-70 s each) in the short night; the
+night after a baseline run by hand uses run.sh's stand-ins (seconds).
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ import pytest
 
 from conftest import NPM_BIN, changed, git, results, snapshot
 from model_server import Call, End, ModelServer
+from test_run_sh import PREPARE, Repo, trainer  # run.sh's stand-ins: a run takes seconds
 
 CLAUDE = NPM_BIN / "claude"
 pytestmark = pytest.mark.skipif(
@@ -68,6 +71,9 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
     ws, repo = workspace, workspace.repo
     trust(ws)
     train, pad = repo / "train.py", repo / "scratchpad.md"
+    heldout = repo / ".git" / "autoresearch" / "heldout.tsv"  # run.sh's held-out scores
+    heldout.parent.mkdir()
+    heldout.write_text("commit\tval_bpb\theldout_bpb\n")
     before = snapshot(repo)
     new_train = train.read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05") + "# rewritten\n"
     allowed = [
@@ -86,6 +92,7 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
         bash("./run.sh"),
     ]
     refusals = [
+        Call("Read", {"file_path": str(heldout)}),
         edit(repo / "prepare.py", "MAX_SEQ_LEN = 2048", "MAX_SEQ_LEN = 1024"),
         edit(repo / "run.sh", "set -", "set +"),
         edit(repo / "program.md", "# autoresearch", "# anything goes"),
@@ -169,11 +176,18 @@ def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(work
     assert "Read program.md in full" in server.prompts[0]
     for prompt in server.prompts[1:]:
         assert "You were restarted" in prompt and "results.tsv" in prompt and "scratchpad.md" in prompt
+    for prompt in server.prompts[:2]:  # program.md's steps are program.md's: no copy that could drift
+        assert "README" not in prompt and "./run.sh" not in prompt and "baseline" not in prompt
+
+
+# run.sh's answer when train.py is the kept commit: its wording now, and the one that names the val_bpb.
+KEPT = re.compile(r"train\.py is (unchanged since the last kept commit|the kept commit)")
 
 
 def test_a_short_night_under_the_supervisor(workspace):
-    """Baseline; the agent ends its turn and is restarted; a discarded change; a rerun during
-    which the person asks to stop: the rerun finishes and is recorded, nothing starts after it."""
+    """No baseline yet: the agent runs program.md's set-up (the baseline, kept, and a noise rerun)
+    and ends its turn; restarted, it tries a change, during which the person asks to stop: the
+    run finishes and is discarded, nothing starts after it."""
     ws, repo = workspace, workspace.repo
     trust(ws)
     train, pad = repo / "train.py", repo / "scratchpad.md"
@@ -186,7 +200,7 @@ def test_a_short_night_under_the_supervisor(workspace):
     def note(text):
         return edit(pad, "## Dead ends", f"- {text}\n\n## Dead ends")
 
-    stop = Call("Bash", {"command": './run.sh --rerun "baseline noise"', "description": "rerun"},
+    stop = Call("Bash", {"command": './run.sh "all learning rates 0"', "description": "run it"},
                 on_play=lambda: (repo / ".agents" / "stop").touch())
     too_late = bash('./run.sh "deeper"')
     server = ModelServer("anthropic")
@@ -195,15 +209,15 @@ def test_a_short_night_under_the_supervisor(workspace):
         Call("Read", {"file_path": str(repo / "program.md")}),
         Call("Read", {"file_path": str(pad)}),
         bash('./run.sh "baseline"'),
-        note("baseline run"),
-        End("The baseline is done."),
+        bash('./run.sh --rerun "baseline noise"'),
+        note("baseline and a noise rerun"),
+        End("The set-up is done."),
         # session 2, restarted by the supervisor: where was I?
         Call("Read", {"file_path": str(repo / "results.tsv")}),
         Call("Read", {"file_path": str(pad)}),
         Call("Read", {"file_path": str(train)}),
+        note("trying all learning rates 0"),
         edit(train, rates, zero),
-        bash('./run.sh "all learning rates 0"'),
-        note("all learning rates 0: discarded"),
         stop,  # the person creates .agents/stop while this runs
         Call("Read", {"file_path": str(train)}),
         edit(train, "DEPTH = 8", "DEPTH = 9"),
@@ -217,21 +231,73 @@ def test_a_short_night_under_the_supervisor(workspace):
     assert len(server.prompts) == 2
     assert "Read program.md in full" in server.prompts[0] and "You were restarted" in server.prompts[1]
 
-    # Every experiment ran once and was recorded; the rerun was not cut short by the stop.
+    # Every experiment ran once and was recorded; the last was not cut short by the stop.
     # (Its own tool result never reached the model: the agent was ended right after it.)
     assert [c.is_error for c in server.calls if c.name == "Bash"][:2] == [False, False]
-    assert results(repo) == [("keep", "baseline"), ("discard", "all learning rates 0"),
-                             ("rerun", "baseline noise")]
+    assert results(repo) == [("keep", "baseline"), ("rerun", "baseline noise"),
+                             ("discard", "all learning rates 0")]
     # After the stop nothing more ran: the agent was ended before it asked, or run.sh was refused.
     assert too_late.output is None or "Exit code 3" in too_late.output
     rows = (repo / "results.tsv").read_text().splitlines()
-    assert rows[1].split("\t")[0] == rows[3].split("\t")[0]  # the rerun measured the baseline's commit
+    assert rows[1].split("\t")[0] == rows[2].split("\t")[0]  # the rerun measured the baseline's commit
 
     # The branch holds the kept baseline only; main never moved; the notes survived the revert.
     assert git(repo, "rev-parse", "main") == main_before
     assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
     text = pad.read_text()
-    assert "- baseline run\n" in text and "- all learning rates 0: discarded\n" in text
+    assert "- baseline and a noise rerun\n" in text and "- trying all learning rates 0\n" in text
     assert rates in train.read_text()  # the zero learning rates were reverted
     log = (repo / ".agents" / "night.log").read_text()
     assert "session 2 starts" in log and '"type":"result"' in log  # the agent's stream-json, logged
+
+
+def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
+    """The other order of program.md's set-up: the person ran `./run.sh "baseline"` by hand before
+    the night. The agent's own `./run.sh "baseline"` is refused (exit 3) and changes nothing; its
+    noise rerun is recorded. run.sh's stand-ins for prepare.py and train.py (tests/test_run_sh.py),
+    committed on main, make each run take seconds: what is tested is what run.sh answers the agent."""
+    ws, repo = workspace, workspace.repo
+    trust(ws)
+    cache = tmp_path / "cache"
+    for d in (cache, cache / "smoke"):
+        d.mkdir(parents=True)
+        Repo.prepare_data(d)
+    ws.env["AUTORESEARCH_CACHE"] = str(cache)
+    (repo / "prepare.py").write_text(PREPARE)
+    (repo / "train.py").write_text(trainer("1.0"))
+    git(repo, "-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "stand-ins")
+    by_hand = subprocess.run(["./run.sh", "baseline"], cwd=repo, env=ws.env, capture_output=True, text=True,
+                             timeout=300)
+    assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
+    assert results(repo) == [("keep", "baseline")]
+    baseline = (repo / "results.tsv").read_text().splitlines()[1].split("\t")
+    before = snapshot(repo)
+    seen = {}
+
+    server = ModelServer("anthropic")
+    refusal = bash('./run.sh "baseline"')
+    rerun = Call("Bash", {"command": './run.sh --rerun "baseline noise"', "description": "noise"},
+                 on_play=lambda: seen.update(after_refusal=snapshot(repo)))
+    server.add(
+        Call("Read", {"file_path": str(repo / "program.md")}),
+        refusal,
+        rerun,
+        End("The set-up is done.", on_play=lambda: (repo / ".agents" / "stop").touch()),
+    )
+    proc = night(ws, server)
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "night over (stop file .agents/stop found) after 1 session(s)" in proc.stderr
+    assert "Read program.md in full" in server.prompts[0]
+
+    assert refusal.is_error and "Exit code 3" in refusal.output, refusal
+    wording = KEPT.search(refusal.output)
+    assert wording, refusal.output
+    # It names the baseline: its commit (today's wording) or its val_bpb (run.sh's "nothing to run").
+    assert baseline[0] in refusal.output if wording[1].startswith("unchanged") else baseline[1] in refusal.output
+    assert changed(before, seen["after_refusal"]) == [".agents/night.log"]  # ignored by git: nothing else
+    assert not rerun.is_error and re.search(r"^status:\s+rerun$", rerun.output, re.M), rerun
+    assert results(repo) == [("keep", "baseline"), ("rerun", "baseline noise")]
+    rows = (repo / "results.tsv").read_text().splitlines()
+    assert rows[2].split("\t")[0] == baseline[0]  # the rerun measured the person's baseline
+    assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]

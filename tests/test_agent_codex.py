@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NPM_BIN, REPO, changed, git, results, snapshot
+from conftest import NPM_BIN, changed, git, results, snapshot
 from model_server import Call, End, ModelServer
 
 CODEX = NPM_BIN / "codex"
@@ -68,6 +68,9 @@ def test_allowed_calls_run_and_the_rest_is_refused_or_contained(workspace):
     ws, repo = workspace, workspace.repo
     server = ModelServer("openai")
     env = configure(ws, server)
+    heldout = repo / ".git" / "autoresearch" / "heldout.tsv"  # run.sh's held-out scores
+    heldout.parent.mkdir()
+    heldout.write_text("commit\tval_bpb\theldout_bpb\n")
     before = snapshot(repo)
     lr = next(line for line in (repo / "train.py").read_text().splitlines() if line.startswith("MATRIX_LR"))
     seq = next(line for line in (repo / "prepare.py").read_text().splitlines() if "MAX_SEQ_LEN = 2048" in line)
@@ -111,14 +114,18 @@ def test_allowed_calls_run_and_the_rest_is_refused_or_contained(workspace):
         patch("AGENTS.md", "# AGENTS.md", "# anything goes"),
     ]
     gap = sh("touch new_file.py")  # what Codex cannot stop: a new file in the repository
-    server.add(*allowed, *refused, gap, End("All tried."))
+    # ... nor reading the held-out scores: a "none" entry for .git/autoresearch breaks Codex 0.169's
+    # sandbox set-up while the directory does not exist (before run.sh's first run), and a glob
+    # entry breaks it while any carved-out path (.venv, results.tsv) does not.
+    peek = sh("cat .git/autoresearch/heldout.tsv")
+    server.add(*allowed, *refused, gap, peek, End("All tried."))
     proc = subprocess.run([str(CODEX), "exec", "--json", "Read program.md and start the loop."],
                           cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=600)
     server.close()
     assert proc.returncode == 0, proc.stderr
     assert "Untrusted" not in proc.stderr
-    assert len(server.calls) == len(allowed) + len(refused) + 1
+    assert len(server.calls) == len(allowed) + len(refused) + 2
     assert not any(tool.get("type") == "web_search" for r in server.requests for tool in r["body"]["tools"])
 
     assert ran(allowed[0]) == 0 and "# autoresearch" in allowed[0].output
@@ -132,23 +139,11 @@ def test_allowed_calls_run_and_the_rest_is_refused_or_contained(workspace):
     for call in refused[-3:]:
         assert "patch rejected" in call.output, call
     assert ran(gap) == 0
+    assert ran(peek) == 0 and "heldout_bpb" in peek.output
 
     assert changed(before, snapshot(repo)) == ["new_file.py", "scratchpad.md", "train.py"]
     assert lr.replace("0.04", "0.05") in (repo / "train.py").read_text()
     assert git(repo, "branch", "--show-current") == "main"
-
-
-def test_codex_carves_out_every_tracked_path_but_train_py_and_scratchpad_md():
-    """A path added to the repository must be added to .codex/config.toml, or Codex may write it."""
-    text = (REPO / ".codex" / "config.toml").read_text()
-    section = text.split('[permissions.autoresearch.filesystem.":workspace_roots"]')[1]
-    entries = dict(re.findall(r'^"([^"]+)" = "(\w+)"$', section, re.M))
-    assert entries.pop(".") == "write"
-    assert set(entries.values()) == {"read"}
-    tracked = {p.split("/")[0] for p in git(REPO, "ls-files").splitlines()} | {".git"}
-    assert tracked - {"train.py", "scratchpad.md"} <= set(entries)
-    assert "train.py" not in entries and "scratchpad.md" not in entries
-    assert {"results.tsv", "run.log", ".venv"} <= set(entries)  # run.sh's and uv's, never the agent's
 
 
 def night(ws, env, *args):

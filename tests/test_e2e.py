@@ -368,3 +368,43 @@ def test_lockdown_files_are_consistent():
 
     for path in ("AGENTS.md", ".cursor/rules/autoresearch.mdc"):
         assert "program.md" in (REPO / path).read_text(encoding="utf-8")
+
+
+# Written by run.sh, the morning report and uv, never committed, never the agent's.
+FIXED_UNTRACKED = {".git": "dir", ".venv": "dir", "results.tsv": "file", "run.log": "file",
+                   "progress.png": "file"}
+
+
+def test_every_client_denies_every_fixed_path():
+    """One list of fixed paths: every tracked top-level entry but train.py and scratchpad.md, and
+    run.sh's, the report's and uv's outputs. Claude Code and Cursor deny writing each one, Codex
+    carves each one out of its writable root, so a path added to the repository without a deny fails
+    here. (Cursor's unattended --force runs whatever is not denied, and a write to a fixed file
+    makes run.sh refuse every later experiment.) Reading the held-out scores is denied too."""
+    tracked = git(REPO, "ls-files").splitlines()
+    fixed = dict(FIXED_UNTRACKED)
+    for path in tracked:
+        top = path.split("/")[0]
+        fixed[top] = "dir" if "/" in path else "file"
+    for editable in ("train.py", "scratchpad.md"):
+        assert fixed.pop(editable) == "file"
+
+    claude = json.loads((REPO / ".claude" / "settings.json").read_text(encoding="utf-8"))["permissions"]
+    cursor = json.loads((REPO / ".cursor" / "cli.json").read_text(encoding="utf-8"))["permissions"]
+    for path, kind in sorted(fixed.items()):
+        pattern = f"{path}/**" if kind == "dir" else path
+        assert f"Edit(/{pattern})" in claude["deny"], f"add Edit(/{pattern}) to .claude/settings.json's deny"
+        assert f"Write({pattern})" in cursor["deny"], f"add Write({pattern}) to .cursor/cli.json's deny"
+    assert "Read(/.git/autoresearch/**)" in claude["deny"] and "Read(//**/.git/autoresearch/**)" in claude["deny"]
+    assert "Read(**/.git/autoresearch/**)" in cursor["deny"]
+
+    # Codex: the repository root is writable (a writable single file breaks its sandbox), every
+    # fixed path is carved out read-only, and nothing else is.
+    text = (REPO / ".codex" / "config.toml").read_text(encoding="utf-8")
+    section = text.split('[permissions.autoresearch.filesystem.":workspace_roots"]')[1]
+    entries = dict(re.findall(r'^"([^"]+)" = "(\w+)"$', section, re.M))
+    assert entries.pop(".") == "write"
+    assert set(entries.values()) == {"read"}
+    missing = set(fixed) - set(entries)
+    assert not missing, f"carve {sorted(missing)} out in .codex/config.toml"
+    assert "train.py" not in entries and "scratchpad.md" not in entries
