@@ -15,6 +15,8 @@ columns only; files from before the profile column marked smoke rows with a
 
 decision (run.sh's AUTORESEARCH_CONFIRM policy) says what a keep or discard
 was based on: "single" run, "mean of 2 (a, b; spread s)", "baseline" or "-".
+A row is read, and the runs behind it are found, as run.sh reads them:
+results.py defines both.
 
 The held-out scores, which no decision uses, are in heldout.tsv in the git
 directory (.git/autoresearch/), where run.sh keeps them out of the agent's
@@ -28,7 +30,6 @@ exit status 1.
 
 import math
 import os
-import re
 import subprocess
 import sys
 from collections import defaultdict, deque
@@ -39,9 +40,8 @@ matplotlib.use("Agg")  # no display on a GPU box
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
-STATUSES = ("keep", "discard", "crash", "rerun")
-SMOKE_PREFIX = "[smoke] "
+from results import HEADER, is_measured, parse_row, runs_of  # noqa: E402
+
 TOP_N = 10
 NOISE_SIGMAS = 2  # "within the noise": a change below 2 standard deviations of a two-run difference
 WITHIN = NOISE_SIGMAS * math.sqrt(2)  # ... in units of one run's sigma (a difference of two runs: sigma x sqrt(2))
@@ -72,45 +72,11 @@ def read_results(path):
             header_seen = True
             columns = {name: i for i, name in enumerate(fields) if i >= 5}
             continue
-        if len(fields) < 5:
-            fail(f"{path} line {lineno}: expected at least 5 tab-separated "
-                 f"columns, got {len(fields)}: {line!r}")
-        commit, val_bpb, memory_gb, status, description = fields[:5]
         try:
-            val_bpb = float(val_bpb)
-        except ValueError:
-            fail(f"{path} line {lineno}: val_bpb {val_bpb!r} is not a number")
-        try:
-            memory_gb = float(memory_gb)
-        except ValueError:
-            fail(f"{path} line {lineno}: memory_gb {memory_gb!r} is not a number")
-        status = status.strip().lower()
-        if status not in STATUSES:
-            fail(f"{path} line {lineno}: status {fields[3]!r} is not one of "
-                 f"{', '.join(STATUSES)}")
-        # run.sh quotes a description holding a double quote, CSV-style.
-        if len(description) >= 2 and description[0] == description[-1] == '"':
-            description = description[1:-1].replace('""', '"')
-        extra = {name: fields[i].strip() if i < len(fields) else "" for name, i in columns.items()}
-        if extra.get("profile"):
-            smoke = extra["profile"] == "smoke"
-        else:
-            smoke = description.startswith(SMOKE_PREFIX)
-            if smoke:
-                description = description[len(SMOKE_PREFIX):]
-        rows.append({
-            "n": len(rows) + 1,  # experiment number, in file order
-            "line": lineno,
-            "commit": commit.strip(),
-            "val_bpb": val_bpb,
-            "memory_gb": memory_gb,
-            "status": status,
-            "description": description.strip(),
-            "smoke": smoke,
-            "branch": extra.get("branch", ""),
-            "profile": extra.get("profile") or ("smoke" if smoke else "gpu"),
-            "decision": extra.get("decision", ""),
-        })
+            row = parse_row(fields, columns)
+        except ValueError as e:
+            fail(f"{path} line {lineno}: {e}")
+        rows.append({"n": len(rows) + 1, "line": lineno, **row})  # n: experiment number, in file order
     names = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
              "description", "smoke", "branch", "profile", "decision"]
     return pd.DataFrame(rows, columns=names)
@@ -127,17 +93,6 @@ def heldout_file(results_path):
     except (OSError, subprocess.SubprocessError):
         common = ""
     return os.path.join(common or os.path.join(where, ".git"), "autoresearch", "heldout.tsv")
-
-
-def runs_of(decision, value):
-    """The single measurements behind a row: its value, or the runs of a "mean of N (a, b; ...)"."""
-    m = re.match(r"mean of \d+ \(([^;)]*)", decision or "")
-    if m:
-        try:
-            return [float(v) for v in m.group(1).split(",")]
-        except ValueError:
-            pass
-    return [value]
 
 
 def attach_heldout(df, path):
@@ -184,8 +139,7 @@ def measured_noise(df):
     """(val sigma, held-out sigma, runs, commits): from commits measured more than once (a kept run
     and its reruns, and the two runs behind a confirmation, kept or not)."""
     val, held = defaultdict(list), defaultdict(list)
-    measured = df["status"].isin(["keep", "rerun"]) | df["decision"].str.startswith("mean of")
-    for _, row in df[measured].iterrows():
+    for _, row in df[df.apply(is_measured, axis=1)].iterrows():
         key = (row["commit"], row["branch"])
         val[key] += runs_of(row["decision"], row["val_bpb"])
         held[key] += row["heldout_runs"] if "heldout_runs" in row else []

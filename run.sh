@@ -38,8 +38,9 @@ main() {
   # Refusals (exit 3): up to "changes start here" everything only reads.
   choose_branch            # the branch to run on, and where it started
   refuse_other_changes     # only train.py and scratchpad.md may differ
+  resolve_python           # py, which also runs results.py (it reads results.tsv)
   refuse_nothing_to_run    # the best so far; --rerun needs one, an experiment needs a change
-  refuse_unready_machine   # Python, sandbox, GPU lock, prepared data
+  refuse_unready_machine   # sandbox, GPU lock, prepared data
 
   # Changes start here.
   start_branch             # autoresearch/<tag>, when started from main
@@ -176,19 +177,6 @@ enter_checkout() {
   export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$gemail}"
 }
 
-# results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
-# were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
-# profile its baseline.
-upgrade_results_tsv() {
-  [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv || return 0
-  awk -F'\t' -v OFS='\t' '
-    NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
-    old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
-    $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
-    { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
-    results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
-}
-
 # ----------------------------------------------------------------- refusals
 # Sets branch, head and base (where the branch started); new_branch when run from main,
 # master or a detached HEAD, where the run starts autoresearch/<tag>.
@@ -235,9 +223,9 @@ refuse_nothing_to_run() {
   local stats
   h7=${head:0:7}
   [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
-  stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$profile")
-  best=${stats%% *}; [ "$best" != - ] || best=""
-  read -r _ _ _ _ _ _ noise_before _ <<<"$stats"
+  stats=$(results stats results.tsv "${branch:-$new_branch}" "$h7" "$profile") || exit 1
+  IFS=$'\t' read -r best _ _ _ _ _ noise_before _ <<<"$stats"
+  [ "$best" != - ] || best=""
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
     [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
@@ -248,7 +236,6 @@ refuse_nothing_to_run() {
 
 # Sets budget, and limit unless AUTORESEARCH_TIMEOUT set it.
 refuse_unready_machine() {
-  resolve_python
   choose_sandbox
   take_gpu_locks || exit $?
   if ! run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
@@ -393,16 +380,16 @@ confirmation_due() {
 # the larger peak, or zeros for a crash.
 decide() {
   if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0; return; fi
-  val=$(mean "${runs[@]}")
+  local mean
+  mean=$(results mean "${runs[@]}") || exit 1   # the mean, a tab, and "mean of N (a, b; spread s)"
+  val=${mean%%$'\t'*}
   mem=$(awk -v m="$peak" 'BEGIN { printf "%.1f", m / 1024 }')
   if [ "$mode" = rerun ]; then status=rerun
   elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep; decision=baseline
   elif awk -v v="$val" -v b="$best" -v m="$min_imp" 'BEGIN { exit !(v + 0 < b - m) }'; then status=keep
   else status=discard
   fi
-  if [ ${#runs[@]} -gt 1 ]; then
-    decision="mean of ${#runs[@]} ($(printf '%s, ' "${runs[@]}" | sed 's/, $//'); spread $(printf '%s\n' "${runs[@]}" |
-      awk 'NR == 1 || $1 < lo { lo = $1 } NR == 1 || $1 > hi { hi = $1 } END { printf "%.6f", hi - lo }'))"
+  if [ ${#runs[@]} -gt 1 ]; then decision=${mean#*$'\t'}
   elif [ "$decision" = - ] && [ "$mode" = experiment ]; then
     decision=single
     [ "$confirm" = 0 ] || [ "$noise_before" != - ] || [ "$status" != keep ] || decision="single (noise unknown)"
@@ -412,11 +399,13 @@ decide() {
 # The decision goes to the journal first, so that a run killed from here on is completed
 # by the next run.sh rather than recorded as a crash.
 record() {
+  local held
   put status "$status"
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
   if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
+    held=$(results mean "${held_runs[@]}") || exit 1
     put heldout "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$status" "$branch" "$profile" \
-      "$(mean "${held_runs[@]}")" \
+      "${held%%$'\t'*}" \
       "$(printf '%s,' "${held_runs[@]}" | sed 's/,$//')" "$root" "$(date '+%F %T')")"
   fi
   finish_pending                                 # revert if needed, append the row
@@ -432,8 +421,9 @@ report() {
   else
     printf '\n'; summary_block
   fi
-  local n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
-  read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c <<<"$(tsv_stats "$branch" "$t7" "$profile")"
+  local stats n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
+  stats=$(results stats results.tsv "$branch" "$t7" "$profile") || exit 1
+  IFS=$'\t' read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c _ <<<"$stats"
   if [ "$spread" = - ]; then noise="unknown: no reruns yet (./run.sh --rerun \"why\" measures it)"
   else noise="val_bpb spread $spread over $spread_n runs of $spread_c"
   fi
@@ -583,7 +573,6 @@ g() {
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
 clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
-mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.6f", s / NR }'; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
 put() { printf '%s' "$2" >"$state/pending/$1"; }
 get() { cat "$state/pending/$1" 2>/dev/null || true; }
@@ -612,34 +601,10 @@ visible() {
   printf '%s' "$d"
 }
 
-# One line from results.tsv for BRANCH, COMMIT7 and PROFILE (gpu or smoke):
-# best n_all n_keep n_discard n_crash n_rerun spread spread_n spread_commit
-# best: val_bpb of COMMIT7's keep row; spread: max-min of the measurements
-# (keep + rerun rows, and the runs behind a "mean of N (a, b; ...)" decision)
-# of the commit most recently rerun on this branch.
-tsv_stats() {
-  local f=results.tsv; [ -f "$f" ] || f=/dev/null
-  awk -F'\t' -v br="$1" -v head="$2" -v prof="$3" '
-    NR == 1 && $1 == "commit" { next }
-    $1 == head && $4 == "keep" && $7 == prof { best = $2 }
-    $6 != br { next }
-    { n++; c[$4]++ }
-    $7 == prof && ($4 == "keep" || $4 == "rerun") {
-      k = $1; nv = 1; vs[1] = $2
-      if ($8 ~ /^mean of [0-9]+ \(/) { s = $8; sub(/^[^(]*\(/, "", s); sub(/;.*$/, "", s); nv = split(s, vs, /, */) }
-      for (i = 1; i <= nv; i++) {
-        v = vs[i] + 0
-        if (!(k in lo) || v < lo[k]) lo[k] = v
-        if (!(k in hi) || v > hi[k]) hi[k] = v
-        m[k]++
-      }
-      if ($4 == "rerun") last = k
-    }
-    END {
-      printf "%s %d %d %d %d %d ", (best == "" ? "-" : best), n, c["keep"], c["discard"], c["crash"], c["rerun"]
-      if (last == "") print "- - -"; else printf "%.6f %d %s\n", hi[last] - lo[last], m[last], last
-    }' "$f"
-}
+# results.py ARGS: what run.sh reads back from results.tsv (stats: the best, the counts, the
+# rerun spread) and a confirmation's mean and decision, defined once for run.sh and analysis.py.
+# Standard library only, run as run.sh's other Python call: -I -S, no site.
+results() { "$py" -I -S "$root/results.py" "$@" || die 1 "results.py $1 failed"; }
 
 # The report's line on where the time outside the training budget went: CALLED, the training
 # process's launch and exit, the evaluator's start and end (run.sh's clock).
@@ -995,6 +960,19 @@ finish_pending() {
     cat "$tmp/row" >>results.tsv
   fi
   rm -rf -- "$state/pending"
+}
+
+# results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
+# were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
+# profile its baseline.
+upgrade_results_tsv() {
+  [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv || return 0
+  awk -F'\t' -v OFS='\t' '
+    NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
+    old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
+    $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
+    { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
+    results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
 }
 
 # An earlier run.sh died (killed, machine lost) before finishing: stop what it left

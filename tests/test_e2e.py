@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TAG = "e2e"
 BRANCH = f"autoresearch/{TAG}"
-NEEDED = ("run.sh", "train.py", "prepare.py", "analysis.py", "program.md", "scratchpad.md")
+NEEDED = ("run.sh", "results.py", "train.py", "prepare.py", "analysis.py", "program.md", "scratchpad.md")
 
 
 def git(repo, *args):

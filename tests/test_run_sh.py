@@ -1,7 +1,7 @@
 """run.sh, driven end to end in throw-away git repositories.
 
-Each test builds a small repository (main branch: run.sh from this checkout, a
-stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
+Each test builds a small repository (main branch: run.sh and results.py from this
+checkout, a stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
 train.py that prints the summary block in well under a second) and runs the real
 run.sh against it with real git and real processes.
 
@@ -158,6 +158,7 @@ class Repo:
     def init(self) -> "Repo":
         self.git("init", "-q", "-b", "main")
         shutil.copy(RUN_SH, self.path / "run.sh")
+        shutil.copy(RUN_SH.parent / "results.py", self.path / "results.py")  # how run.sh reads results.tsv
         files = {
             "prepare.py": PREPARE,
             "train.py": trainer("1.0"),
