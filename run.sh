@@ -33,7 +33,6 @@ main() {
   enter_checkout                                   # the lock, the run's tmp, the git identity
   if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
   if [ -d "$state/pending" ]; then recover || exit $?; fi
-  upgrade_results_tsv
 
   # Refusals (exit 3): up to "changes start here" everything only reads.
   choose_branch            # the branch to run on, and where it started
@@ -948,7 +947,10 @@ finish_pending() {
     put heldout_done 1
   fi
   if [ -n "$row" ]; then
-    [ -f "$state/pending/size" ] || put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
+    if [ ! -f "$state/pending/size" ]; then   # the first time here: the file as the row finds it
+      upgrade_results_tsv
+      put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
+    fi
     size=$(get size)
     # A row cut short by a kill is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
@@ -964,7 +966,8 @@ finish_pending() {
 
 # results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
 # were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
-# profile its baseline.
+# profile its baseline. Done just before a row is appended (finish_pending), so that a refusal
+# leaves the file as it was.
 upgrade_results_tsv() {
   [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv || return 0
   awk -F'\t' -v OFS='\t' '

@@ -1545,6 +1545,8 @@ def test_results_tsv_from_before_the_profile_column_is_upgraded(based: Repo):
            "aaaaaaa\t2.000000\t0.0\tkeep\t[smoke] baseline\tautoresearch/t1\n"
            f"{based.head()[:7]}\t1.000000\t2.0\tkeep\tbaseline\tautoresearch/t1\n")
     based.write("results.tsv", old)
+    _refuses(based, ["again"], expect="unchanged")  # read as it is ...
+    assert based.read("results.tsv") == old  # ... and left as it was: a refusal changes nothing
     based.write("train.py", trainer("0.99"))
     assert "status:       keep" in based.run("better").stdout
     assert based.table()["profile"].tolist() == ["smoke", "gpu", "gpu"]
