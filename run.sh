@@ -219,16 +219,18 @@ refuse_other_changes() {
 # (HEAD's kept val_bpb, empty without one) and noise_before (the rerun spread a confirmation
 # is judged by).
 refuse_nothing_to_run() {
-  local stats
+  local stats best_desc
   h7=${head:0:7}
   [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
   stats=$(results stats results.tsv "${branch:-$new_branch}" "$h7" "$profile") || exit 1
-  IFS=$'\t' read -r best _ _ _ _ _ noise_before _ <<<"$stats"
+  IFS=$'\t' read -r best _ _ _ _ _ noise_before _ _ best_desc <<<"$stats"
   [ "$best" != - ] || best=""
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
     [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
   elif [ "$baseline" = 0 ] && g diff --quiet HEAD -- train.py; then
+    # e.g. "baseline" run by the person, then by the agent: measured already, and said so
+    [ -z "$best" ] || die 3 "nothing to run: train.py is the kept commit $h7 (\"$best_desc\", val_bpb $best), already measured. Measure the same code again with ./run.sh --rerun \"why\", or change train.py first."
     die 3 "refused: train.py is unchanged since the last kept commit $h7; edit it first (or measure noise with --rerun)"
   fi
 }
