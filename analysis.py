@@ -15,6 +15,10 @@ columns only; files from before the profile column marked smoke rows with a
 
 decision (run.sh's AUTORESEARCH_CONFIRM policy) says what a keep or discard
 was based on: "single" run, "mean of 2 (a, b; spread s)", "baseline" or "-".
+A row is read, and the runs behind it (and the rerun spread) are found, by the
+functions below, which run.sh calls too (`--run-sh`, standard library only:
+run.sh runs them with python -I -S, no site-packages, so pandas and matplotlib
+are imported only where the report needs them).
 
 The held-out scores, which no decision uses, are in heldout.tsv in the git
 directory (.git/autoresearch/), where run.sh keeps them out of the agent's
@@ -33,18 +37,157 @@ import subprocess
 import sys
 from collections import defaultdict, deque
 
-import matplotlib
+TOP_N = 10
+NOISE_SIGMAS = 2  # "within the noise": a change below 2 standard deviations of a two-run difference
+WITHIN = NOISE_SIGMAS * math.sqrt(2)  # ... in units of one run's sigma (a difference of two runs: sigma x sqrt(2))
 
-matplotlib.use("Agg")  # no display on a GPU box
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+# ---------------------------------------------------------------- reading results.tsv
+# The one definition of a row, the runs behind it and the rerun spread: the report below and
+# run.sh (python -I -S analysis.py --run-sh ...) both use it. Standard library only.
 
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 SMOKE_PREFIX = "[smoke] "
-TOP_N = 10
-NOISE_SIGMAS = 2  # "within the noise": a change below 2 standard deviations of a two-run difference
-WITHIN = NOISE_SIGMAS * math.sqrt(2)  # ... in units of one run's sigma (a difference of two runs: sigma x sqrt(2))
+RUN_SH_COLUMNS = {"branch": 5, "profile": 6, "decision": 7}  # after the first five, where run.sh writes them
+
+
+def parse_row(fields, columns):
+    """One row, split at its tabs, as a dict; columns maps the names of the columns after the
+    fifth to their places (from the header). Raises ValueError saying what is wrong."""
+    if len(fields) < 5:
+        line = "\t".join(fields)
+        raise ValueError(f"expected at least 5 tab-separated columns, got {len(fields)}: {line!r}")
+    commit, val_bpb, memory_gb, status, description = fields[:5]
+    try:
+        val_bpb = float(val_bpb)
+    except ValueError:
+        raise ValueError(f"val_bpb {val_bpb!r} is not a number") from None
+    try:
+        memory_gb = float(memory_gb)
+    except ValueError:
+        raise ValueError(f"memory_gb {memory_gb!r} is not a number") from None
+    status = status.strip().lower()
+    if status not in STATUSES:
+        raise ValueError(f"status {fields[3]!r} is not one of {', '.join(STATUSES)}")
+    if len(description) >= 2 and description[0] == description[-1] == '"':
+        description = description[1:-1].replace('""', '"')
+    extra = {name: fields[i].strip() if i < len(fields) else "" for name, i in columns.items()}
+    if extra.get("profile"):
+        smoke = extra["profile"] == "smoke"
+    else:
+        smoke = description.startswith(SMOKE_PREFIX)
+        if smoke:
+            description = description[len(SMOKE_PREFIX):]
+    return {
+        "commit": commit.strip(),
+        "val_bpb": val_bpb,
+        "memory_gb": memory_gb,
+        "status": status,
+        "description": description.strip(),
+        "smoke": smoke,
+        "branch": extra.get("branch", ""),
+        "profile": extra.get("profile") or ("smoke" if smoke else "gpu"),
+        "decision": extra.get("decision", ""),
+    }
+
+
+def read(path):
+    """The rows of the file at path that parse, in file order; none without a file. A malformed
+    row is left out (analysis.py names it): run.sh must not stop on it."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    columns, rows = RUN_SH_COLUMNS, []
+    for i, line in enumerate(lines):
+        fields = line.split("\t")
+        if i == 0 and fields[:5] == HEADER:
+            columns = {name: j for j, name in enumerate(fields) if j >= 5}
+            continue
+        try:
+            rows.append(parse_row(fields, columns))
+        except ValueError:
+            pass
+    return rows
+
+
+# ------------------------------------------------------------ measurements and the spread
+
+def runs_of(decision, value):
+    """The single measurements behind a row: its value, or the runs of a "mean of N (a, b; ...)"."""
+    m = re.match(r"mean of \d+ \(([^;)]*)", decision or "")
+    if m:
+        try:
+            return [float(v) for v in m.group(1).split(",")]
+        except ValueError:
+            pass
+    return [value]
+
+
+def is_measured(row):
+    """Whether a row measured its commit: a keep, a rerun, or the runs of a confirmation."""
+    return row["status"] in ("keep", "rerun") or row["decision"].startswith("mean of")
+
+
+def spread(values):
+    """The rerun spread: max - min of the measurements of one commit."""
+    return max(values) - min(values)
+
+
+def mean_of(values):
+    """The mean of a confirmation's runs, and the decision it is recorded with."""
+    runs = ", ".join(f"{v:.6f}" for v in values)
+    return sum(values) / len(values), f"mean of {len(values)} ({runs}; spread {spread(values):.6f})"
+
+
+def stats(rows, branch, commit, profile):
+    """What run.sh reads back, for BRANCH, its HEAD COMMIT (7 characters) and PROFILE: the best
+    (COMMIT's keep row in PROFILE, the last if several) and its description; the number of
+    BRANCH's rows, in all and by status; the rerun spread of the commit most recently rerun on
+    BRANCH in PROFILE (all its measurements: the kept run, the reruns, a confirmation's runs),
+    with their number and that commit."""
+    best, n, counts, measured, last = None, 0, dict.fromkeys(STATUSES, 0), {}, None
+    for row in rows:
+        if row["commit"] == commit and row["status"] == "keep" and row["profile"] == profile:
+            best = row
+        if row["branch"] != branch:
+            continue
+        n += 1
+        counts[row["status"]] += 1
+        if row["profile"] == profile and is_measured(row):
+            measured.setdefault(row["commit"], []).extend(runs_of(row["decision"], row["val_bpb"]))
+            if row["status"] == "rerun":
+                last = row["commit"]
+    return {
+        "best": best["val_bpb"] if best else None,
+        "best_description": best["description"] if best else "",
+        "n": n,
+        "counts": counts,
+        "spread": spread(measured[last]) if last else None,
+        "spread_runs": len(measured[last]) if last else 0,
+        "spread_commit": last,
+    }
+
+
+def run_sh(args):
+    """run.sh's calls (python -I -S analysis.py --run-sh ...): standard library only."""
+    if args[:1] == ["stats"] and len(args) == 5:
+        s = stats(read(args[1]), *args[2:])
+        print("\t".join([
+            "-" if s["best"] is None else f"{s['best']:.6f}",
+            str(s["n"]), *(str(s["counts"][k]) for k in STATUSES),
+            *(["-", "-", "-"] if s["spread_commit"] is None else
+              [f"{s['spread']:.6f}", str(s["spread_runs"]), s["spread_commit"]]),
+            s["best_description"]]))
+    elif args[:1] == ["mean"] and len(args) > 1:
+        mean, decision = mean_of([float(v) for v in args[1:]])
+        print(f"{mean:.6f}\t{decision}")
+    else:
+        sys.exit("analysis.py --run-sh: stats FILE BRANCH COMMIT PROFILE | mean VALUE...")
+
+
+# ---------------------------------------------------------------- the morning report
+
 
 
 def fail(message):
@@ -72,47 +215,14 @@ def read_results(path):
             header_seen = True
             columns = {name: i for i, name in enumerate(fields) if i >= 5}
             continue
-        if len(fields) < 5:
-            fail(f"{path} line {lineno}: expected at least 5 tab-separated "
-                 f"columns, got {len(fields)}: {line!r}")
-        commit, val_bpb, memory_gb, status, description = fields[:5]
         try:
-            val_bpb = float(val_bpb)
-        except ValueError:
-            fail(f"{path} line {lineno}: val_bpb {val_bpb!r} is not a number")
-        try:
-            memory_gb = float(memory_gb)
-        except ValueError:
-            fail(f"{path} line {lineno}: memory_gb {memory_gb!r} is not a number")
-        status = status.strip().lower()
-        if status not in STATUSES:
-            fail(f"{path} line {lineno}: status {fields[3]!r} is not one of "
-                 f"{', '.join(STATUSES)}")
-        # run.sh quotes a description holding a double quote, CSV-style.
-        if len(description) >= 2 and description[0] == description[-1] == '"':
-            description = description[1:-1].replace('""', '"')
-        extra = {name: fields[i].strip() if i < len(fields) else "" for name, i in columns.items()}
-        if extra.get("profile"):
-            smoke = extra["profile"] == "smoke"
-        else:
-            smoke = description.startswith(SMOKE_PREFIX)
-            if smoke:
-                description = description[len(SMOKE_PREFIX):]
-        rows.append({
-            "n": len(rows) + 1,  # experiment number, in file order
-            "line": lineno,
-            "commit": commit.strip(),
-            "val_bpb": val_bpb,
-            "memory_gb": memory_gb,
-            "status": status,
-            "description": description.strip(),
-            "smoke": smoke,
-            "branch": extra.get("branch", ""),
-            "profile": extra.get("profile") or ("smoke" if smoke else "gpu"),
-            "decision": extra.get("decision", ""),
-        })
+            row = parse_row(fields, columns)
+        except ValueError as e:
+            fail(f"{path} line {lineno}: {e}")
+        rows.append({"n": len(rows) + 1, "line": lineno, **row})  # n: experiment number, in file order
     names = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
              "description", "smoke", "branch", "profile", "decision"]
+    import pandas as pd
     return pd.DataFrame(rows, columns=names)
 
 
@@ -127,17 +237,6 @@ def heldout_file(results_path):
     except (OSError, subprocess.SubprocessError):
         common = ""
     return os.path.join(common or os.path.join(where, ".git"), "autoresearch", "heldout.tsv")
-
-
-def runs_of(decision, value):
-    """The single measurements behind a row: its value, or the runs of a "mean of N (a, b; ...)"."""
-    m = re.match(r"mean of \d+ \(([^;)]*)", decision or "")
-    if m:
-        try:
-            return [float(v) for v in m.group(1).split(",")]
-        except ValueError:
-            pass
-    return [value]
 
 
 def attach_heldout(df, path):
@@ -184,8 +283,7 @@ def measured_noise(df):
     """(val sigma, held-out sigma, runs, commits): from commits measured more than once (a kept run
     and its reruns, and the two runs behind a confirmation, kept or not)."""
     val, held = defaultdict(list), defaultdict(list)
-    measured = df["status"].isin(["keep", "rerun"]) | df["decision"].str.startswith("mean of")
-    for _, row in df[measured].iterrows():
+    for _, row in df[df.apply(is_measured, axis=1)].iterrows():
         key = (row["commit"], row["branch"])
         val[key] += runs_of(row["decision"], row["val_bpb"])
         held[key] += row["heldout_runs"] if "heldout_runs" in row else []
@@ -363,6 +461,9 @@ def report(df, path, heldout_path=None):
 
 
 def plot(df, out_path, title_prefix, sigma=None):
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a GPU box
+    import matplotlib.pyplot as plt
     keeps = df[df["status"] == "keep"]
     chain = keeps[keeps["heldout_bpb"].notna()] if "heldout_bpb" in keeps else keeps.iloc[:0]
     if len(chain):  # a second panel: the kept chain's val_bpb and held-out bpb, as change since the baseline
@@ -447,6 +548,7 @@ def plot(df, out_path, title_prefix, sigma=None):
 def plot_heldout(ax, keeps, sigma, right):
     """The kept chain: val_bpb and held-out bpb as their change since the baseline, with the noise;
     each line holds its last keep's value up to the right edge (right)."""
+    import pandas as pd
     base = keeps.iloc[0]
     keeps = pd.concat([keeps, keeps.iloc[-1:].assign(n=right)])
     ax.axhline(0, color="#888888", linewidth=0.8)
@@ -489,4 +591,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run-sh"]:
+        run_sh(sys.argv[2:])
+    else:
+        main()

@@ -21,22 +21,63 @@
 #           130 interrupted by a signal (recorded as a crash)
 #           --doctor: 0 every required item passed, 1 one failed (each says what to do)
 #
-# The whole script is one function, so that bash has read all of it before git
-# starts changing files (run.sh itself included) under it.
+# The script is functions, called by its last line, so that bash has read all of it
+# before git starts changing files (run.sh itself included) under it. main is the
+# table of contents: one function per phase, in the order they run.
 
 main() {
   set -uo pipefail
-  local t_called=$EPOCHREALTIME
+  t_called=$EPOCHREALTIME
+  parse_arguments "$@"
+  read_settings
+  enter_checkout                                   # the lock, the run's tmp, the git identity
+  if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
+  if [ -d "$state/pending" ]; then recover || exit $?; fi
+
+  # Refusals (exit 3): up to "changes start here" everything only reads.
+  choose_branch            # the branch to run on, and where it started
+  refuse_other_changes     # only train.py and scratchpad.md may differ
+  resolve_python           # py, which also runs analysis.py --run-sh (it reads results.tsv)
+  refuse_nothing_to_run    # the best so far; --rerun needs one, an experiment needs a change
+  refuse_unready_machine   # sandbox, GPU lock, prepared data
+
+  # Changes start here.
+  start_branch             # autoresearch/<tag>, when started from main
+  commit_experiment        # the journal, then train.py's commit
+  train_and_verify         # one run, or two for a confirmation; each scored by the evaluator
+  decide                   # keep, discard, crash or rerun
+  record                   # revert if needed, append the row; a keep's compile outputs join the cache
+  report
+  return 0
+}
+
+# ------------------------------------------------------------ the run's state
+# Globals shared by the phases: each is set by the phase named beside it and read by
+# the later ones and by the helpers below (which set their own: py, box_*, guarded ...).
+t_called=""                                           # main: when run.sh started
+rerun=0 doctor=0 tag="" tag_given=0 desc=""           # parse_arguments
+limit="" min_imp=0 confirm=0 smoke=0 profile=gpu      # read_settings ...
+prep_cmd="" cache="" want_box=auto envs=()            # ... (envs: the environment training sees)
+root="" git_dir="" common="" state="" tmp="" run_id=""  # enter_checkout
+branch="" head="" base="" new_branch=""               # choose_branch
+h7="" baseline=0 best="" noise_before=-               # refuse_nothing_to_run
+budget=""                                             # refuse_unready_machine (and limit)
+mode="" msg="" row_desc="" tried="" t7=""             # commit_experiment
+t_run="" t_exit="" t_iter="" t_ev0="" t_ev1=""        # train_and_verify: run.sh's clock ...
+rc=0 verdict=0 secs=0 wall=0 touched="" reason=""     # ... the last run's outcome ...
+val="" mem="" heldout="" runs=() held_runs=() peak=0  # ... and the measurements
+status="" decision=-                                  # decide
+
+# ---------------------------------------------------------------- arguments
+parse_arguments() {
   local usage='usage: ./run.sh [--tag TAG] "description of the change"
        ./run.sh [--tag TAG] --rerun "why the best is measured again"
        ./run.sh --doctor'
-
-  # ---------------------------------------------------------------- arguments
-  local rerun=0 doctor=0 tag=${AUTORESEARCH_TAG:-} tag_given=0
+  tag=${AUTORESEARCH_TAG:-}
   [ -n "$tag" ] && tag_given=1
   while [ $# -gt 0 ]; do
     case $1 in
-      -h|--help) printf '%s\nSee README.md, section "One experiment (run.sh)".\n' "$usage"; return 0 ;;
+      -h|--help) printf '%s\nSee README.md, section "One experiment (run.sh)".\n' "$usage"; exit 0 ;;
       --rerun) rerun=1 ;;
       --doctor) doctor=1 ;;
       --tag) [ $# -ge 2 ] || die 2 "--tag needs a value" "$usage"; tag=$2; tag_given=1; shift ;;
@@ -47,7 +88,7 @@ main() {
     esac
     shift
   done
-  local desc="$*"
+  desc="$*"
   if [ "$doctor" = 1 ]; then
     if [ -n "$desc" ] || [ "$rerun" = 1 ]; then die 2 "--doctor takes no description and no --rerun" "$usage"; fi
   else [ -n "${desc//[[:space:]]/}" ] || die 2 "a description is required" "$usage"
@@ -55,20 +96,22 @@ main() {
   if [ -n "$tag" ] && ! [[ $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die 2 "bad tag '$tag': use letters, digits, '.', '_' and '-'"
   fi
+}
 
-  # ------------------------------------------------------------ configuration
-  local limit=${AUTORESEARCH_TIMEOUT:-} min_imp=${AUTORESEARCH_MIN_IMPROVEMENT:-0}
+# ------------------------------------------------------------ configuration
+read_settings() {
+  limit=${AUTORESEARCH_TIMEOUT:-} min_imp=${AUTORESEARCH_MIN_IMPROVEMENT:-0}
   if [ -n "$limit" ] && { ! is_number "$limit" || ! awk -v t="$limit" 'BEGIN { exit !(t > 0) }'; }; then
     die 2 "AUTORESEARCH_TIMEOUT must be a positive number of seconds, not '$limit'"
   fi
   is_number "$min_imp" || die 2 "AUTORESEARCH_MIN_IMPROVEMENT must be a number >= 0, not '$min_imp'"
-  local confirm=${AUTORESEARCH_CONFIRM:-0}
+  confirm=${AUTORESEARCH_CONFIRM:-0}
   case $confirm in 0|1) ;; *) die 2 "AUTORESEARCH_CONFIRM must be 0 or 1, not '$confirm'" ;; esac
-  local smoke=0 profile=gpu prep_cmd="uv run prepare.py"
+  prep_cmd="uv run prepare.py"
   case ${AUTORESEARCH_SMOKE:-} in ""|0) ;; *) smoke=1; profile=smoke; prep_cmd="AUTORESEARCH_SMOKE=1 uv run prepare.py" ;; esac
-  local cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
+  cache=${AUTORESEARCH_CACHE:-${HOME:-/nonexistent}/.cache/autoresearch}
   case $cache in /*) ;; *) cache=$PWD/$cache ;; esac
-  local want_box=${AUTORESEARCH_SANDBOX:-auto}
+  want_box=${AUTORESEARCH_SANDBOX:-auto}
   case $want_box in auto|bwrap|none) ;; *) die 2 "AUTORESEARCH_SANDBOX must be auto (bubblewrap) or none" ;; esac
 
   # The environment training sees: an allow-list of exact names (and of LC_*, and the
@@ -77,7 +120,7 @@ main() {
   # The compilers' settings cross because a box that compiles differently from the host
   # (another gcc, no Python.h, another ptxas) fails only in the box; their cache
   # directories do not: train.py and prepare.py place the caches where the box keeps them.
-  local name envs=()
+  local name
   while IFS= read -r name; do
     case $name in
       *KEY*|*TOK*|*SECRET*|*PASS*|*CRED*|*COOKIE*|*AUTH*|*SESSION*) continue ;;
@@ -93,10 +136,11 @@ main() {
     envs+=("$name=${!name}")
   done < <(compgen -e)
   export LC_ALL=C   # numbers with a '.', plain English from git
+}
 
-  # ------------------------------------------------------------ the checkout
+# ------------------------------------------------------------ the checkout
+enter_checkout() {
   cd -- "$(dirname -- "${BASH_SOURCE[0]}")" || die 1 "cannot cd to the script's directory"
-  local root git_dir common
   root=$(g rev-parse --show-toplevel 2>/dev/null) || die 3 "refused: $(pwd) is not a git checkout"
   [ "$(pwd -P)" = "$(cd "$root" && pwd -P)" ] || die 3 "refused: run.sh must sit at the top of the checkout"
   root=$(pwd -P)
@@ -130,25 +174,12 @@ main() {
   fi
   export GIT_AUTHOR_NAME="${gname:-${gemail%@*}}" GIT_AUTHOR_EMAIL="$gemail"
   export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$gemail}"
-  if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
+}
 
-  # --------------------------------------- recover a run that was interrupted
-  if [ -d "$state/pending" ]; then recover || exit $?; fi
-  # results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
-  # were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
-  # profile its baseline.
-  if [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv; then
-    awk -F'\t' -v OFS='\t' '
-      NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
-      old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
-      $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
-      { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
-      results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
-  fi
-
-  # ----------------------------------------------------------------- refusals
-  # Everything up to "changes start here" only reads.
-  local branch head base new_branch=""
+# ----------------------------------------------------------------- refusals
+# Sets branch, head and base (where the branch started); new_branch when run from main,
+# master or a detached HEAD, where the run starts autoresearch/<tag>.
+choose_branch() {
   branch=$(g symbolic-ref -q --short HEAD) || branch=""
   head=$(g rev-parse -q --verify HEAD) || die 3 "refused: the repository has no commit yet"
   case $branch in
@@ -171,6 +202,9 @@ main() {
       base=$head ;;
     *) die 3 "refused: on branch $branch; run.sh works from main/master (it starts autoresearch/<tag>) or on an autoresearch/* branch" ;;
   esac
+}
+
+refuse_other_changes() {
   local touched_files
   touched_files=$(g diff --no-ext-diff --name-only HEAD -- . ':!train.py' ':!scratchpad.md')
   [ -z "$touched_files" ] || die 3 "refused: only train.py and scratchpad.md may change; these are modified:" "$touched_files" \
@@ -179,35 +213,45 @@ main() {
   [ -z "$touched_files" ] || die 3 "refused: the branch has commits changing files other than train.py since it started at ${base:0:7}:" "$touched_files"
   g ls-files --error-unmatch train.py >/dev/null 2>&1 || die 3 "refused: train.py is not tracked by git"
   [ -f train.py ] || die 3 "refused: train.py is missing"
+}
 
-  local h7=${head:0:7} baseline=0 best="" stats noise_before
+# Sets h7 (HEAD, the last kept commit), baseline (1: this run is the branch's first), best
+# (HEAD's kept val_bpb, empty without one) and noise_before (the rerun spread a confirmation
+# is judged by).
+refuse_nothing_to_run() {
+  local stats best_desc
+  h7=${head:0:7}
   [ -z "$new_branch" ] && [ "$head" != "$base" ] || baseline=1
-  stats=$(tsv_stats "${branch:-$new_branch}" "$h7" "$profile")
-  best=${stats%% *}; [ "$best" != - ] || best=""
-  read -r _ _ _ _ _ _ noise_before _ <<<"$stats"   # the rerun spread a confirmation is judged by
+  stats=$(results stats results.tsv "${branch:-$new_branch}" "$h7" "$profile") || exit 1
+  IFS=$'\t' read -r best _ _ _ _ _ noise_before _ _ best_desc <<<"$stats"
+  [ "$best" != - ] || best=""
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
     [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
   elif [ "$baseline" = 0 ] && g diff --quiet HEAD -- train.py; then
+    # e.g. "baseline" run by the person, then by the agent: measured already, and said so
+    [ -z "$best" ] || die 3 "nothing to run: train.py is the kept commit $h7 (\"$best_desc\", val_bpb $best), already measured. Measure the same code again with ./run.sh --rerun \"why\", or change train.py first."
     die 3 "refused: train.py is unchanged since the last kept commit $h7; edit it first (or measure noise with --rerun)"
   fi
+}
 
-  resolve_python
+# Sets budget, and limit unless AUTORESEARCH_TIMEOUT set it.
+refuse_unready_machine() {
   choose_sandbox
   take_gpu_locks || exit $?
-
   if ! run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
     die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
       "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
   fi
   # The hard limit is prepare.py's: its start-up allowance, then the budget and its slack.
-  local budget
   budget=$(awk -F': *' '$1 == "time_budget" { print $2 }' "$tmp/check.out")
   is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
   [ -n "$limit" ] || limit=$(awk -F': *' '$1 == "training_limit" { print $2 }' "$tmp/check.out")
   is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
+}
 
-  # ------------------------------------------------------ changes start here
+# ------------------------------------------------------ changes start here
+start_branch() {
   if [ -n "$new_branch" ]; then
     g switch -q -c "$new_branch" || die 1 "could not create branch $new_branch"
     g update-ref "refs/autoresearch/base/${new_branch#autoresearch/}" "$head"
@@ -216,8 +260,11 @@ main() {
   elif ! g rev-parse -q --verify "refs/autoresearch/base/${branch#autoresearch/}" >/dev/null; then
     g update-ref "refs/autoresearch/base/${branch#autoresearch/}" "$base"
   fi
+}
 
-  local mode=experiment row_desc msg
+# Sets mode (experiment, baseline or rerun), msg, row_desc, tried (the commit trained) and t7.
+commit_experiment() {
+  mode=experiment
   [ "$rerun" = 1 ] && mode=rerun
   [ "$baseline" = 1 ] && [ "$rerun" = 0 ] && mode=baseline
   msg=$(visible "$desc")
@@ -227,7 +274,7 @@ main() {
   put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put desc "$desc"; put profile "$profile"
   put runid "$run_id"
 
-  local tried=$head
+  tried=$head
   if [ "$rerun" = 0 ]; then
     if g diff --quiet HEAD -- train.py; then   # the baseline may leave train.py as it is
       printf '%s\n' "$msg" | g commit -q --no-verify --allow-empty --only --cleanup=whitespace -F - ||
@@ -240,63 +287,24 @@ main() {
     put tried "$tried"
     g update-ref "refs/autoresearch/tried/$tried" "$tried"   # so that gc never takes it
   fi
-  local t7=${tried:0:7}
+  t7=${tried:0:7}
+}
 
-  # ------------------------------------------------------------------ train
+# ------------------------------------------------------------------ train
+# One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log
+# appended). Sets runs, held_runs and peak (the measurements), or reason (why it crashed);
+# secs: the training processes' wall time, both runs of a confirmation.
+train_and_verify() {
   snapshot
   local where="GPU ${CUDA_VISIBLE_DEVICES-(all visible)}"
   [ "$smoke" = 1 ] && where="the smoke profile"
   say "sandbox: $box_on"
   say "training $t7 ($mode) on $where, limit ${limit}s, output in run.log"
-  local t_run t_exit="" t_iter t_ev0 t_ev1 rc secs touched verdict val mem reason heldout runs=() held_runs=() peak=0 wall=0
   rm -f run.log   # a fresh file, never through a link left in its place
   : >run.log
-  # One run, or two when AUTORESEARCH_CONFIRM=1 asks for a confirmation (same commit, run.log appended).
   while :; do
-    t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}   # t_iter: where the report's "outside:" line starts
-    # Training batches come from the batch server, a process of prepare.py's in a sandbox of its
-    # own, over a pipe (fds 4 and 5); its clock of what it served bounds the budget. fd 3: the run
-    # record, where evaluate_bpb notes its hand-over (train.py's process: it describes, it does not
-    # decide). The model is handed over in $tmp/handover, the one place training may write.
-    : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
-    rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
-    run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
-    local srv_pid=$!
-    # (each side opens the requests pipe first: neither waits for the other for ever)
-    run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
-      "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" 5>"$tmp/requests" 4<"$tmp/batches" || rc=$?
-    t_exit=$EPOCHREALTIME
-    wait "$srv_pid"   # training's exit closed the requests: the server reports what it served and exits
-    grep -v '^served: ' "$tmp/served" >>run.log   # the server's own complaints, if any
-    secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
-    wall=$(awk -v w="$wall" -v s="$secs" 'BEGIN { printf "%.1f", w + s }')
-
-    # ---------------------------------------------- what did training touch?
-    touched=$(check_untouched "$branch" "$tried")
-
-    # ---------------------------------------------------------- the result
-    # The evaluator, a new process that runs no code of train.py's, bounds the training time by
-    # run.sh's clock, then scores the handed-over model on data training never saw.
-    verdict=0 reason=""
-    if [ "$rc" -eq 0 ]; then
-      t_ev0=$EPOCHREALTIME
-      run_boxed 600 eval "$py" -I prepare.py --evaluate "$tmp/handover" --launched "$t_run" --exited "$t_exit" \
-        --served "$tmp/served" <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
-      t_ev1=$EPOCHREALTIME
-    else
-      : >"$tmp/verify.out"
-    fi
-    val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
-    heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
-    if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
-      reason="timed out after ${limit}s: the start-up allowance, the budget and its slack (process group killed)"
-    elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
-    elif [ "$verdict" -ne 0 ]; then
-      reason=$(record_value reason)
-      reason=${reason:-"the evaluator failed: $(tail -n 1 "$tmp/verify.out")"}
-    elif ! is_number "$val"; then reason="the evaluator gave no val_bpb"
-    fi
-    [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
+    train_once
+    verify_run
     if [ -n "$reason" ]; then
       [ ${#runs[@]} = 0 ] || reason="the confirmation run crashed: $reason"
       break
@@ -304,48 +312,109 @@ main() {
     runs+=("$(printf '%.6f' "$val")")
     is_number "$heldout" && held_runs+=("$(printf '%.6f' "$heldout")")
     is_number "$mem" && peak=$(awk -v a="$peak" -v b="$mem" 'BEGIN { print (b > a ? b : a) }')
-    # AUTORESEARCH_CONFIRM=1: a gain within the rerun spread is measured once more before keeping
-    if [ "$confirm" = 1 ] && [ ${#runs[@]} = 1 ] && [ "$mode" = experiment ] && [ -n "$best" ] &&
-       [ "$noise_before" != - ] && awk -v v="$val" -v b="$best" -v m="$min_imp" -v s="$noise_before" \
-         'BEGIN { exit !(v + 0 < b - m && b - v <= s + 0) }'; then
-      say "confirm: $(awk -v v="$val" -v b="$best" 'BEGIN { printf "%.6f", b - v }') below the best is within the rerun spread $noise_before; training $t7 again (AUTORESEARCH_CONFIRM=1), deciding on the mean"
-      printf '\n==== run.sh: confirmation run 2 of 2 (AUTORESEARCH_CONFIRM=1) ====\n' >>run.log
-      continue
-    fi
-    break
+    confirmation_due || break
+    say "confirm: $(awk -v v="$val" -v b="$best" 'BEGIN { printf "%.6f", b - v }') below the best is within the rerun spread $noise_before; training $t7 again (AUTORESEARCH_CONFIRM=1), deciding on the mean"
+    printf '\n==== run.sh: confirmation run 2 of 2 (AUTORESEARCH_CONFIRM=1) ====\n' >>run.log
   done
-  secs=$wall   # the report's seconds: the training processes' wall time, both runs of a confirmation
+  secs=$wall
+}
 
-  # ------------------------------------------------------------ the decision
-  local status decision=-
-  if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0
+# One training run. Training batches come from the batch server, a process of prepare.py's in
+# a sandbox of its own, over a pipe (fds 4 and 5); its clock of what it served bounds the
+# budget. fd 3: the run record, where evaluate_bpb notes its hand-over (train.py's process: it
+# describes, it does not decide). The model is handed over in $tmp/handover, the one place
+# training may write. Sets t_run, t_exit, t_iter (where the report's "outside:" line starts),
+# rc, wall and touched (what training changed in the repository, put back).
+train_once() {
+  t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}
+  : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
+  rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
+  run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
+  local srv_pid=$!
+  # (each side opens the requests pipe first: neither waits for the other for ever)
+  run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
+    "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" 5>"$tmp/requests" 4<"$tmp/batches" || rc=$?
+  t_exit=$EPOCHREALTIME
+  wait "$srv_pid"   # training's exit closed the requests: the server reports what it served and exits
+  grep -v '^served: ' "$tmp/served" >>run.log   # the server's own complaints, if any
+  secs=$(awk -v a="$t_run" -v b="$t_exit" 'BEGIN { printf "%.1f", b - a }')
+  wall=$(awk -v w="$wall" -v s="$secs" 'BEGIN { printf "%.1f", w + s }')
+  touched=$(check_untouched "$branch" "$tried")
+}
+
+# The evaluator, a new process that runs no code of train.py's, bounds the training time by
+# run.sh's clock, then scores the handed-over model on data training never saw. Sets verdict,
+# val, mem, heldout, t_ev0 and t_ev1, and reason when the run crashed.
+verify_run() {
+  verdict=0 reason=""
+  if [ "$rc" -eq 0 ]; then
+    t_ev0=$EPOCHREALTIME
+    run_boxed 600 eval "$py" -I prepare.py --evaluate "$tmp/handover" --launched "$t_run" --exited "$t_exit" \
+      --served "$tmp/served" <"$tmp/record" >"$tmp/verify.out" 2>&1 || verdict=$?
+    t_ev1=$EPOCHREALTIME
   else
-    val=$(mean "${runs[@]}")
-    mem=$(awk -v m="$peak" 'BEGIN { printf "%.1f", m / 1024 }')
-    if [ "$mode" = rerun ]; then status=rerun
-    elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep; decision=baseline
-    elif awk -v v="$val" -v b="$best" -v m="$min_imp" 'BEGIN { exit !(v + 0 < b - m) }'; then status=keep
-    else status=discard
-    fi
-    if [ ${#runs[@]} -gt 1 ]; then
-      decision="mean of ${#runs[@]} ($(printf '%s, ' "${runs[@]}" | sed 's/, $//'); spread $(printf '%s\n' "${runs[@]}" |
-        awk 'NR == 1 || $1 < lo { lo = $1 } NR == 1 || $1 > hi { hi = $1 } END { printf "%.6f", hi - lo }'))"
-    elif [ "$decision" = - ] && [ "$mode" = experiment ]; then
-      decision=single
-      [ "$confirm" = 0 ] || [ "$noise_before" != - ] || [ "$status" != keep ] || decision="single (noise unknown)"
-    fi
+    : >"$tmp/verify.out"
   fi
+  val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
+  heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
+  if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
+    reason="timed out after ${limit}s: the start-up allowance, the budget and its slack (process group killed)"
+  elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
+  elif [ "$verdict" -ne 0 ]; then
+    reason=$(record_value reason)
+    reason=${reason:-"the evaluator failed: $(tail -n 1 "$tmp/verify.out")"}
+  elif ! is_number "$val"; then reason="the evaluator gave no val_bpb"
+  fi
+  [ -z "$touched" ] || reason="${reason:+$reason; }training touched: $touched (put back)"
+}
+
+# AUTORESEARCH_CONFIRM=1: a first run whose gain is within the rerun spread is measured once
+# more before keeping.
+confirmation_due() {
+  [ "$confirm" = 1 ] && [ ${#runs[@]} = 1 ] && [ "$mode" = experiment ] && [ -n "$best" ] &&
+    [ "$noise_before" != - ] && awk -v v="$val" -v b="$best" -v m="$min_imp" -v s="$noise_before" \
+      'BEGIN { exit !(v + 0 < b - m && b - v <= s + 0) }'
+}
+
+# ------------------------------------------------------------ the decision
+# Sets status and decision (what it was based on), and val and mem: the mean of the runs and
+# the larger peak, or zeros for a crash.
+decide() {
+  if [ -n "$reason" ]; then status=crash; val=0.000000; mem=0.0; return; fi
+  local mean
+  mean=$(results mean "${runs[@]}") || exit 1   # the mean, a tab, and "mean of N (a, b; spread s)"
+  val=${mean%%$'\t'*}
+  mem=$(awk -v m="$peak" 'BEGIN { printf "%.1f", m / 1024 }')
+  if [ "$mode" = rerun ]; then status=rerun
+  elif [ "$mode" = baseline ] || [ -z "$best" ]; then status=keep; decision=baseline
+  elif awk -v v="$val" -v b="$best" -v m="$min_imp" 'BEGIN { exit !(v + 0 < b - m) }'; then status=keep
+  else status=discard
+  fi
+  if [ ${#runs[@]} -gt 1 ]; then decision=${mean#*$'\t'}
+  elif [ "$decision" = - ] && [ "$mode" = experiment ]; then
+    decision=single
+    [ "$confirm" = 0 ] || [ "$noise_before" != - ] || [ "$status" != keep ] || decision="single (noise unknown)"
+  fi
+}
+
+# The decision goes to the journal first, so that a run killed from here on is completed
+# by the next run.sh rather than recorded as a crash.
+record() {
+  local held
   put status "$status"
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
   if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
+    held=$(results mean "${held_runs[@]}") || exit 1
     put heldout "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$status" "$branch" "$profile" \
-      "$(mean "${held_runs[@]}")" \
+      "${held%%$'\t'*}" \
       "$(printf '%s,' "${held_runs[@]}" | sed 's/,$//')" "$root" "$(date '+%F %T')")"
   fi
   finish_pending                                 # revert if needed, append the row
   [ "$status" != keep ] || promote_compile_cache
+}
 
-  # ----------------------------------------------------------------- report
+# ----------------------------------------------------------------- report
+report() {
   if [ "$status" = crash ]; then
     printf '\n---- last 50 lines of run.log ----\n'
     tail -n 50 run.log
@@ -353,8 +422,9 @@ main() {
   else
     printf '\n'; summary_block
   fi
-  local n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
-  read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c <<<"$(tsv_stats "$branch" "$t7" "$profile")"
+  local stats n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
+  stats=$(results stats results.tsv "$branch" "$t7" "$profile") || exit 1
+  IFS=$'\t' read -r _ n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c _ <<<"$stats"
   if [ "$spread" = - ]; then noise="unknown: no reruns yet (./run.sh --rerun \"why\" measures it)"
   else noise="val_bpb spread $spread over $spread_n runs of $spread_c"
   fi
@@ -394,7 +464,6 @@ main() {
   printf 'seconds:      %s\n' "$secs"
   [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit" "$t_ev0" "$t_ev1"   # the last run (of two, when confirmed)
   printf 'log:          run.log (all results: results.tsv)\n'
-  return 0
 }
 
 # ---------------------------------------------------------------- the doctor
@@ -505,7 +574,6 @@ g() {
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
 clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
-mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.6f", s / NR }'; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
 put() { printf '%s' "$2" >"$state/pending/$1"; }
 get() { cat "$state/pending/$1" 2>/dev/null || true; }
@@ -534,34 +602,11 @@ visible() {
   printf '%s' "$d"
 }
 
-# One line from results.tsv for BRANCH, COMMIT7 and PROFILE (gpu or smoke):
-# best n_all n_keep n_discard n_crash n_rerun spread spread_n spread_commit
-# best: val_bpb of COMMIT7's keep row; spread: max-min of the measurements
-# (keep + rerun rows, and the runs behind a "mean of N (a, b; ...)" decision)
-# of the commit most recently rerun on this branch.
-tsv_stats() {
-  local f=results.tsv; [ -f "$f" ] || f=/dev/null
-  awk -F'\t' -v br="$1" -v head="$2" -v prof="$3" '
-    NR == 1 && $1 == "commit" { next }
-    $1 == head && $4 == "keep" && $7 == prof { best = $2 }
-    $6 != br { next }
-    { n++; c[$4]++ }
-    $7 == prof && ($4 == "keep" || $4 == "rerun") {
-      k = $1; nv = 1; vs[1] = $2
-      if ($8 ~ /^mean of [0-9]+ \(/) { s = $8; sub(/^[^(]*\(/, "", s); sub(/;.*$/, "", s); nv = split(s, vs, /, */) }
-      for (i = 1; i <= nv; i++) {
-        v = vs[i] + 0
-        if (!(k in lo) || v < lo[k]) lo[k] = v
-        if (!(k in hi) || v > hi[k]) hi[k] = v
-        m[k]++
-      }
-      if ($4 == "rerun") last = k
-    }
-    END {
-      printf "%s %d %d %d %d %d ", (best == "" ? "-" : best), n, c["keep"], c["discard"], c["crash"], c["rerun"]
-      if (last == "") print "- - -"; else printf "%.6f %d %s\n", hi[last] - lo[last], m[last], last
-    }' "$f"
-}
+# results ARGS: what run.sh reads back from results.tsv (stats: the best, the counts, the rerun
+# spread) and a confirmation's mean and decision, defined once, in analysis.py, for run.sh and the
+# morning report. That part of analysis.py is standard library only: it runs as run.sh's other
+# Python call, with -I -S (no site).
+results() { "$py" -I -S "$root/analysis.py" --run-sh "$@" || die 1 "analysis.py --run-sh $1 failed"; }
 
 # The report's line on where the time outside the training budget went: CALLED, the training
 # process's launch and exit, the evaluator's start and end (run.sh's clock).
@@ -905,7 +950,10 @@ finish_pending() {
     put heldout_done 1
   fi
   if [ -n "$row" ]; then
-    [ -f "$state/pending/size" ] || put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
+    if [ ! -f "$state/pending/size" ]; then   # the first time here: the file as the row finds it
+      upgrade_results_tsv
+      put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
+    fi
     size=$(get size)
     # A row cut short by a kill is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
@@ -917,6 +965,20 @@ finish_pending() {
     cat "$tmp/row" >>results.tsv
   fi
   rm -rf -- "$state/pending"
+}
+
+# results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
+# were marked "[smoke] "; decision: every decision was one run's, the first keep of a branch and
+# profile its baseline. Done just before a row is appended (finish_pending), so that a refusal
+# leaves the file as it was.
+upgrade_results_tsv() {
+  [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv || return 0
+  awk -F'\t' -v OFS='\t' '
+    NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
+    old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
+    $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
+    { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
+    results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
 }
 
 # An earlier run.sh died (killed, machine lost) before finishing: stop what it left

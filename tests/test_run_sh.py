@@ -1,7 +1,7 @@
 """run.sh, driven end to end in throw-away git repositories.
 
-Each test builds a small repository (main branch: run.sh from this checkout, a
-stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
+Each test builds a small repository (main branch: run.sh and analysis.py from this
+checkout, a stand-in prepare.py whose --check verifies a fingerprinted data file, a stand-in
 train.py that prints the summary block in well under a second) and runs the real
 run.sh against it with real git and real processes.
 
@@ -158,6 +158,7 @@ class Repo:
     def init(self) -> "Repo":
         self.git("init", "-q", "-b", "main")
         shutil.copy(RUN_SH, self.path / "run.sh")
+        shutil.copy(RUN_SH.parent / "analysis.py", self.path / "analysis.py")  # how run.sh reads results.tsv
         files = {
             "prepare.py": PREPARE,
             "train.py": trainer("1.0"),
@@ -1060,14 +1061,21 @@ def test_refuses_a_branch_committed_differently(based: Repo):
     assert "prepare.py" in _refuses(based, ["try it"])
 
 
-def test_refuses_unchanged_train_py_after_the_baseline(based: Repo):
-    assert "unchanged" in _refuses(based, ["nothing changed"])
+def test_the_baseline_run_again_is_refused_and_names_the_kept_commit(based: Repo):
+    """The person ran ./run.sh "baseline" by hand (the README's quick start), then the agent runs it
+    too (program.md): measured already, and the refusal says so and what to do next."""
+    err = _refuses(based, ["baseline"], expect="nothing to run")
+    assert err == (f'run.sh: nothing to run: train.py is the kept commit {based.head()[:7]} ("baseline", '
+                   'val_bpb 1.000000), already measured. Measure the same code again with ./run.sh --rerun "why", '
+                   'or change train.py first.\n')
+    (based.path / "results.tsv").unlink()  # no kept row to name
+    assert "train.py is unchanged since the last kept commit" in _refuses(based, ["baseline"])
 
 
 def test_refuses_unchanged_after_a_discard(based: Repo):
     based.write("train.py", trainer("1.5"))
     based.run("worse")
-    assert "unchanged" in _refuses(based, ["again"])
+    assert "nothing to run: train.py is the kept commit" in _refuses(based, ["again"], expect="already measured")
 
 
 @pytest.mark.parametrize("args", [[], [""], ["  \n\t "]], ids=["none", "empty", "blank"])
@@ -1268,7 +1276,7 @@ def test_recovery_completes_a_decided_run_and_repairs_a_torn_row(based: Repo):
                  "msg": "decided", "status": "discard", "row": row, "size": str(size)}.items():
         (pending / k).write_text(v)
     p = based.run("nothing new", rc=3)  # recovered, then refused: train.py is the kept one again
-    assert "recover" in p.stdout and "unchanged" in p.stderr
+    assert "recover" in p.stdout and "nothing to run" in p.stderr
     assert based.head() == kept and based.read("train.py") == trainer("1.0")
     assert [r[3] for r in based.rows()] == ["keep", "discard"]
     assert based.rows()[-1] == row.split("\t")
@@ -1544,6 +1552,8 @@ def test_results_tsv_from_before_the_profile_column_is_upgraded(based: Repo):
            "aaaaaaa\t2.000000\t0.0\tkeep\t[smoke] baseline\tautoresearch/t1\n"
            f"{based.head()[:7]}\t1.000000\t2.0\tkeep\tbaseline\tautoresearch/t1\n")
     based.write("results.tsv", old)
+    assert "val_bpb 1.000000" in _refuses(based, ["again"], expect="nothing to run")  # read as it is ...
+    assert based.read("results.tsv") == old  # ... and left as it was: a refusal changes nothing
     based.write("train.py", trainer("0.99"))
     assert "status:       keep" in based.run("better").stdout
     assert based.table()["profile"].tolist() == ["smoke", "gpu", "gpu"]
