@@ -180,8 +180,9 @@ def test_a_night_in_the_smoke_profile(night):
     rows_before = (repo / "results.tsv").read_bytes()
     again = agent.run("baseline")
     assert again.returncode == 3, again.stdout + again.stderr
-    assert f"nothing to run: train.py is the kept commit {best_commit}" in again.stderr
-    assert f"val_bpb {best:.6f}" in again.stderr
+    # The message as the README quotes it, with this run's commit and val_bpb.
+    quoted = re.search(r"`(run.sh: nothing to run: [^`]*) \.\.\.`", " ".join(readme.split()))[1]
+    assert quoted.replace("a1b2c3d", best_commit).replace("0.997900", f"{best:.6f}") in again.stderr
     assert (repo / "results.tsv").read_bytes() == rows_before
     assert git(repo, "rev-parse", "--short=7", "HEAD") == best_commit
 
