@@ -15,8 +15,10 @@ columns only; files from before the profile column marked smoke rows with a
 
 decision (run.sh's AUTORESEARCH_CONFIRM policy) says what a keep or discard
 was based on: "single" run, "mean of 2 (a, b; spread s)", "baseline" or "-".
-A row is read, and the runs behind it (and the rerun spread) are found, by the
-functions below, which run.sh calls too (`--run-sh`, standard library only:
+A row is read, the runs behind it (and the rerun spread) are found, and the
+night's rows are gathered from every worktree, by the functions below, which
+run.sh calls too (`--run-sh`: ./run.sh --night, its refusal of a train.py tried
+tonight, --adopt; standard library only:
 run.sh runs them with python -I -S, no site-packages, so pandas and matplotlib
 are imported only where the report needs them).
 
@@ -169,9 +171,156 @@ def stats(rows, branch, commit, profile):
     }
 
 
+# ---------------------------------------------------------------- the night: every worktree
+# Agents run side by side, one per git worktree of one repository, each on its own branch
+# (autoresearch/<tag>) with its own results.tsv, all sharing the git directory: the refs run.sh
+# keeps for every commit it trained (refs/autoresearch/tried/<hash>) and where each branch
+# started (refs/autoresearch/base/<tag>).
+
+def git(where, *args, stdin=None):
+    """git's output, or None when it fails; run as run.sh runs it: the repository's own
+    configuration only, no hooks, no fsmonitor."""
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LC_ALL": "C"}
+    cmd = ["git", "-C", where, "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", *args]
+    try:
+        p = subprocess.run(cmd, input=stdin, capture_output=True, text=True, errors="replace", env=env, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def checkouts(where="."):
+    """The live worktrees of the repository holding WHERE, as (directory, branch), the main one
+    first; a bare one, or one whose directory is gone, is left out."""
+    found = []
+    for block in (git(where, "worktree", "list", "--porcelain") or "").split("\n\n"):
+        lines = block.splitlines()
+        if not lines or not lines[0].startswith("worktree ") or "bare" in lines:
+            continue
+        path = lines[0][len("worktree "):]
+        branch = next((line[len("branch refs/heads/"):] for line in lines if line.startswith("branch refs/heads/")), "")
+        if os.path.isdir(path):
+            found.append((path, branch))
+    return found
+
+
+def gather(where=".", reader=read):
+    """Every row of every live worktree's results.tsv (checkouts), in file order, each with its
+    checkout; a row from before the branch column gets its worktree's branch. The one gatherer:
+    run.sh's night and the morning report's (reader: how a file is read)."""
+    rows = []
+    for path, branch in checkouts(where):
+        results = os.path.join(path, "results.tsv")
+        if os.path.isfile(results):
+            rows += [{**row, "checkout": path, "branch": row["branch"] or branch} for row in reader(results)]
+    return rows
+
+
+def train_py_of(where, commits):
+    """{7-character commit: [(its train.py's blob hash, its commit time), ...]} for the COMMITS that
+    run.sh tried (their refs refs/autoresearch/tried/<hash>; a list, should two share 7 characters):
+    two git calls however many commits."""
+    commits = {c for c in commits if re.fullmatch(r"[0-9a-f]{7}", c)}
+    refs = (git(where, "for-each-ref", "--format=%(objectname) %(committerdate:unix)",
+                "refs/autoresearch/tried/") or "").split("\n")
+    named = [line.split(" ", 1) for line in refs if line[:7] in commits and re.fullmatch(r"\w+ \d+", line)]
+    out = git(where, "cat-file", "--batch-check=%(objectname)", stdin="".join(f"{h}:train.py\n" for h, _ in named))
+    found = defaultdict(list)
+    for (commit, time), blob in zip(named, (out or "").splitlines()):
+        if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob):  # not "... missing"
+            found[commit[:7]].append((blob, int(time)))
+    return found
+
+
+def night(where, branch, base, profile):
+    """The night of BRANCH, started at commit BASE: the rows in PROFILE of every live worktree
+    (gather) on the branches that started from the same files as BASE (the same tree: the same
+    harness, the same baseline train.py, so their results compare), BRANCH's own included."""
+    refs = [line.split(" ", 1) for line in (git(where, "for-each-ref", "--format=%(objectname) %(refname)",
+                                                 "refs/autoresearch/base/") or "").splitlines()]
+    starts = [(commit, "autoresearch/" + ref[len("refs/autoresearch/base/"):]) for commit, ref in refs]
+    out = git(where, "cat-file", "--batch-check=%(objectname)",
+              stdin="".join(f"{c}^{{tree}}\n" for c in [base] + [c for c, _ in starts]))
+    trees = (out or "").splitlines()
+    same = {branch} | {b for (_, b), tree in zip(starts, trees[1:]) if tree == trees[0]}
+    return [row for row in gather(where) if row["branch"] in same and row["profile"] == profile]
+
+
+def is_interrupted(row):
+    """A run that recover recorded: run.sh asks for it to be run again."""
+    return row["status"] == "crash" and row["description"].endswith("[interrupted]")
+
+
+def tried(rows, branch, blob, where, scope="night"):
+    """The row of ROWS (the night) that tried a train.py with BLOB, or None; with scope "branch"
+    (--adopt) BRANCH's rows only. The completion of one of BRANCH's interrupted runs is no repeat.
+    The row named: BRANCH's first, a measurement rather than a rerun of it, the latest."""
+    blobs = train_py_of(where, {row["commit"] for row in rows})
+    same = [(i, row) for i, row in enumerate(rows) if any(b == blob for b, _ in blobs.get(row["commit"], ()))]
+    mine = [row for _, row in same if row["branch"] == branch]
+    if mine and is_interrupted(mine[-1]):
+        return None
+    same = [(i, row) for i, row in same if not is_interrupted(row) and (scope == "night" or row["branch"] == branch)]
+    if not same:
+        return None
+    return min(same, key=lambda ir: (ir[1]["branch"] != branch, ir[1]["status"] == "rerun", -ir[0]))[1]
+
+
+def best_kept(rows, branch):
+    """BRANCH's best kept row in ROWS (the lowest val_bpb; the first of equals), or None."""
+    keeps = [row for row in rows if row["branch"] == branch and row["status"] == "keep"]
+    return min(keeps, key=lambda row: row["val_bpb"]) if keeps else None
+
+
+def night_table(rows, branch, profile):
+    """./run.sh --night: per branch of the night its best and its counts, best first, and what
+    --adopt would take. Short: it is read by the agent, whose context is precious."""
+    branches = list(dict.fromkeys(row["branch"] for row in rows))
+    if not branches:
+        return (f"night: no results yet on the branches started from these files ({profile} profile)")
+    best = {b: best_kept(rows, b) for b in branches}
+    branches.sort(key=lambda b: (best[b] is None, best[b]["val_bpb"] if best[b] else 0))
+    width = max(len(b) for b in branches)
+    lines = [f"night: {len(branches)} branch(es) started from the same files as this one, {profile} profile, "
+             "best first (* this branch)",
+             f"  {'branch':<{width}s}  {'best':<8s}  commit   runs keep discard crash rerun  the best's description"]
+    for b in branches:
+        counts = {s: sum(row["branch"] == b and row["status"] == s for row in rows) for s in STATUSES}
+        k = best[b]
+        lines.append(f"{'*' if b == branch else ' '} {b:<{width}s}  "
+                     + (f"{k['val_bpb']:.6f}  {k['commit']:<7s}" if k else f"{'-':<8s}  {'-':<7s}")
+                     + f"  {sum(counts.values()):4d} {counts['keep']:4d} {counts['discard']:7d} {counts['crash']:5d}"
+                     f" {counts['rerun']:5d}  " + (short(k["description"], 60) if k else "(no keep yet)"))
+    top = next((b for b in branches if b != branch and best[b]), None)
+    if best.get(branch) is None:
+        lines.append("--adopt: this branch has no kept result yet; run its baseline first")
+    elif top is None:
+        lines.append("--adopt: no other branch has a kept result yet")
+    elif best[branch]["val_bpb"] <= best[top]["val_bpb"]:
+        lines.append(f"--adopt: this branch has the night's best; ./run.sh --adopt {top} \"why\" would train "
+                     f"that branch's best ({best[top]['commit']}, {best[top]['val_bpb']:.6f}) here")
+    else:
+        lines.append(f"--adopt: ./run.sh --adopt {top} \"why\" trains that branch's best ({best[top]['commit']}, "
+                     f"{best[top]['val_bpb']:.6f}) here, judged against this branch's best "
+                     f"({best[branch]['val_bpb']:.6f}) like any change")
+    return "\n".join(lines)
+
+
 def run_sh(args):
     """run.sh's calls (python -I -S analysis.py --run-sh ...): standard library only."""
-    if args[:1] == ["stats"] and len(args) == 5:
+    if args[:1] == ["night"] and len(args) == 4:  # BRANCH BASE PROFILE: ./run.sh --night
+        print(night_table(night(".", *args[1:]), args[1], args[3]))
+    elif args[:1] == ["tried"] and len(args) == 6:  # BRANCH BASE PROFILE BLOB night|branch
+        row = tried(night(".", *args[1:4]), args[1], args[4], ".", args[5])
+        if row:
+            print("\t".join([row["branch"], row["commit"], row["status"], f"{row['val_bpb']:.6f}", row["description"]]))
+    elif args[:1] == ["best"] and len(args) == 5:  # BRANCH BASE PROFILE OTHER: what --adopt takes
+        row = best_kept(night(".", *args[1:4]), args[4])
+        refs = (git(".", "for-each-ref", "--format=%(objectname)", "refs/autoresearch/tried/") or "").split()
+        commits = [h for h in refs if row and h[:7] == row["commit"]]
+        if len(commits) == 1:  # its full hash (none: no keep; two: 7 characters are not enough)
+            print("\t".join([commits[0], f"{row['val_bpb']:.6f}", row["description"]]))
+    elif args[:1] == ["stats"] and len(args) == 5:
         s = stats(read(args[1]), *args[2:])
         print("\t".join([
             "-" if s["best"] is None else f"{s['best']:.6f}",
@@ -183,7 +332,8 @@ def run_sh(args):
         mean, decision = mean_of([float(v) for v in args[1:]])
         print(f"{mean:.6f}\t{decision}")
     else:
-        sys.exit("analysis.py --run-sh: stats FILE BRANCH COMMIT PROFILE | mean VALUE...")
+        sys.exit("analysis.py --run-sh: stats FILE BRANCH COMMIT PROFILE | mean VALUE... | night BRANCH BASE PROFILE"
+                 " | tried BRANCH BASE PROFILE BLOB night|branch | best BRANCH BASE PROFILE OTHER")
 
 
 # ---------------------------------------------------------------- the morning report
