@@ -1,8 +1,15 @@
 """The morning report: summarize results.tsv and draw progress.png.
 
-    uv run analysis.py                  # reads ./results.tsv
+    uv run analysis.py                  # reads ./results.tsv, or the whole night (below)
     uv run analysis.py path/to/results.tsv
     uv run analysis.py --no-heldout     # leave the held-out scores out (while the agent runs)
+
+Agents that run side by side, one per git worktree of one repository, each on
+its own branch with its own results.tsv, make one night: run without a path in
+a worktree whose siblings have results too, the report reads every worktree's
+results.tsv (git worktree list) and shows each agent's branch, the best of the
+night and where its code came from, the noise pooled across agents, and one
+running best per agent in progress.png.
 
 results.tsv is written by run.sh, one row per experiment:
 
@@ -347,6 +354,12 @@ def fail(message):
 
 def read_results(path):
     """Return a DataFrame with one row per experiment, validated line by line."""
+    return frame(read_rows(path))
+
+
+def read_rows(path):
+    """The rows of the file at path, each numbered (n, in file order) with its line; a malformed
+    row or a missing header stops the report, naming the file and the line."""
     if not os.path.exists(path):
         fail(f"{path} not found (run.sh writes it after the first experiment)")
     with open(path, encoding="utf-8") as f:
@@ -370,8 +383,12 @@ def read_results(path):
         except ValueError as e:
             fail(f"{path} line {lineno}: {e}")
         rows.append({"n": len(rows) + 1, "line": lineno, **row})  # n: experiment number, in file order
+    return rows
+
+
+def frame(rows):
     names = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
-             "description", "smoke", "branch", "profile", "decision"]
+             "description", "smoke", "branch", "profile", "decision", "checkout"]
     import pandas as pd
     return pd.DataFrame(rows, columns=names)
 
@@ -445,18 +462,25 @@ def in_sigmas(delta, sigma):
     return f"{delta / sigma:+.1f}" if sigma else "n/a"
 
 
-def heldout_report(df, keeps, heldout_path):
-    """The kept chain with val_bpb and held-out bpb side by side, each gain against the noise,
-    and the verdict. Returns (val sigma, held-out sigma) for the plot."""
+def print_noise(df, across=""):
+    """Print the noise line (ACROSS: over how many agents); return (val sigma, held-out sigma)."""
     sigma, h_sigma, runs, commits = measured_noise(df)
-    print()
     if sigma:
         print(f"noise: sigma {sigma:.6f} val_bpb"
               + (f", {h_sigma:.6f} held-out" if h_sigma else "")
-              + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once;"
+              + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once{across};"
               f" within the noise = a change between two runs below {NOISE_SIGMAS} x sqrt(2) = {WITHIN:.1f} sigma)")
     else:
         print("noise: unknown (no commit measured twice: ./run.sh --rerun \"why\" measures it)")
+    return sigma, h_sigma
+
+
+def heldout_report(df, keeps, heldout_path, pooled=None):
+    """The kept chain with val_bpb and held-out bpb side by side, each gain against the noise,
+    and the verdict. pooled: the night's (val sigma, held-out sigma), printed once above; without
+    it df's noise is printed here. Returns (val sigma, held-out sigma) for the plot."""
+    print()
+    sigma, h_sigma = pooled or print_noise(df)
     has_heldout = keeps["heldout_bpb"].notna().any()
     print("kept chain (delta against the previous kept run, and that delta / sigma):")
     print(f"  {'#':<5s} {'commit':<8s} {'val_bpb':>9s} {'delta':>10s} {'/sigma':>6s}   "
@@ -538,7 +562,16 @@ def report(df, path, heldout_path=None):
     if df.empty:
         print("no experiments yet: run ./run.sh \"baseline\" first")
         return df, None
+    df = without_smoke(df)
+    keeps = summary(df)
+    sigma = None
+    if not keeps.empty:
+        sigma = heldout_report(df, keeps, heldout_path)[0]
+    return df, sigma
 
+
+def without_smoke(df):
+    """The rows to report: all, or only the GPU rows of a file that mixes both (said here)."""
     n_smoke = int(df["smoke"].sum())
     if n_smoke == len(df):
         print(f"[smoke] all {n_smoke} rows are smoke runs (AUTORESEARCH_SMOKE=1): "
@@ -547,13 +580,21 @@ def report(df, path, heldout_path=None):
         print(f"[smoke] {n_smoke} smoke rows left out below; "
               "their val_bpb is not comparable with real runs")
         df = df[~df["smoke"]]
+    return df
 
+
+def print_counts(df):
     counts = df["status"].value_counts()
     kept, discarded = counts.get("keep", 0), counts.get("discard", 0)
     crashed, reruns = counts.get("crash", 0), counts.get("rerun", 0)
     print(f"experiments: {len(df)}  (kept {kept}, discarded {discarded}, "
           f"crashed {crashed}, reruns {reruns})")
 
+
+def summary(df):
+    """The counts, the keep rate, baseline and best, the top improvements, reruns and crashes of
+    one branch's (or one file's) rows, numbered n; returns the kept rows."""
+    print_counts(df)
     keeps = df[df["status"] == "keep"]
     if keeps.empty:
         print("no successful run yet: every experiment crashed "
@@ -604,10 +645,139 @@ def report(df, path, heldout_path=None):
         print("crashes:")
         for _, row in crashes.iterrows():
             print(f"  #{row['n']:<4d} {row['commit']:<8s} {row['description']}")
-    sigma = None
+    return keeps
+
+
+# ---------------------------------------------------------------- the whole night
+
+def is_night(where="."):
+    """Whether the report is the whole night's: WHERE is the top of a worktree and another
+    worktree of its repository has a results.tsv (checkouts)."""
+    here, found = os.path.realpath(where), checkouts(where)
+    return (any(os.path.realpath(p) == here for p, _ in found)
+            and any(os.path.realpath(p) != here and os.path.isfile(os.path.join(p, "results.tsv")) for p, _ in found))
+
+
+def read_night(where="."):
+    """Every worktree's rows (gather), each numbered n on its own branch: an agent's experiments."""
+    df = frame(gather(where, reader=read_rows))
+    df["n"] = df.groupby("branch", sort=False).cumcount() + 1
+    return df
+
+
+def adoptions(df, where="."):
+    """{index of a keep: index of the row on another branch that tried the same train.py (the
+    same blob) first, by commit time}: code an agent took from another (./run.sh --adopt), found
+    in git, not in the description. The baselines' train.py, every branch's, is left out."""
+    info = train_py_of(where, set(df["commit"]))
+    keeps = df[df["status"] == "keep"]
+    baselines = {b for i in keeps.groupby("branch", sort=False).head(1).index for b, _ in info.get(df.at[i, "commit"], ())}
+    first = {}  # blob -> (commit time, index of the row)
+    for i, row in df.iterrows():
+        for blob, time in info.get(row["commit"], ()):
+            if blob not in baselines and (blob not in first or time < first[blob][0]):
+                first[blob] = (time, i)
+    found = {}
+    for i, row in keeps.iterrows():
+        for blob, time in info.get(row["commit"], ()):
+            if blob in first and first[blob][0] < time and df.at[first[blob][1], "branch"] != row["branch"]:
+                found[i] = first[blob][1]
+    return found
+
+
+def night_report(df, heldout_path, where="."):
+    """The whole night: every agent's branch, from every worktree's results.tsv. Prints the best
+    of the night and where it came from, the noise pooled across agents, then each branch as
+    report() shows one file. Returns the rows shown and the pooled noise."""
+    print(f"autoresearch morning report: the night, {df['branch'].nunique()} branch(es) in "
+          f"{df['checkout'].nunique()} worktree(s)")
+    for checkout, rows in df.groupby("checkout", sort=False):
+        print(f"  {os.path.join(checkout, 'results.tsv')}: {len(rows)} rows ({', '.join(rows['branch'].unique())})")
+    if df.empty:
+        print("no experiments yet: run ./run.sh \"baseline\" first")
+        return df, None
+    df = without_smoke(df)
+    print_counts(df)
+    pooled = print_noise(df, f", across {df['branch'].nunique()} agents")
+    keeps = df[df["status"] == "keep"]
+    bests = keeps.groupby("branch")["val_bpb"].min()
+    order = sorted(df["branch"].unique(), key=lambda b: (b not in bests, bests.get(b, 0)))
     if not keeps.empty:
-        sigma = heldout_report(df, keeps, heldout_path)[0]
-    return df, sigma
+        best = keeps.loc[keeps["val_bpb"].idxmin()]
+        print(f"best of the night: {best['val_bpb']:.6f}  {best['commit']} on {best['branch']} (#{best['n']} there)  "
+              f"{best['description']}")
+        taken = adoptions(df, where)
+        chain = [i for i in keeps[(keeps["branch"] == best["branch"]) & (keeps["n"] <= best["n"])].index if i in taken]
+        if chain:
+            src = df.loc[taken[chain[-1]]]
+            origin = f"{src['branch']}'s {src['commit']} (#{src['n']} there, {src['val_bpb']:.6f})"
+            if chain[-1] == best.name:
+                print(f"  its train.py came from {origin}: adopted (./run.sh --adopt)")
+            else:
+                print(f"  built on {origin}, adopted at #{df.at[chain[-1], 'n']}")
+        print("agents, best first:")
+        for b in order:
+            rows, k = df[df["branch"] == b], keeps[keeps["branch"] == b]
+            line = f"  {b:<24s} {len(rows):4d} experiments, {len(k):3d} kept"
+            if len(k):
+                line += (f"  baseline {k.iloc[0]['val_bpb']:.6f} -> best {bests[b]:.6f} "
+                         f"({100 * (bests[b] - k.iloc[0]['val_bpb']) / k.iloc[0]['val_bpb']:+.2f}%)")
+            print(line)
+    for b in order:
+        rows = df[df["branch"] == b]
+        print()
+        print(f"== {b}  ({', '.join(rows['checkout'].unique())})")
+        k = summary(rows)
+        if not k.empty:
+            heldout_report(rows, k, heldout_path, pooled)
+    return df, pooled[0]
+
+
+def plot_night(df, out_path, title_prefix):
+    """progress.png for the whole night: one running best per agent (branch), against the
+    experiment number on its own branch, with its keeps, discards and crashes in its colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(14, 7))
+    ax.set_xlabel("experiment # on its branch")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.grid(True, alpha=0.2)
+    keeps = df[df["status"] == "keep"]
+    if keeps.empty:
+        ax.text(0.5, 0.5, "no experiments yet" if df.empty else "no successful run yet", transform=ax.transAxes,
+                ha="center", va="center", fontsize=16, color="#888888")
+    measured = df[df["status"].isin(["keep", "rerun"])]
+    low, high = 0.0, 1.0
+    if not measured.empty:
+        low, high = measured["val_bpb"].min(), measured["val_bpb"].max()
+        span = max(high - low, 0.002 * abs(high), 1e-6)
+        low, high = low - 0.2 * span, high + 0.8 * span
+        ax.set_ylim(low, high)
+        ax.set_xlim(0.5, df["n"].max() + 0.5)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bests = keeps.groupby("branch")["val_bpb"].min()
+    for k, branch in enumerate(sorted(df["branch"].unique(), key=lambda b: (b not in bests, bests.get(b, 0)))):
+        rows, c = df[df["branch"] == branch], colours[k % len(colours)]
+        discards = rows[(rows["status"] == "discard") & (rows["val_bpb"] <= high)]
+        ax.scatter(discards["n"], discards["val_bpb"], s=14, color=c, alpha=0.4, zorder=2)
+        reruns = rows[rows["status"] == "rerun"]
+        ax.scatter(reruns["n"], reruns["val_bpb"], s=40, marker="D", facecolors="none", edgecolors=c, zorder=4)
+        crashes = rows[rows["status"] == "crash"]
+        ax.scatter(crashes["n"], [low] * len(crashes), s=30, marker="x", color=c, clip_on=False, zorder=4)
+        kept = rows[rows["status"] == "keep"]
+        if kept.empty:
+            continue
+        best = kept.set_index("n")["val_bpb"].cummin()
+        ax.step(list(best.index) + [rows["n"].max() + 0.5], list(best.values) + [best.values[-1]], where="post",
+                color=c, linewidth=2, zorder=3, label=f"{branch}: running best {best.values[-1]:.6f}")
+        ax.scatter(kept["n"], kept["val_bpb"], s=45, color=c, edgecolors="black", linewidths=0.6, zorder=5)
+    ax.set_title(f"{title_prefix}autoresearch night: {df['branch'].nunique()} agents, {len(df)} experiments, "
+                 f"{len(keeps)} kept (dots: keeps; faint: discards; diamonds: reruns; x: crashes)")
+    if len(bests):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(df, out_path, title_prefix, sigma=None):
@@ -729,13 +899,17 @@ def main():
         print(__doc__.strip())
         sys.exit(0 if len(args) == 1 else 2)
     path = args[0] if len(args) == 1 else "results.tsv"
-    df = read_results(path)
+    whole_night = not args and is_night(".")  # sibling worktrees with results: the night's report
+    df = read_night(".") if whole_night else read_results(path)
     heldout_path = heldout_file(path) if with_heldout else None
     df = attach_heldout(df, heldout_path)[0] if heldout_path else attach_heldout(df, "")[0]
-    shown, sigma = report(df, path, heldout_path)
+    shown, sigma = night_report(df, heldout_path) if whole_night else report(df, path, heldout_path)
     smoke = not shown.empty and bool(shown["smoke"].all())
     out_path = os.path.join(os.path.dirname(os.path.abspath(path)), "progress.png")
-    plot(shown, out_path, "[smoke] " if smoke else "", sigma)
+    if whole_night:
+        plot_night(shown, out_path, "[smoke] " if smoke else "")
+    else:
+        plot(shown, out_path, "[smoke] " if smoke else "", sigma)
     print()
     print(f"wrote {out_path}")
 
