@@ -304,8 +304,7 @@ def night_table(rows, branch, profile):
     elif top is None:
         lines.append("--adopt: no other branch has a kept result yet")
     elif best[branch]["val_bpb"] <= best[top]["val_bpb"]:
-        lines.append(f"--adopt: this branch has the night's best; ./run.sh --adopt {top} \"why\" would train "
-                     f"that branch's best ({best[top]['commit']}, {best[top]['val_bpb']:.6f}) here")
+        lines.append("--adopt: this branch has the night's best")
     else:
         lines.append(f"--adopt: ./run.sh --adopt {top} \"why\" trains that branch's best ({best[top]['commit']}, "
                      f"{best[top]['val_bpb']:.6f}) here, judged against this branch's best "

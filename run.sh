@@ -89,8 +89,8 @@ parse_arguments() {
       --rerun) rerun=1 ;;
       --doctor) doctor=1 ;;
       --night) night=1 ;;
-      --adopt) [ $# -ge 2 ] || die 2 "--adopt needs a branch" "$usage"; adopt=$2; shift ;;
-      --adopt=*) adopt=${1#--adopt=} ;;
+      --adopt) [ -n "${2:-}" ] || die 2 "--adopt needs a branch" "$usage"; adopt=$2; shift ;;
+      --adopt=?*) adopt=${1#--adopt=} ;;
       --tag) [ $# -ge 2 ] || die 2 "--tag needs a value" "$usage"; tag=$2; tag_given=1; shift ;;
       --tag=*) tag=${1#--tag=}; tag_given=1 ;;
       --) shift; break ;;

@@ -1660,6 +1660,11 @@ def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Rep
         'discard, val_bpb 1.010000 ("worse on t1"). No run is spent twice on the same code: change train.py, or '
         'measure noise with ./run.sh --rerun "why".\n')
     assert based.snapshot() == before_t1
+    wt.write("train.py", trainer("0.95"))  # t1's best: the way to run it here is --adopt
+    assert _refuses(wt, ["t1's best by hand"]).endswith(
+        f'autoresearch/t1 {best_t1}, keep, val_bpb 0.950000 ("better on t1"); to train autoresearch/t1\'s best here: '
+        './run.sh --adopt autoresearch/t1 "why". No run is spent twice on the same code: change train.py, or measure '
+        'noise with ./run.sh --rerun "why".\n')
     assert "uncommitted changes" in _refuses(wt, ["--adopt", "t1", "take t1's best"])
     wt.write("train.py", trainer("1.0"))  # undone by hand
 
