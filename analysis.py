@@ -1,8 +1,15 @@
 """The morning report: summarize results.tsv and draw progress.png.
 
-    uv run analysis.py                  # reads ./results.tsv
+    uv run analysis.py                  # reads ./results.tsv, or the whole night (below)
     uv run analysis.py path/to/results.tsv
     uv run analysis.py --no-heldout     # leave the held-out scores out (while the agent runs)
+
+Agents that run side by side, one per git worktree of one repository, each on
+its own branch with its own results.tsv, make one night: run without a path in
+a worktree whose siblings have results too, the report reads every worktree's
+results.tsv (git worktree list) and shows each agent's branch, the best of the
+night and where its code came from, the noise pooled across agents, and one
+running best per agent in progress.png.
 
 results.tsv is written by run.sh, one row per experiment:
 
@@ -15,8 +22,10 @@ columns only; files from before the profile column marked smoke rows with a
 
 decision (run.sh's AUTORESEARCH_CONFIRM policy) says what a keep or discard
 was based on: "single" run, "mean of 2 (a, b; spread s)", "baseline" or "-".
-A row is read, and the runs behind it (and the rerun spread) are found, by the
-functions below, which run.sh calls too (`--run-sh`, standard library only:
+A row is read, the runs behind it (and the rerun spread) are found, and the
+night's rows are gathered from every worktree, by the functions below, which
+run.sh calls too (`--run-sh`: ./run.sh --night, its refusal of a train.py tried
+tonight, --adopt; standard library only:
 run.sh runs them with python -I -S, no site-packages, so pandas and matplotlib
 are imported only where the report needs them).
 
@@ -169,9 +178,155 @@ def stats(rows, branch, commit, profile):
     }
 
 
+# ---------------------------------------------------------------- the night: every worktree
+# Agents run side by side, one per git worktree of one repository, each on its own branch
+# (autoresearch/<tag>) with its own results.tsv, all sharing the git directory: the refs run.sh
+# keeps for every commit it trained (refs/autoresearch/tried/<hash>) and where each branch
+# started (refs/autoresearch/base/<tag>).
+
+def git(where, *args, stdin=None):
+    """git's output, or None when it fails; run as run.sh runs it: the repository's own
+    configuration only, no hooks, no fsmonitor."""
+    env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LC_ALL": "C"}
+    cmd = ["git", "-C", where, "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", *args]
+    try:
+        p = subprocess.run(cmd, input=stdin, capture_output=True, text=True, errors="replace", env=env, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def checkouts(where="."):
+    """The live worktrees of the repository holding WHERE, as (directory, branch), the main one
+    first; a bare one, or one whose directory is gone, is left out."""
+    found = []
+    for block in (git(where, "worktree", "list", "--porcelain") or "").split("\n\n"):
+        lines = block.splitlines()
+        if not lines or not lines[0].startswith("worktree ") or "bare" in lines:
+            continue
+        path = lines[0][len("worktree "):]
+        branch = next((line[len("branch refs/heads/"):] for line in lines if line.startswith("branch refs/heads/")), "")
+        if os.path.isdir(path):
+            found.append((path, branch))
+    return found
+
+
+def gather(where=".", reader=read):
+    """Every row of every live worktree's results.tsv (checkouts), in file order, each with its
+    checkout; a row from before the branch column gets its worktree's branch. The one gatherer:
+    run.sh's night and the morning report's (reader: how a file is read)."""
+    rows = []
+    for path, branch in checkouts(where):
+        results = os.path.join(path, "results.tsv")
+        if os.path.isfile(results):
+            rows += [{**row, "checkout": path, "branch": row["branch"] or branch} for row in reader(results)]
+    return rows
+
+
+def train_py_of(where, commits):
+    """{7-character commit: [(its train.py's blob hash, its commit time), ...]} for the COMMITS that
+    run.sh tried (their refs refs/autoresearch/tried/<hash>; a list, should two share 7 characters):
+    two git calls however many commits."""
+    commits = {c for c in commits if re.fullmatch(r"[0-9a-f]{7}", c)}
+    refs = (git(where, "for-each-ref", "--format=%(objectname) %(committerdate:unix)",
+                "refs/autoresearch/tried/") or "").split("\n")
+    named = [line.split(" ", 1) for line in refs if line[:7] in commits and re.fullmatch(r"\w+ \d+", line)]
+    out = git(where, "cat-file", "--batch-check=%(objectname)", stdin="".join(f"{h}:train.py\n" for h, _ in named))
+    found = defaultdict(list)
+    for (commit, time), blob in zip(named, (out or "").splitlines()):
+        if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob):  # not "... missing"
+            found[commit[:7]].append((blob, int(time)))
+    return found
+
+
+def night(where, branch, base, profile):
+    """The night of BRANCH, started at commit BASE: the rows in PROFILE of every live worktree
+    (gather) on the branches that started from the same files as BASE (the same tree: the same
+    harness, the same baseline train.py, so their results compare), BRANCH's own included."""
+    refs = [line.split(" ", 1) for line in (git(where, "for-each-ref", "--format=%(objectname) %(refname)",
+                                                 "refs/autoresearch/base/") or "").splitlines()]
+    starts = [(commit, "autoresearch/" + ref[len("refs/autoresearch/base/"):]) for commit, ref in refs]
+    out = git(where, "cat-file", "--batch-check=%(objectname)",
+              stdin="".join(f"{c}^{{tree}}\n" for c in [base] + [c for c, _ in starts]))
+    trees = (out or "").splitlines()
+    same = {branch} | {b for (_, b), tree in zip(starts, trees[1:]) if tree == trees[0]}
+    return [row for row in gather(where) if row["branch"] in same and row["profile"] == profile]
+
+
+def is_interrupted(row):
+    """A run that recover recorded: run.sh asks for it to be run again."""
+    return row["status"] == "crash" and row["description"].endswith("[interrupted]")
+
+
+def tried(rows, branch, blob, where, scope="night"):
+    """The row of ROWS (the night) that tried a train.py with BLOB, or None; with scope "branch"
+    (--adopt) BRANCH's rows only. The completion of one of BRANCH's interrupted runs is no repeat.
+    The row named: BRANCH's first, a measurement rather than a rerun of it, the latest."""
+    blobs = train_py_of(where, {row["commit"] for row in rows})
+    same = [(i, row) for i, row in enumerate(rows) if any(b == blob for b, _ in blobs.get(row["commit"], ()))]
+    mine = [row for _, row in same if row["branch"] == branch]
+    if mine and is_interrupted(mine[-1]):
+        return None
+    same = [(i, row) for i, row in same if not is_interrupted(row) and (scope == "night" or row["branch"] == branch)]
+    if not same:
+        return None
+    return min(same, key=lambda ir: (ir[1]["branch"] != branch, ir[1]["status"] == "rerun", -ir[0]))[1]
+
+
+def best_kept(rows, branch):
+    """BRANCH's best kept row in ROWS (the lowest val_bpb; the first of equals), or None."""
+    keeps = [row for row in rows if row["branch"] == branch and row["status"] == "keep"]
+    return min(keeps, key=lambda row: row["val_bpb"]) if keeps else None
+
+
+def night_table(rows, branch, profile):
+    """./run.sh --night: per branch of the night its best and its counts, best first, and what
+    --adopt would take. Short: it is read by the agent, whose context is precious."""
+    branches = list(dict.fromkeys(row["branch"] for row in rows))
+    if not branches:
+        return (f"night: no results yet on the branches started from these files ({profile} profile)")
+    best = {b: best_kept(rows, b) for b in branches}
+    branches.sort(key=lambda b: (best[b] is None, best[b]["val_bpb"] if best[b] else 0))
+    width = max(len(b) for b in branches)
+    lines = [f"night: {len(branches)} branch(es) started from the same files as this one, {profile} profile, "
+             "best first (* this branch)",
+             f"  {'branch':<{width}s}  {'best':<8s}  commit   runs keep discard crash rerun  the best's description"]
+    for b in branches:
+        counts = {s: sum(row["branch"] == b and row["status"] == s for row in rows) for s in STATUSES}
+        k = best[b]
+        lines.append(f"{'*' if b == branch else ' '} {b:<{width}s}  "
+                     + (f"{k['val_bpb']:.6f}  {k['commit']:<7s}" if k else f"{'-':<8s}  {'-':<7s}")
+                     + f"  {sum(counts.values()):4d} {counts['keep']:4d} {counts['discard']:7d} {counts['crash']:5d}"
+                     f" {counts['rerun']:5d}  " + (short(k["description"], 60) if k else "(no keep yet)"))
+    top = next((b for b in branches if b != branch and best[b]), None)
+    if best.get(branch) is None:
+        lines.append("--adopt: this branch has no kept result yet; run its baseline first")
+    elif top is None:
+        lines.append("--adopt: no other branch has a kept result yet")
+    elif best[branch]["val_bpb"] <= best[top]["val_bpb"]:
+        lines.append("--adopt: this branch has the night's best")
+    else:
+        lines.append(f"--adopt: ./run.sh --adopt {top} \"why\" trains that branch's best ({best[top]['commit']}, "
+                     f"{best[top]['val_bpb']:.6f}) here, judged against this branch's best "
+                     f"({best[branch]['val_bpb']:.6f}) like any change")
+    return "\n".join(lines)
+
+
 def run_sh(args):
     """run.sh's calls (python -I -S analysis.py --run-sh ...): standard library only."""
-    if args[:1] == ["stats"] and len(args) == 5:
+    if args[:1] == ["night"] and len(args) == 4:  # BRANCH BASE PROFILE: ./run.sh --night
+        print(night_table(night(".", *args[1:]), args[1], args[3]))
+    elif args[:1] == ["tried"] and len(args) == 6:  # BRANCH BASE PROFILE BLOB night|branch
+        row = tried(night(".", *args[1:4]), args[1], args[4], ".", args[5])
+        if row:
+            print("\t".join([row["branch"], row["commit"], row["status"], f"{row['val_bpb']:.6f}", row["description"]]))
+    elif args[:1] == ["best"] and len(args) == 5:  # BRANCH BASE PROFILE OTHER: what --adopt takes
+        row = best_kept(night(".", *args[1:4]), args[4])
+        refs = (git(".", "for-each-ref", "--format=%(objectname)", "refs/autoresearch/tried/") or "").split()
+        commits = [h for h in refs if row and h[:7] == row["commit"]]
+        if len(commits) == 1:  # its full hash (none: no keep; two: 7 characters are not enough)
+            print("\t".join([commits[0], f"{row['val_bpb']:.6f}", row["description"]]))
+    elif args[:1] == ["stats"] and len(args) == 5:
         s = stats(read(args[1]), *args[2:])
         print("\t".join([
             "-" if s["best"] is None else f"{s['best']:.6f}",
@@ -183,7 +338,8 @@ def run_sh(args):
         mean, decision = mean_of([float(v) for v in args[1:]])
         print(f"{mean:.6f}\t{decision}")
     else:
-        sys.exit("analysis.py --run-sh: stats FILE BRANCH COMMIT PROFILE | mean VALUE...")
+        sys.exit("analysis.py --run-sh: stats FILE BRANCH COMMIT PROFILE | mean VALUE... | night BRANCH BASE PROFILE"
+                 " | tried BRANCH BASE PROFILE BLOB night|branch | best BRANCH BASE PROFILE OTHER")
 
 
 # ---------------------------------------------------------------- the morning report
@@ -197,6 +353,12 @@ def fail(message):
 
 def read_results(path):
     """Return a DataFrame with one row per experiment, validated line by line."""
+    return frame(read_rows(path))
+
+
+def read_rows(path):
+    """The rows of the file at path, each numbered (n, in file order) with its line; a malformed
+    row or a missing header stops the report, naming the file and the line."""
     if not os.path.exists(path):
         fail(f"{path} not found (run.sh writes it after the first experiment)")
     with open(path, encoding="utf-8") as f:
@@ -220,8 +382,12 @@ def read_results(path):
         except ValueError as e:
             fail(f"{path} line {lineno}: {e}")
         rows.append({"n": len(rows) + 1, "line": lineno, **row})  # n: experiment number, in file order
+    return rows
+
+
+def frame(rows):
     names = ["n", "line", "commit", "val_bpb", "memory_gb", "status",
-             "description", "smoke", "branch", "profile", "decision"]
+             "description", "smoke", "branch", "profile", "decision", "checkout"]
     import pandas as pd
     return pd.DataFrame(rows, columns=names)
 
@@ -295,18 +461,25 @@ def in_sigmas(delta, sigma):
     return f"{delta / sigma:+.1f}" if sigma else "n/a"
 
 
-def heldout_report(df, keeps, heldout_path):
-    """The kept chain with val_bpb and held-out bpb side by side, each gain against the noise,
-    and the verdict. Returns (val sigma, held-out sigma) for the plot."""
+def print_noise(df, across=""):
+    """Print the noise line (ACROSS: over how many agents); return (val sigma, held-out sigma)."""
     sigma, h_sigma, runs, commits = measured_noise(df)
-    print()
     if sigma:
         print(f"noise: sigma {sigma:.6f} val_bpb"
               + (f", {h_sigma:.6f} held-out" if h_sigma else "")
-              + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once;"
+              + f"  (pooled standard deviation of {runs} runs of {commits} commit(s) measured more than once{across};"
               f" within the noise = a change between two runs below {NOISE_SIGMAS} x sqrt(2) = {WITHIN:.1f} sigma)")
     else:
         print("noise: unknown (no commit measured twice: ./run.sh --rerun \"why\" measures it)")
+    return sigma, h_sigma
+
+
+def heldout_report(df, keeps, heldout_path, pooled=None):
+    """The kept chain with val_bpb and held-out bpb side by side, each gain against the noise,
+    and the verdict. pooled: the night's (val sigma, held-out sigma), printed once above; without
+    it df's noise is printed here. Returns (val sigma, held-out sigma) for the plot."""
+    print()
+    sigma, h_sigma = pooled or print_noise(df)
     has_heldout = keeps["heldout_bpb"].notna().any()
     print("kept chain (delta against the previous kept run, and that delta / sigma):")
     print(f"  {'#':<5s} {'commit':<8s} {'val_bpb':>9s} {'delta':>10s} {'/sigma':>6s}   "
@@ -388,7 +561,16 @@ def report(df, path, heldout_path=None):
     if df.empty:
         print("no experiments yet: run ./run.sh \"baseline\" first")
         return df, None
+    df = without_smoke(df)
+    keeps = summary(df)
+    sigma = None
+    if not keeps.empty:
+        sigma = heldout_report(df, keeps, heldout_path)[0]
+    return df, sigma
 
+
+def without_smoke(df):
+    """The rows to report: all, or only the GPU rows of a file that mixes both (said here)."""
     n_smoke = int(df["smoke"].sum())
     if n_smoke == len(df):
         print(f"[smoke] all {n_smoke} rows are smoke runs (AUTORESEARCH_SMOKE=1): "
@@ -397,13 +579,21 @@ def report(df, path, heldout_path=None):
         print(f"[smoke] {n_smoke} smoke rows left out below; "
               "their val_bpb is not comparable with real runs")
         df = df[~df["smoke"]]
+    return df
 
+
+def print_counts(df):
     counts = df["status"].value_counts()
     kept, discarded = counts.get("keep", 0), counts.get("discard", 0)
     crashed, reruns = counts.get("crash", 0), counts.get("rerun", 0)
     print(f"experiments: {len(df)}  (kept {kept}, discarded {discarded}, "
           f"crashed {crashed}, reruns {reruns})")
 
+
+def summary(df):
+    """The counts, the keep rate, baseline and best, the top improvements, reruns and crashes of
+    one branch's (or one file's) rows, numbered n; returns the kept rows."""
+    print_counts(df)
     keeps = df[df["status"] == "keep"]
     if keeps.empty:
         print("no successful run yet: every experiment crashed "
@@ -454,10 +644,139 @@ def report(df, path, heldout_path=None):
         print("crashes:")
         for _, row in crashes.iterrows():
             print(f"  #{row['n']:<4d} {row['commit']:<8s} {row['description']}")
-    sigma = None
+    return keeps
+
+
+# ---------------------------------------------------------------- the whole night
+
+def is_night(where="."):
+    """Whether the report is the whole night's: WHERE is the top of a worktree and another
+    worktree of its repository has a results.tsv (checkouts)."""
+    here, found = os.path.realpath(where), checkouts(where)
+    return (any(os.path.realpath(p) == here for p, _ in found)
+            and any(os.path.realpath(p) != here and os.path.isfile(os.path.join(p, "results.tsv")) for p, _ in found))
+
+
+def read_night(where="."):
+    """Every worktree's rows (gather), each numbered n on its own branch: an agent's experiments."""
+    df = frame(gather(where, reader=read_rows))
+    df["n"] = df.groupby("branch", sort=False).cumcount() + 1
+    return df
+
+
+def adoptions(df, where="."):
+    """{index of a keep: index of the row on another branch that tried the same train.py (the
+    same blob) first, by commit time}: code an agent took from another (./run.sh --adopt), found
+    in git, not in the description. The baselines' train.py, every branch's, is left out."""
+    info = train_py_of(where, set(df["commit"]))
+    keeps = df[df["status"] == "keep"]
+    baselines = {b for i in keeps.groupby("branch", sort=False).head(1).index for b, _ in info.get(df.at[i, "commit"], ())}
+    first = {}  # blob -> (commit time, index of the row)
+    for i, row in df.iterrows():
+        for blob, time in info.get(row["commit"], ()):
+            if blob not in baselines and (blob not in first or time < first[blob][0]):
+                first[blob] = (time, i)
+    found = {}
+    for i, row in keeps.iterrows():
+        for blob, time in info.get(row["commit"], ()):
+            if blob in first and first[blob][0] < time and df.at[first[blob][1], "branch"] != row["branch"]:
+                found[i] = first[blob][1]
+    return found
+
+
+def night_report(df, heldout_path, where="."):
+    """The whole night: every agent's branch, from every worktree's results.tsv. Prints the best
+    of the night and where it came from, the noise pooled across agents, then each branch as
+    report() shows one file. Returns the rows shown and the pooled noise."""
+    print(f"autoresearch morning report: the night, {df['branch'].nunique()} branch(es) in "
+          f"{df['checkout'].nunique()} worktree(s)")
+    for checkout, rows in df.groupby("checkout", sort=False):
+        print(f"  {os.path.join(checkout, 'results.tsv')}: {len(rows)} rows ({', '.join(rows['branch'].unique())})")
+    if df.empty:
+        print("no experiments yet: run ./run.sh \"baseline\" first")
+        return df, None
+    df = without_smoke(df)
+    print_counts(df)
+    pooled = print_noise(df, f", across {df['branch'].nunique()} agents")
+    keeps = df[df["status"] == "keep"]
+    bests = keeps.groupby("branch")["val_bpb"].min()
+    order = sorted(df["branch"].unique(), key=lambda b: (b not in bests, bests.get(b, 0)))
     if not keeps.empty:
-        sigma = heldout_report(df, keeps, heldout_path)[0]
-    return df, sigma
+        best = keeps.loc[keeps["val_bpb"].idxmin()]
+        print(f"best of the night: {best['val_bpb']:.6f}  {best['commit']} on {best['branch']} (#{best['n']} there)  "
+              f"{best['description']}")
+        taken = adoptions(df, where)
+        chain = [i for i in keeps[(keeps["branch"] == best["branch"]) & (keeps["n"] <= best["n"])].index if i in taken]
+        if chain:
+            src = df.loc[taken[chain[-1]]]
+            origin = f"{src['branch']}'s {src['commit']} (#{src['n']} there, {src['val_bpb']:.6f})"
+            if chain[-1] == best.name:
+                print(f"  its train.py came from {origin}: adopted (./run.sh --adopt)")
+            else:
+                print(f"  built on {origin}, adopted at #{df.at[chain[-1], 'n']}")
+        print("agents, best first:")
+        for b in order:
+            rows, k = df[df["branch"] == b], keeps[keeps["branch"] == b]
+            line = f"  {b:<24s} {len(rows):4d} experiments, {len(k):3d} kept"
+            if len(k):
+                line += (f"  baseline {k.iloc[0]['val_bpb']:.6f} -> best {bests[b]:.6f} "
+                         f"({100 * (bests[b] - k.iloc[0]['val_bpb']) / k.iloc[0]['val_bpb']:+.2f}%)")
+            print(line)
+    for b in order:
+        rows = df[df["branch"] == b]
+        print()
+        print(f"== {b}  ({', '.join(rows['checkout'].unique())})")
+        k = summary(rows)
+        if not k.empty:
+            heldout_report(rows, k, heldout_path, pooled)
+    return df, pooled[0]
+
+
+def plot_night(df, out_path, title_prefix):
+    """progress.png for the whole night: one running best per agent (branch), against the
+    experiment number on its own branch, with its keeps, discards and crashes in its colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(14, 7))
+    ax.set_xlabel("experiment # on its branch")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.grid(True, alpha=0.2)
+    keeps = df[df["status"] == "keep"]
+    if keeps.empty:
+        ax.text(0.5, 0.5, "no experiments yet" if df.empty else "no successful run yet", transform=ax.transAxes,
+                ha="center", va="center", fontsize=16, color="#888888")
+    measured = df[df["status"].isin(["keep", "rerun"])]
+    low, high = 0.0, 1.0
+    if not measured.empty:
+        low, high = measured["val_bpb"].min(), measured["val_bpb"].max()
+        span = max(high - low, 0.002 * abs(high), 1e-6)
+        low, high = low - 0.2 * span, high + 0.8 * span
+        ax.set_ylim(low, high)
+        ax.set_xlim(0.5, df["n"].max() + 0.5)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bests = keeps.groupby("branch")["val_bpb"].min()
+    for k, branch in enumerate(sorted(df["branch"].unique(), key=lambda b: (b not in bests, bests.get(b, 0)))):
+        rows, c = df[df["branch"] == branch], colours[k % len(colours)]
+        discards = rows[(rows["status"] == "discard") & (rows["val_bpb"] <= high)]
+        ax.scatter(discards["n"], discards["val_bpb"], s=14, color=c, alpha=0.4, zorder=2)
+        reruns = rows[rows["status"] == "rerun"]
+        ax.scatter(reruns["n"], reruns["val_bpb"], s=40, marker="D", facecolors="none", edgecolors=c, zorder=4)
+        crashes = rows[rows["status"] == "crash"]
+        ax.scatter(crashes["n"], [low] * len(crashes), s=30, marker="x", color=c, clip_on=False, zorder=4)
+        kept = rows[rows["status"] == "keep"]
+        if kept.empty:
+            continue
+        best = kept.set_index("n")["val_bpb"].cummin()
+        ax.step(list(best.index) + [rows["n"].max() + 0.5], list(best.values) + [best.values[-1]], where="post",
+                color=c, linewidth=2, zorder=3, label=f"{branch}: running best {best.values[-1]:.6f}")
+        ax.scatter(kept["n"], kept["val_bpb"], s=45, color=c, edgecolors="black", linewidths=0.6, zorder=5)
+    ax.set_title(f"{title_prefix}autoresearch night: {df['branch'].nunique()} agents, {len(df)} experiments, "
+                 f"{len(keeps)} kept (dots: keeps; faint: discards; diamonds: reruns; x: crashes)")
+    if len(bests):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(df, out_path, title_prefix, sigma=None):
@@ -579,13 +898,17 @@ def main():
         print(__doc__.strip())
         sys.exit(0 if len(args) == 1 else 2)
     path = args[0] if len(args) == 1 else "results.tsv"
-    df = read_results(path)
+    whole_night = not args and is_night(".")  # sibling worktrees with results: the night's report
+    df = read_night(".") if whole_night else read_results(path)
     heldout_path = heldout_file(path) if with_heldout else None
     df = attach_heldout(df, heldout_path)[0] if heldout_path else attach_heldout(df, "")[0]
-    shown, sigma = report(df, path, heldout_path)
+    shown, sigma = night_report(df, heldout_path) if whole_night else report(df, path, heldout_path)
     smoke = not shown.empty and bool(shown["smoke"].all())
     out_path = os.path.join(os.path.dirname(os.path.abspath(path)), "progress.png")
-    plot(shown, out_path, "[smoke] " if smoke else "", sigma)
+    if whole_night:
+        plot_night(shown, out_path, "[smoke] " if smoke else "")
+    else:
+        plot(shown, out_path, "[smoke] " if smoke else "", sigma)
     print()
     print(f"wrote {out_path}")
 

@@ -4,6 +4,8 @@
 #   ./run.sh "short description of the change"   commit train.py, train, keep or revert
 #   ./run.sh --rerun "why"                        train the current best again (noise)
 #   ./run.sh --tag nov23 "..."                    name the branch started from main
+#   ./run.sh --adopt BRANCH "why"                 train another branch's best here, as an experiment
+#   ./run.sh --night                              every branch's best tonight; change nothing
 #   ./run.sh --doctor                             check this machine in the same sandbox; change nothing
 #
 # It commits train.py alone, trains it in an OS sandbox under a hard time limit,
@@ -32,6 +34,7 @@ main() {
   read_settings
   enter_checkout                                   # the lock, the run's tmp, the git identity
   if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
+  if [ "$night" = 1 ]; then show_night; return; fi # reads only: every branch's results tonight
   if [ -d "$state/pending" ]; then recover || exit $?; fi
 
   # Refusals (exit 3): up to "changes start here" everything only reads.
@@ -39,6 +42,7 @@ main() {
   refuse_other_changes     # only train.py and scratchpad.md may differ
   resolve_python           # py, which also runs analysis.py --run-sh (it reads results.tsv)
   refuse_nothing_to_run    # the best so far; --rerun needs one, an experiment needs a change
+  refuse_tried_tonight     # a train.py tried tonight on any branch; --adopt: the other branch's best
   refuse_unready_machine   # sandbox, GPU lock, prepared data
 
   # Changes start here.
@@ -55,12 +59,14 @@ main() {
 # Globals shared by the phases: each is set by the phase named beside it and read by
 # the later ones and by the helpers below (which set their own: py, box_*, guarded ...).
 t_called=""                                           # main: when run.sh started
-rerun=0 doctor=0 tag="" tag_given=0 desc=""           # parse_arguments
+rerun=0 doctor=0 tag="" tag_given=0 desc=""           # parse_arguments ...
+night=0 adopt=""                                      # ... (adopt: autoresearch/<tag>)
 limit="" min_imp=0 confirm=0 smoke=0 profile=gpu      # read_settings ...
 prep_cmd="" cache="" want_box=auto envs=()            # ... (envs: the environment training sees)
 root="" git_dir="" common="" state="" tmp="" run_id=""  # enter_checkout
 branch="" head="" base="" new_branch=""               # choose_branch
 h7="" baseline=0 best="" noise_before=-               # refuse_nothing_to_run
+adopt_commit=""                                       # refuse_tried_tonight
 budget=""                                             # refuse_unready_machine (and limit)
 mode="" msg="" row_desc="" tried="" t7=""             # commit_experiment
 t_run="" t_exit="" t_iter="" t_ev0="" t_ev1=""        # train_and_verify: run.sh's clock ...
@@ -72,6 +78,8 @@ status="" decision=-                                  # decide
 parse_arguments() {
   local usage='usage: ./run.sh [--tag TAG] "description of the change"
        ./run.sh [--tag TAG] --rerun "why the best is measured again"
+       ./run.sh --adopt BRANCH "why that branch'"'"'s best is tried here"
+       ./run.sh --night
        ./run.sh --doctor'
   tag=${AUTORESEARCH_TAG:-}
   [ -n "$tag" ] && tag_given=1
@@ -80,6 +88,9 @@ parse_arguments() {
       -h|--help) printf '%s\nSee README.md, section "One experiment (run.sh)".\n' "$usage"; exit 0 ;;
       --rerun) rerun=1 ;;
       --doctor) doctor=1 ;;
+      --night) night=1 ;;
+      --adopt) [ -n "${2:-}" ] || die 2 "--adopt needs a branch" "$usage"; adopt=$2; shift ;;
+      --adopt=?*) adopt=${1#--adopt=} ;;
       --tag) [ $# -ge 2 ] || die 2 "--tag needs a value" "$usage"; tag=$2; tag_given=1; shift ;;
       --tag=*) tag=${1#--tag=}; tag_given=1 ;;
       --) shift; break ;;
@@ -89,12 +100,19 @@ parse_arguments() {
     shift
   done
   desc="$*"
-  if [ "$doctor" = 1 ]; then
+  if [ "$night" = 1 ]; then
+    if [ -n "$desc$adopt" ] || [ "$rerun$doctor" != 00 ]; then die 2 "--night takes no description and no other option" "$usage"; fi
+  elif [ "$doctor" = 1 ]; then
     if [ -n "$desc" ] || [ "$rerun" = 1 ]; then die 2 "--doctor takes no description and no --rerun" "$usage"; fi
   else [ -n "${desc//[[:space:]]/}" ] || die 2 "a description is required" "$usage"
   fi
   if [ -n "$tag" ] && ! [[ $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die 2 "bad tag '$tag': use letters, digits, '.', '_' and '-'"
+  fi
+  if [ -n "$adopt" ]; then   # a branch, or its tag
+    [ "$rerun" = 0 ] || die 2 "--adopt trains another branch's best; --rerun the current best: one or the other" "$usage"
+    adopt=autoresearch/${adopt#autoresearch/}
+    [[ $adopt =~ ^autoresearch/[A-Za-z0-9][A-Za-z0-9._/-]*$ ]] || die 2 "bad branch '$adopt' for --adopt (./run.sh --night lists tonight's)"
   fi
 }
 
@@ -170,7 +188,7 @@ enter_checkout() {
   gname=${GIT_AUTHOR_NAME:-$(git config --get user.name)} gemail=${GIT_AUTHOR_EMAIL:-$(git config --get user.email)}
   if [ -z "$gemail" ]; then
     gname=${GIT_AUTHOR_NAME:-autoresearch run.sh} gemail=run.sh@autoresearch.invalid
-    say "no git identity configured; committing as $gname <$gemail>"
+    [ "$night" = 1 ] || say "no git identity configured; committing as $gname <$gemail>"
   fi
   export GIT_AUTHOR_NAME="${gname:-${gemail%@*}}" GIT_AUTHOR_EMAIL="$gemail"
   export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTER_EMAIL="${GIT_COMMITTER_EMAIL:-$gemail}"
@@ -228,11 +246,47 @@ refuse_nothing_to_run() {
   if [ "$rerun" = 1 ]; then
     g diff --quiet HEAD -- train.py || die 3 "refused: --rerun trains the current best unchanged, but train.py has uncommitted changes"
     [ -n "$best" ] || die 3 "refused: --rerun needs a kept result at HEAD ($h7) in results.tsv; none found"
-  elif [ "$baseline" = 0 ] && g diff --quiet HEAD -- train.py; then
+  elif [ "$baseline" = 0 ] && [ -z "$adopt" ] && g diff --quiet HEAD -- train.py; then
     # e.g. "baseline" run by the person, then by the agent: measured already, and said so
     [ -z "$best" ] || die 3 "nothing to run: train.py is the kept commit $h7 (\"$best_desc\", val_bpb $best), already measured. Measure the same code again with ./run.sh --rerun \"why\", or change train.py first."
     die 3 "refused: train.py is unchanged since the last kept commit $h7; edit it first (or measure noise with --rerun)"
   fi
+}
+
+# No run is spent twice on the same code: a train.py byte for byte one tried tonight (the
+# night: analysis.py's, the branches started from the same files, in this profile), on any
+# branch, is refused, naming that row. Not refused: the baseline (every branch's is the same
+# file), --rerun (noise), and --adopt of another branch's best kept train.py, unless this
+# branch tried it already. For --adopt sets adopt_commit (the commit whose train.py it trains)
+# and the description, which names it.
+refuse_tried_tonight() {
+  local blob scope=night found what
+  if [ -n "$adopt" ]; then
+    [ "$baseline" = 0 ] || die 3 "refused: --adopt trains another branch's best as an experiment of this branch, which has no baseline yet; run ./run.sh \"baseline\" first"
+    [ "$adopt" != "$branch" ] || die 3 "refused: $adopt is this branch; --adopt takes another branch's best (./run.sh --night lists them)"
+    g diff --quiet HEAD -- train.py || die 3 "refused: --adopt replaces train.py, which has uncommitted changes; run them first (or undo them)"
+    found=$(results best "$branch" "$base" "$profile" "$adopt") || exit 1
+    [ -n "$found" ] || die 3 "refused: $adopt has no kept result tonight in the $profile profile (./run.sh --night lists tonight's branches)"
+    adopt_commit=${found%%$'\t'*}
+    blob=$(g rev-parse -q --verify "$adopt_commit:train.py") || die 3 "refused: $adopt's best, ${adopt_commit:0:7}, has no train.py"
+    desc="adopt $adopt ${adopt_commit:0:7}: $desc"
+    scope=branch
+  elif [ "$baseline" = 1 ] || [ "$rerun" = 1 ]; then return 0
+  else
+    blob=$(g hash-object -- train.py) || die 1 "git hash-object train.py failed"
+    # Most runs: no commit run.sh ever tried has this train.py, so no row can name it (a
+    # necessary condition of analysis.py's, checked here without starting Python).
+    g for-each-ref --format='%(objectname):train.py' refs/autoresearch/tried/ |
+      g cat-file --batch-check='%(objectname)' | grep -xF -- "$blob" >/dev/null || return 0
+  fi
+  found=$(results tried "$branch" "$base" "$profile" "$blob" "$scope") || exit 1
+  [ -n "$found" ] || return 0
+  local b c s v d
+  IFS=$'\t' read -r b c s v d <<<"$found"
+  what="$b $c, $s"; [ "$s" = crash ] || what+=", val_bpb $v"; what+=" (\"$d\")"
+  if [ -n "$adopt" ]; then die 3 "refused: $adopt's best (${adopt_commit:0:7}) was tried on this branch already: $what."; fi
+  [ "$s" != keep ] || [ "$b" = "$branch" ] || what+="; to train $b's best here: ./run.sh --adopt $b \"why\""
+  die 3 "refused: this train.py was tried tonight already, byte for byte: $what. No run is spent twice on the same code: change train.py, or measure noise with ./run.sh --rerun \"why\"."
 }
 
 # Sets budget, and limit unless AUTORESEARCH_TIMEOUT set it.
@@ -273,9 +327,11 @@ commit_experiment() {
   mkdir "$state/pending"                      # the journal of this run
   put kept "$head"; put mode "$mode"; put branch "$branch"; put msg "$msg"; put desc "$desc"; put profile "$profile"
   put runid "$run_id"
+  [ -z "$adopt_commit" ] || put adopt "$adopt_commit"   # recover puts train.py back if not committed yet
 
   tried=$head
   if [ "$rerun" = 0 ]; then
+    [ -z "$adopt_commit" ] || g checkout -q "$adopt_commit" -- train.py || die 1 "could not take train.py from ${adopt_commit:0:7}; the next run.sh recovers"
     if g diff --quiet HEAD -- train.py; then   # the baseline may leave train.py as it is
       printf '%s\n' "$msg" | g commit -q --no-verify --allow-empty --only --cleanup=whitespace -F - ||
         die 1 "git commit failed; the next run.sh recovers"
@@ -464,6 +520,16 @@ report() {
   printf 'seconds:      %s\n' "$secs"
   [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit" "$t_ev0" "$t_ev1"   # the last run (of two, when confirmed)
   printf 'log:          run.log (all results: results.tsv)\n'
+}
+
+# ---------------------------------------------------------------- the night
+# ./run.sh --night: tonight's results on every branch (analysis.py's night: the branches started
+# from the same files as this one, in this profile, with rows in a live worktree's results.tsv),
+# for the agent, which cannot read the other worktrees' git state. Reads only.
+show_night() {
+  choose_branch
+  resolve_python
+  results night "${branch:-$new_branch}" "$base" "$profile"
 }
 
 # ---------------------------------------------------------------- the doctor
@@ -1000,6 +1066,7 @@ recover() {
       g update-ref "refs/autoresearch/tried/$tried" "$tried"
     fi
     if [ "$mode" = rerun ] || [ -z "$tried" ]; then
+      [ -z "$(get adopt)" ] || g checkout -q "$kept" -- train.py   # an adopted train.py, not committed
       rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
     fi
     put status interrupted

@@ -1,5 +1,6 @@
 """The morning report (analysis.py), run as the person runs it, on real files."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +285,94 @@ def test_a_night_without_heldout_scores_or_reruns(tmp_path):
     assert "noise: unknown (no commit measured twice" in out
     assert "held-out: no scores found in" in out and "VERDICT" not in out
     assert "night: val_bpb  1.000000 -> 0.980000  (-0.020000, n/a sigma)" in out
+
+
+# ------------------------------------------------------------ the whole night
+# Agents side by side, one per git worktree, each with its own results.tsv; a report run in one
+# of them reads them all (the worktrees come from git, the code behind each row from the refs
+# run.sh keeps for every commit it trained).
+
+def commit_train_py(where, text, when, message):
+    """A commit of train.py as run.sh makes one (its ref refs/autoresearch/tried/<hash>), at a
+    given time; returns its 7 characters."""
+    (where / "train.py").write_text(text)
+    when = f"{1_795_000_000 + when} +0000"  # seconds into a night
+    env = {"GIT_COMMITTER_DATE": when, "GIT_AUTHOR_DATE": when}
+    git = ["git", "-C", str(where), "-c", "user.name=T", "-c", "user.email=t@e"]
+    subprocess.run(git + ["add", "train.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", message], check=True, env={**os.environ, **env})
+    full = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run(git + ["update-ref", f"refs/autoresearch/tried/{full}", full], check=True)
+    return full[:7]
+
+
+def test_the_night_of_two_agents_one_report(tmp_path):
+    main, wt = tmp_path / "main", tmp_path / "wt1"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(main)], check=True)
+    (main / ".gitignore").write_text("results.tsv\nprogress.png\n")
+    subprocess.run(["git", "-C", str(main), "add", ".gitignore"], check=True)
+    commit_train_py(main, "v0\n", 1000, "initial")
+    subprocess.run(["git", "-C", str(main), "switch", "-q", "-c", "autoresearch/gpu0"], check=True)
+    subprocess.run(["git", "-C", str(main), "worktree", "add", "-q", "-b", "autoresearch/gpu1", str(wt), "main"],
+                   check=True)
+    undo = ["reset", "-q", "--hard", "HEAD~1"]  # a discard
+    b0 = commit_train_py(main, "v0\n", 1001, "baseline")
+    b1 = commit_train_py(wt, "v0\n", 1002, "baseline")
+    v1 = commit_train_py(main, "v1\n", 1010, "v1")
+    w1 = commit_train_py(wt, "w1\n", 1015, "w1")
+    subprocess.run(["git", "-C", str(wt), *undo], check=True)
+    v2 = commit_train_py(main, "v2\n", 1020, "v2")
+    subprocess.run(["git", "-C", str(main), *undo], check=True)
+    a1 = commit_train_py(wt, "v1\n", 1030, f"adopt autoresearch/gpu0 {v1}: its best")  # ./run.sh --adopt
+    w2 = commit_train_py(wt, "v1 w2\n", 1040, "w2")
+    night = {  # branch: (checkout, [(commit, val_bpb, status, description, held-out)])
+        "autoresearch/gpu0": (main, [(b0, "1.000000", "keep", "baseline", "1.100000"),
+                                     (v1, "0.980000", "keep", "v1", "1.080000"),
+                                     (v2, "0.990000", "discard", "v2", "1.090000"),
+                                     (v1, "0.981000", "rerun", "v1 noise", "1.081000")]),
+        "autoresearch/gpu1": (wt, [(b1, "1.001000", "keep", "baseline", "1.101000"),
+                                   (w1, "1.010000", "discard", "w1", None),
+                                   (a1, "0.975000", "keep", f"adopt autoresearch/gpu0 {v1}: its best", "1.076000"),
+                                   (w2, "0.970000", "keep", "w2", "1.070000"),
+                                   (w2, "0.971000", "rerun", "w2 noise", "1.071000")]),
+    }
+    held = [HELDOUT_HEADER]
+    for branch, (checkout, rows) in night.items():
+        (checkout / "results.tsv").write_text(RUN_SH_HEADER + "".join(
+            f"{c}\t{v}\t44.0\t{s}\t{d}\t{branch}\tgpu\t{'-' if s == 'rerun' else 'single'}\n" for c, v, s, d, _ in rows))
+        held += [f"{c}\t{v}\t{s}\t{branch}\tgpu\t{h}\t{h}\t{checkout}\t-\n" for c, v, s, _, h in rows if h]
+    (main / ".git/autoresearch").mkdir()
+    (main / ".git/autoresearch/heldout.tsv").write_text("".join(held))
+
+    proc = subprocess.run([sys.executable, str(ANALYSIS)], cwd=wt, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("autoresearch morning report: the night, 2 branch(es) in 2 worktree(s)\n")
+    assert f"  {main / 'results.tsv'}: 4 rows (autoresearch/gpu0)" in out
+    assert "experiments: 9  (kept 5, discarded 2, crashed 0, reruns 2)" in out
+    # v1 (0.980, 0.981) on gpu0 and w2 (0.970, 0.971) on gpu1: sqrt(4 x 0.0005^2 / 2)
+    assert "noise: sigma 0.000707 val_bpb, 0.000707 held-out" in out and "4 runs of 2 commit(s)" in out
+    assert "across 2 agents" in out
+    # the best, and where its code came from: git says so, whatever a description says
+    assert f"best of the night: 0.970000  {w2} on autoresearch/gpu1 (#4 there)  w2\n" in out
+    assert f"  built on autoresearch/gpu0's {v1} (#2 there, 0.980000), adopted at #3\n" in out
+    agents = out.split("agents, best first:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in agents] == ["autoresearch/gpu1", "autoresearch/gpu0"]
+    assert "baseline 1.001000 -> best 0.970000 (-3.10%)" in agents[0]
+    # each agent's kept chain, held-out beside val_bpb, against the pooled noise
+    gpu1 = out.split("== autoresearch/gpu1")[1].split("== ")[0]
+    assert "experiments: 5  (kept 3, discarded 1, crashed 0, reruns 1)" in gpu1
+    assert f"  #4    {w2}   0.970000  -0.005000   -7.1    1.070000  -0.006000   -8.5   w2" in gpu1
+    assert "night: held-out 1.101000 -> 1.070000" in gpu1 and "noise: sigma" not in gpu1
+    assert "== autoresearch/gpu0" in out
+    assert_png(wt / "progress.png")
+    image = matplotlib.image.imread(str(wt / "progress.png"))[..., :3]
+    for colour in ((0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)):  # one running best per agent
+        assert (abs(image - [c / 255 for c in colour]).max(axis=-1) < 0.02).sum() > 500
+
+    # a named file is that file alone, as before
+    proc = subprocess.run([sys.executable, str(ANALYSIS), str(main / "results.tsv")], cwd=wt,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"autoresearch morning report: {main / 'results.tsv'}\nexperiments: 4 " in proc.stdout
+    assert "the night," not in proc.stdout and "gpu1" not in proc.stdout

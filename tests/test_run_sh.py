@@ -355,7 +355,9 @@ def test_equal_is_not_better_and_min_improvement(based: Repo):
     based.write("train.py", trainer("0.99"))
     based.run("small gain", AUTORESEARCH_MIN_IMPROVEMENT="0.02")
     assert based.rows()[-1][3] == "discard"
-    based.write("train.py", trainer("0.99"))  # the discard put train.py back
+    based.write("train.py", trainer("0.99"))  # the discard put train.py back; the same code is not run twice
+    assert "small gain\")." in _refuses(based, ["small gain again"], AUTORESEARCH_MIN_IMPROVEMENT="0.005")
+    based.write("train.py", trainer("0.99") + "# the same idea, another file\n")
     based.run("small gain again", AUTORESEARCH_MIN_IMPROVEMENT="0.005")
     assert based.rows()[-1][3] == "keep"
 
@@ -1243,6 +1245,21 @@ def test_recovery_after_a_kill_right_after_the_commit(based: Repo):
     assert based.git("rev-parse", f"refs/autoresearch/tried/{half_done}") == half_done  # gc keeps it
 
 
+def test_recovery_of_an_adoption_killed_before_its_commit(based: Repo):
+    """State as if ./run.sh --adopt died after taking the other branch's train.py, before its commit:
+    train.py had no edits of the agent's (--adopt refuses them), so it goes back to the kept one."""
+    kept = based.head()
+    based.write("train.py", trainer("0.9"))
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "mode": "experiment", "branch": "autoresearch/t1", "msg": "adopt x",
+                 "adopt": kept}.items():
+        (pending / k).write_text(v)
+    p = based.run("next idea", rc=3)
+    assert "left nothing to record" in p.stdout and "nothing to run" in p.stderr
+    assert based.read("train.py") == trainer("1.0") and based.head() == kept and not pending.exists()
+
+
 def test_recovery_of_a_decided_keep_says_it_stays(based: Repo):
     """State as if run.sh died after deciding to keep, before the row was written."""
     kept = based.head()
@@ -1617,13 +1634,55 @@ def test_tags_from_option_and_date_and_suffix(repo: Repo):
     assert repo.git("rev-parse", f"refs/autoresearch/base/{dated[13:]}b") == repo.git("rev-parse", "main")
 
 
-def test_detached_worktree_starts_its_own_branch(based: Repo):
+def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Repo):
+    """Two agents, one worktree each: no train.py runs twice on any branch, --night shows both
+    branches, and --adopt trains the other branch's best as an experiment of this one."""
+    based.write("train.py", trainer("1.01"))
+    based.run("worse on t1")
+    discarded = based.rows()[-1][0]
+    based.write("train.py", trainer("0.95"))
+    based.run("better on t1")
+    best_t1 = based.head()[:7]
     based.git("worktree", "add", "-q", "--detach", str(based.tmp / "wt2"), "main")
     wt = Repo(based.tmp, "wt2")
-    out = wt.run("baseline gpu1", AUTORESEARCH_TAG="gpu1", CUDA_VISIBLE_DEVICES="1").stdout
+    wt.env["AUTORESEARCH_TAG"] = "gpu1"
+    # its baseline: the same train.py as t1's, and not refused for it
+    out = wt.run("baseline gpu1", CUDA_VISIBLE_DEVICES="1").stdout
     assert "started branch autoresearch/gpu1" in out and wt.branch() == "autoresearch/gpu1"
     assert based.branch() == "autoresearch/t1"
     assert not (based.path / ".git/worktrees/wt2/autoresearch/pending").exists()
+
+    # t1's discarded train.py, byte for byte: refused, naming t1's row; neither checkout changes
+    wt.write("train.py", trainer("1.01"))
+    before_t1 = based.snapshot()
+    assert _refuses(wt, ["the same idea"]) == (
+        f'run.sh: refused: this train.py was tried tonight already, byte for byte: autoresearch/t1 {discarded}, '
+        'discard, val_bpb 1.010000 ("worse on t1"). No run is spent twice on the same code: change train.py, or '
+        'measure noise with ./run.sh --rerun "why".\n')
+    assert based.snapshot() == before_t1
+    wt.write("train.py", trainer("0.95"))  # t1's best: the way to run it here is --adopt
+    assert _refuses(wt, ["t1's best by hand"]).endswith(
+        f'autoresearch/t1 {best_t1}, keep, val_bpb 0.950000 ("better on t1"); to train autoresearch/t1\'s best here: '
+        './run.sh --adopt autoresearch/t1 "why". No run is spent twice on the same code: change train.py, or measure '
+        'noise with ./run.sh --rerun "why".\n')
+    assert "uncommitted changes" in _refuses(wt, ["--adopt", "t1", "take t1's best"])
+    wt.write("train.py", trainer("1.0"))  # undone by hand
+
+    night = wt.run("--night").stdout.splitlines()
+    assert night[0].startswith("night: 2 branch(es) started from the same files as this one, gpu profile")
+    assert night[2].split() == ["autoresearch/t1", "0.950000", best_t1, "3", "2", "1", "0", "0", "better", "on", "t1"]
+    assert night[3].split()[:5] == ["*", "autoresearch/gpu1", "1.000000", wt.head()[:7], "1"]
+    assert night[4] == (f'--adopt: ./run.sh --adopt autoresearch/t1 "why" trains that branch\'s best ({best_t1}, '
+                        "0.950000) here, judged against this branch's best (1.000000) like any change")
+
+    _refuses(wt, ["--adopt", "gpu1", "x"], expect="autoresearch/gpu1 is this branch")
+    _refuses(wt, ["--adopt", "t9", "x"], expect="autoresearch/t9 has no kept result tonight")
+    out = wt.run("--adopt", "t1", "take t1's best").stdout  # judged on gpu1, as any change
+    assert "change:       -0.050000 vs the best before this run" in out and "status:       keep" in out
+    desc = f"adopt autoresearch/t1 {best_t1}: take t1's best"
+    assert wt.rows()[-1] == [wt.head()[:7], "0.950000", "2.0", "keep", desc, "autoresearch/gpu1", "gpu", "single"]
+    assert wt.git("log", "-1", "--format=%s") == desc and wt.read("train.py") == trainer("0.95")
+    assert "was tried on this branch already" in _refuses(wt, ["--adopt", "t1", "again"])
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
