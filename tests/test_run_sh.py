@@ -1674,6 +1674,11 @@ def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Rep
     assert night[3].split()[:5] == ["*", "autoresearch/gpu1", "1.000000", wt.head()[:7], "1"]
     assert night[4] == (f'--adopt: ./run.sh --adopt autoresearch/t1 "why" trains that branch\'s best ({best_t1}, '
                         "0.950000) here, judged against this branch's best (1.000000) like any change")
+    # The README's example of --night: the same lines, but for its figures and names.
+    readme = (RUN_SH.parent / "README.md").read_text()
+    shown = ("night: " + readme.split("\n```\nnight: ", 1)[1].split("\n```", 1)[0]).splitlines()
+    assert shown[0] == night[0] and shown[1].split() == night[1].split() and len(shown) == len(night)
+    assert re.sub(r"\S*[0-9]\S*", "N", shown[4]) == re.sub(r"\S*[0-9]\S*", "N", night[4])
 
     _refuses(wt, ["--adopt", "gpu1", "x"], expect="autoresearch/gpu1 is this branch")
     _refuses(wt, ["--adopt", "t9", "x"], expect="autoresearch/t9 has no kept result tonight")
