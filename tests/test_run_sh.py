@@ -1481,8 +1481,9 @@ def test_the_agent_permissions_deny_reading_the_heldout_scores():
     cursor = json.loads((RUN_SH.parent / ".cursor/cli.json").read_text())["permissions"]
     heldout = os.path.join(repo, HELDOUT_TSV)
     elsewhere = "/srv/main-checkout/.git/autoresearch/heldout.tsv"  # a worktree's common dir
+    journal = "/srv/main-checkout/.git/worktrees/gpu1/autoresearch/pending/heldout"  # a killed run's, till recovered
     assert "Read" in claude["allow"] and "Read(**)" in cursor["allow"]  # everything else stays readable
-    assert _denies_read(claude["deny"], heldout, repo) and _denies_read(claude["deny"], elsewhere, repo)
+    assert all(_denies_read(claude["deny"], p, repo) for p in (heldout, elsewhere, journal))
     assert _denies_read(cursor["deny"], heldout, repo)
     for readable in ("results.tsv", "run.log", "progress.png", ".git/HEAD"):
         assert not _denies_read(claude["deny"] + cursor["deny"], os.path.join(repo, readable), repo), readable
