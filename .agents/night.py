@@ -176,8 +176,8 @@ class Night:
         agents = []
         for gpu, (path, branch, tag) in zip(gpus, found):
             if branch is None:
-                add = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(path), start],
-                                     capture_output=True, text=True)
+                add = subprocess.run(["git", "-C", str(ROOT), "-c", "core.hooksPath=/dev/null", "worktree", "add", "-q",
+                                      "--detach", str(path), start], capture_output=True, text=True)
                 if add.returncode != 0:
                     raise Refused(f"could not make the worktree {path}: {add.stderr.strip()}")
                 self.say(f"made the worktree {path} from {start}; run.sh starts autoresearch/{tag} there at "
