@@ -1475,6 +1475,22 @@ def _denies_read(rules: list[str], path: str, root: str) -> bool:
     return False
 
 
+def test_training_that_rewrites_the_heldout_scores_is_caught_and_other_checkouts_rows_stay(based: Repo):
+    """Without a sandbox training can write heldout.tsv: what was there is put back, with the rows it
+    holds now that another checkout's run.sh could have appended (whole, naming that checkout); a row
+    naming this checkout and anything else are dropped, and the run is a crash."""
+    h = based.path / HELDOUT_TSV
+    before = "\t".join(["commit", "val_bpb", "status", "branch", "profile", "heldout_bpb", "heldout_runs",
+                        "checkout", "time"]) + "\naaaaaaa\t1.000000\tkeep\tautoresearch/x\tgpu\t0.9\t0.9\t/a\tt\n"
+    h.write_text(before)
+    other = "bbbbbbb\t1.000000\tkeep\tautoresearch/y\tgpu\t0.8\t0.8\t/b\tt\n"
+    mine = other.replace("/b", str(based.path.resolve()))
+    based.write("train.py", trainer("0.9", body=f"open({str(h)!r}, 'w').write({'garbage' + chr(10) + other + mine!r})\n"))
+    out = based.run("rewrites the held-out scores", AUTORESEARCH_SANDBOX="none").stdout
+    assert "training touched: .git/autoresearch/heldout.tsv (put back)" in out and based.rows()[-1][3] == "crash"
+    assert h.read_text() == before + other
+
+
 def test_the_agent_permissions_deny_reading_the_heldout_scores():
     repo = str(RUN_SH.parent)
     claude = json.loads((RUN_SH.parent / ".claude/settings.json").read_text())["permissions"]
