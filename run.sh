@@ -64,6 +64,7 @@ night=0 adopt=""                                      # ... (adopt: autoresearch
 limit="" min_imp=0 confirm=0 smoke=0 profile=gpu      # read_settings ...
 prep_cmd="" cache="" want_box=auto envs=()            # ... (envs: the environment training sees)
 root="" git_dir="" common="" state="" tmp="" run_id=""  # enter_checkout
+held_tsv=""                                           # enter_checkout: the held-out scores
 branch="" head="" base="" new_branch=""               # choose_branch
 h7="" baseline=0 best="" noise_before=-               # refuse_nothing_to_run
 adopt_commit=""                                       # refuse_tried_tonight
@@ -73,6 +74,8 @@ t_run="" t_exit="" t_iter="" t_ev0="" t_ev1=""        # train_and_verify: run.sh
 rc=0 verdict=0 secs=0 wall=0 touched="" reason=""     # ... the last run's outcome ...
 val="" mem="" heldout="" runs=() held_runs=() peak=0  # ... and the measurements
 status="" decision=-                                  # decide
+# heldout.tsv's columns: what analysis.py matches to results.tsv, the scores, and which checkout ran it
+held_header=$'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime'
 
 # ---------------------------------------------------------------- arguments
 parse_arguments() {
@@ -166,6 +169,10 @@ enter_checkout() {
   common=$(cd "$(g rev-parse --git-common-dir)" && pwd -P)
   state=$git_dir/autoresearch       # per worktree: lock and the pending-run journal
   mkdir -p "$state" "$common/autoresearch"
+  # One file for all worktrees (held_append, check_heldout); there before any sandbox
+  # starts, so that every sandbox hides it and its lock.
+  held_tsv=$common/autoresearch/heldout.tsv
+  : >>"$held_tsv"; : >>"$held_tsv.lock"
 
   # One run.sh per checkout. The lock dies with the process, so it is never stale.
   exec 8<>"$state/lock"
@@ -768,8 +775,9 @@ box_args() {
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
   for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
-  # the held-out scores are not for train.py's eyes (it could print them to run.log)
-  [ ! -e "$common/autoresearch/heldout.tsv" ] || box+=(--ro-bind /dev/null "$common/autoresearch/heldout.tsv")
+  # the held-out scores are not for train.py's eyes (it could print them to run.log), and
+  # their lock not for its hands (held, it would stop the other worktrees' run.sh)
+  for p in "$held_tsv" "$held_tsv.lock"; do [ ! -e "$p" ] || box+=(--ro-bind /dev/null "$p"); done
   case $3 in
     train)
       # run.sh's own files in $tmp (guard copies, the pipes) are hidden: only the hand-over shows
@@ -951,12 +959,13 @@ kill_run() {
 # --------------------------------------------------- before and after training
 # Copies of what training must not change, outside the repository.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv"
-           "$common/autoresearch/heldout.tsv")
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"
   done
+  held_lock || die 1 "nothing was trained; the next run.sh recovers"
+  cat -- "$held_tsv" >"$tmp/heldout.before" 2>/dev/null; held_unlock   # (check_heldout)
   git_status >"$tmp/status.before"
 }
 
@@ -978,6 +987,8 @@ check_untouched() {
     out="${out:+$out, }${p#"$root"/}"
     rm -rf -- "$p"; [ ! -e "$tmp/guard.$i" ] || cp -a -- "$tmp/guard.$i" "$p"
   done
+  p=$(check_heldout) || p="${held_tsv#"$root"/} (not checked: could not take its lock)"
+  [ -z "$p" ] || out="${out:+$out, }$p"
   if [ "$(g symbolic-ref -q HEAD)" != "refs/heads/$branch" ]; then out="${out:+$out, }HEAD"; g symbolic-ref HEAD "refs/heads/$branch"; fi
   if [ "$(g rev-parse HEAD)" != "$tried" ]; then out="${out:+$out, }branch $branch"; g update-ref "refs/heads/$branch" "$tried"; fi
   git_status >"$tmp/status.after"
@@ -988,6 +999,43 @@ check_untouched() {
   while IFS= read -r line; do out="${out:+$out, }${line:3} (deleted)"; done < <(comm -23 "$tmp/status.before" "$tmp/status.after")
   printf '%s' "$out"
 }
+
+# heldout.tsv is one file for all the worktrees of the repository, which their run.sh
+# append to side by side: while this run trained, another worktree may have recorded its
+# run there. Its rows stay; anything else that changed is training's (the sandbox shows it
+# /dev/null, so only a run without one can write there): the file is put back as it was, the
+# other worktrees' rows appended, and the change reported. Accepted: whole rows that name
+# another checkout (run.sh appends only whole rows, under the lock, naming its own), and the
+# header (the first row of a new file). Prints what was put back (empty: nothing).
+check_heldout() {
+  local before=$tmp/heldout.before new=$tmp/heldout.new others=$tmp/heldout.others size put_back=0
+  held_lock || return 1
+  size=$(stat -c %s -- "$before")
+  if [ -f "$held_tsv" ] && [ ! -L "$held_tsv" ] && cmp -s -n "$size" -- "$before" "$held_tsv"; then
+    tail -c "+$((size + 1))" -- "$held_tsv" >"$new"
+    [ ! -s "$new" ] || [ -z "$(tail -c 1 -- "$new")" ] || put_back=1   # a row cut short
+  else   # what was there changed: the other worktrees' rows are its lines that are new
+    put_back=1
+    awk 'NR == FNR { old[$0]; next } !($0 in old)' "$before" "$held_tsv" >"$new" 2>/dev/null
+  fi
+  awk -F'\t' -v root="$root" -v header="$held_header" '
+    $0 == header || (NF == 9 && length($1) == 7 && $1 !~ /[^0-9a-f]/ && $8 ~ /^\// && $8 != root) { print; next }
+    { bad = 1 } END { exit bad }' "$new" >"$others" || put_back=1
+  if [ "$put_back" = 1 ]; then
+    rm -rf -- "$held_tsv"; cat -- "$before" "$others" >"$held_tsv"
+    printf '%s' "${held_tsv#"$root"/}"
+  fi
+  held_unlock
+}
+
+# The held-out scores' lock (an flock on heldout.tsv.lock, never on the file itself, which
+# check_heldout may replace), for the moments run.sh reads or appends heldout.tsv.
+held_lock() {
+  exec {held_fd}>>"$held_tsv.lock" && flock -w 60 "$held_fd" && return 0
+  say "could not lock $held_tsv within 60s" >&2
+  return 1
+}
+held_unlock() { exec {held_fd}>&-; }
 
 # ------------------------------------------------------- decision and journal
 # Applies the decision recorded in the journal, appends its row, ends the journal.
@@ -1005,14 +1053,16 @@ finish_pending() {
   fi
   # The held-out score, where the agent does not look (its permissions deny reading it and the
   # sandbox hides it from training): one line per run, matched to results.tsv by analysis.py.
-  local hfile=$common/autoresearch/heldout.tsv
   if [ -n "$(get heldout)" ] && [ ! -f "$state/pending/heldout_done" ]; then
+    held_lock || die 1 "the held-out score is not recorded yet; the next run.sh records it"
+    # the worktrees append one at a time, each row whole (check_heldout relies on it)
     {
-      [ -s "$hfile" ] || printf 'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime\n'
-      [ ! -s "$hfile" ] || [ -z "$(tail -c 1 "$hfile")" ] || printf '\n'
+      [ -s "$held_tsv" ] || printf '%s\n' "$held_header"
+      [ ! -s "$held_tsv" ] || [ -z "$(tail -c 1 "$held_tsv")" ] || printf '\n'
       get heldout; printf '\n'
     } >"$tmp/heldout.row"
-    cat "$tmp/heldout.row" >>"$hfile"   # one small write: worktrees append side by side
+    cat "$tmp/heldout.row" >>"$held_tsv"
+    held_unlock
     put heldout_done 1
   fi
   if [ -n "$row" ]; then

@@ -3,7 +3,8 @@
 
     .agents/night.py --until 07:00                 # Claude Code (claude -p)
     .agents/night.py --agent codex --for 8h        # Codex (codex exec)
-    touch .agents/stop                             # ask it to stop
+    .agents/night.py --gpus all --for 8h           # one agent per GPU, each in its own worktree
+    touch .agents/stop                             # ask it to stop (every agent)
 
 The agent is told to read program.md in full and follow it (START below): what
 to read, the set-up and the loop are program.md's alone, the prompts add only
@@ -18,10 +19,21 @@ itself (so the running experiment finishes and no new one can start), then ends
 the agent. Ctrl-C or SIGTERM ends the agent at once instead (run.sh then records
 the running experiment as an interrupted crash).
 
+With --gpus (a list of GPU indices, or all that nvidia-smi lists) there is one agent
+per GPU, each in a git worktree beside the repository (<repo>-gpu<N>, made from main
+the first time, reused after), pinned to its GPU (CUDA_VISIBLE_DEVICES=<N>) and to a
+branch of its own (AUTORESEARCH_TAG=<date>-gpu<N>: run.sh starts autoresearch/<tag>
+at the first run), each supervised as above, side by side: one process, one log (each
+line tagged with its GPU), one exit status. The stop file and the deadline stop them
+all, each after its running experiment. The worktrees use the main checkout's Python
+(AUTORESEARCH_PYTHON), which `uv sync` made and ./run.sh --doctor checked.
+
 Claude Code ignores .claude/settings.json, and Codex .codex/, in a checkout that
 the person has not trusted once; a night would then end within seconds. When the
-CLI says so, this script stops with an error saying what to do (exit 2). See the
-README, "Running the agent".
+CLI says so, this script stops with an error saying what to do (exit 2). Both trust
+the worktrees of a trusted main checkout (Claude Code 2.1.197 and Codex 0.169 look up
+a worktree's trust under its main checkout), so the worktrees need nothing more and
+this script writes no trust of its own. See the README, "Running the agent".
 
 Python's standard library only (system python3): it watches a deadline, a stop
 file, the agent's stderr and its process group, and takes an flock, which is
@@ -87,30 +99,143 @@ def deadline_of(args):
     return float("inf")
 
 
+def git(where, *args):
+    """git's output, stripped; None when it fails."""
+    out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def end(procs):
+    """End the agents' whole process groups (their shell tools included): TERM, then KILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        live = [p for p in procs if p is not None and p.poll() is None]
+        for p in live:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+        until = time.time() + wait
+        for p in live:
+            try:
+                p.wait(timeout=max(0.0, until - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class Refused(Exception):
+    """A set-up the night cannot start with; the message says what to do."""
+
+
 class Night:
+    """What the agents of a night share: the deadline, the stop file, the log, the outcome."""
+
     def __init__(self, args):
         self.args, self.deadline = args, deadline_of(args)
         self.stop_file = HERE / "stop"
         self.log = open(HERE / "night.log", "a", buffering=1, encoding="utf-8")
-        git_dir = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--absolute-git-dir"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        # run.sh's per-checkout lock (an flock, held while an experiment runs).
-        self.lock_path = Path(git_dir) / "autoresearch" / "lock"
-        self.untrusted = None
+        self.log_lock = threading.Lock()
+        self.failed = None  # (exit status, why): an agent that cannot go on stops the others
 
-    def say(self, text, loud=False):
-        line = f"[night {time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
-        self.log.write(line + "\n")
+    def write(self, text):
+        with self.log_lock:
+            self.log.write(text)
+
+    def say(self, text, loud=False, tag=""):
+        line = f"[night {time.strftime('%Y-%m-%d %H:%M:%S')}{' ' + tag if tag else ''}] {text}"
+        self.write(line + "\n" + ("\n" if loud else ""))
         print(line, file=sys.stderr, flush=True)
-        if loud:
-            self.log.write("\n")
 
     def stop_reason(self):
+        if self.failed:
+            return self.failed[1]
         if self.stop_file.exists():
             return f"stop file {self.stop_file.relative_to(ROOT)} found"  # removed at the next start
         if time.time() >= self.deadline:
             return "deadline reached"
         return None
+
+    def fail(self, code, why):
+        with self.log_lock:
+            self.failed = self.failed or (code, why)
+
+    def agents(self):
+        """One agent in this checkout, or with --gpus one per GPU in its worktree."""
+        if not self.args.gpus:
+            return [Agent(self, ROOT)]
+        gpus = gpu_indices(self.args.gpus)
+        start = next((b for b in ("main", "master") if git(ROOT, "rev-parse", "-q", "--verify", f"refs/heads/{b}")),
+                     None)
+        if start is None:
+            raise Refused(f"no branch main or master in {ROOT} to make the GPUs' worktrees from")
+        env = {}
+        if not os.environ.get("AUTORESEARCH_PYTHON"):
+            env["AUTORESEARCH_PYTHON"] = project_python()
+        # The same numbering as nvidia-smi's (CUDA's own order may differ) and run.sh's GPU locks.
+        env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        found = [worktree(gpu, start) for gpu in gpus]  # all checked before any is made
+        agents = []
+        for gpu, (path, branch, tag) in zip(gpus, found):
+            if branch is None:
+                add = subprocess.run(["git", "-C", str(ROOT), "-c", "core.hooksPath=/dev/null", "worktree", "add", "-q",
+                                      "--detach", str(path), start], capture_output=True, text=True)
+                if add.returncode != 0:
+                    raise Refused(f"could not make the worktree {path}: {add.stderr.strip()}")
+                self.say(f"made the worktree {path} from {start}; run.sh starts autoresearch/{tag} there at "
+                         "the first run", tag=f"gpu{gpu}")
+            else:
+                self.say(f"reusing the worktree {path} ({'on ' + branch if branch else 'detached'})", tag=f"gpu{gpu}")
+            wt_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu), AUTORESEARCH_TAG=tag)
+            if "AUTORESEARCH_PYTHON" in env and (path / "uv.lock").read_bytes() != (ROOT / "uv.lock").read_bytes():
+                del wt_env["AUTORESEARCH_PYTHON"]  # other dependencies: its own environment (uv run syncs it)
+                self.say("its uv.lock is not the main checkout's: run.sh there uses its own environment",
+                         tag=f"gpu{gpu}")
+            agents.append(Agent(self, path, f"gpu{gpu}", wt_env))
+        return agents
+
+    def run(self):
+        try:
+            agents = self.agents()
+        except Refused as e:
+            self.say(f"ERROR: {e}", loud=True)
+            return 1
+        where = "" if not self.args.gpus else " on " + ", ".join(a.tag for a in agents)
+        self.say(f"night starts: agent {self.args.agent}{where}, "
+                 + ("no deadline" if self.deadline == float("inf")
+                    else time.strftime("until %Y-%m-%d %H:%M:%S", time.localtime(self.deadline)))
+                 + f", stop file {self.stop_file.relative_to(ROOT)}, log {self.log.name}")
+        if self.stop_file.exists():
+            self.stop_file.unlink()
+            self.say("removed a stop file left from an earlier night")
+        threads = [threading.Thread(target=a.supervise, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=1)
+        except BaseException:  # Ctrl-C or SIGTERM: every agent ends at once
+            self.fail(130, "interrupted")
+            end([a.proc for a in agents])
+            raise
+        if len(agents) > 1:
+            self.say(f"night over for all {len(agents)} agents" + (f" ({self.failed[1]})" if self.failed else ""))
+        return self.failed[0] if self.failed else 0
+
+
+class Agent:
+    """One agent in its checkout: started, watched, restarted, stopped."""
+
+    def __init__(self, night, root, tag="", env=()):
+        self.night, self.root, self.tag = night, root, tag
+        self.env = dict(os.environ, CLAUDE_CODE_DISABLE_BACKGROUND_TASKS="1",  # experiments in the foreground
+                        PWD=str(root), **dict(env))
+        # run.sh's per-checkout lock (an flock, held while an experiment runs).
+        self.lock_path = Path(git(root, "rev-parse", "--absolute-git-dir")) / "autoresearch" / "lock"
+        self.untrusted = None
+        self.proc = None
+
+    def say(self, text, loud=False):
+        self.night.say(text, loud, self.tag)
 
     def take_lock(self):
         """Wait until no run.sh runs here; return the held lock (close it to release)."""
@@ -123,96 +248,152 @@ class Night:
             fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
-    def watch_stderr(self, proc):
-        for line in proc.stderr:
-            self.log.write(line)
-            if UNTRUSTED[self.args.agent] in line and not self.untrusted:
+    def copy(self, stream, stderr):
+        """The agent's output into the log, each line tagged; on stderr, watch for the untrusted warning."""
+        prefix = f"[{self.tag}] " if self.tag else ""
+        for line in stream:
+            self.night.write(prefix + line)
+            if stderr and UNTRUSTED[self.night.args.agent] in line and not self.untrusted:
                 self.untrusted = line.strip()
                 try:
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.killpg(self.proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
 
     def session(self, prompt):
-        """One agent session; returns why it ended: 'ended (...)', 'untrusted' or a stop reason."""
-        env = dict(os.environ, CLAUDE_CODE_DISABLE_BACKGROUND_TASKS="1")  # experiments in the foreground
+        """One agent session; returns why it ended: 'ended (...)', 'untrusted', 'missing' or a stop reason."""
         try:
-            proc = subprocess.Popen(command(self.args.agent, prompt, self.args.extra), cwd=ROOT, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
+            self.proc = proc = subprocess.Popen(
+                command(self.night.args.agent, prompt, self.night.args.extra), cwd=self.root, env=self.env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                errors="replace", start_new_session=True)
         except FileNotFoundError:
             return "missing"
-        watcher = threading.Thread(target=self.watch_stderr, args=(proc,), daemon=True)
-        watcher.start()
+        copiers = [threading.Thread(target=self.copy, args=(stream, stream is proc.stderr), daemon=True)
+                   for stream in (proc.stdout, proc.stderr)]
+        for t in copiers:
+            t.start()
         try:
             while proc.poll() is None:
-                reason = self.stop_reason()
+                reason = self.night.stop_reason()
                 if reason:
                     self.say(f"{reason}: stopping the agent once no experiment is running")
                     with self.take_lock():  # held: a new ./run.sh is refused meanwhile
-                        self.end(proc)
+                        end([proc])
                     return reason
                 time.sleep(1)
         finally:
-            self.end(proc)
-            watcher.join(timeout=5)
+            end([proc])
+            for t in copiers:
+                t.join(timeout=5)
         return "untrusted" if self.untrusted else f"ended (exit status {proc.returncode})"
 
-    def end(self, proc):
-        """End the agent's whole process group (its shell tools included)."""
-        if proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                return
-            except ProcessLookupError:
-                return
-            except subprocess.TimeoutExpired:
-                pass
+    def supervise(self):
+        """The agent's night, in its own thread; an agent that cannot go on stops the others."""
+        try:
+            code, why = self.sessions()
+        except Exception as e:  # noqa: BLE001  (said, and the others stopped, rather than a silent thread)
+            code, why = 1, f"night.py failed: {e!r}"
+            self.say(f"ERROR: {why}", loud=True)
+        if code:
+            self.night.fail(code, f"{self.tag or 'the agent'} stopped: {why}")
 
-    def run(self):
-        self.say(f"night starts: agent {self.args.agent}, "
-                 + ("no deadline" if self.deadline == float("inf")
-                    else time.strftime("until %Y-%m-%d %H:%M:%S", time.localtime(self.deadline)))
-                 + f", stop file {self.stop_file.relative_to(ROOT)}, log {self.log.name}")
-        if self.stop_file.exists():
-            self.stop_file.unlink()
-            self.say("removed a stop file left from an earlier night")
-        prompt, pause, n = START, self.args.pause, 0
+    def sessions(self):
+        agent, args = self.night.args.agent, self.night.args
+        prompt, pause, n = START, args.pause, 0
         while True:
             n += 1
             self.say(f"session {n} starts")
             t0 = time.time()
             why = self.session(prompt)
             if why == "missing":
-                self.say(f"ERROR: `{self.args.agent}` is not on PATH; install it (README, "
-                         "\"Running the agent\")", loud=True)
-                return 1
+                self.say(f"ERROR: `{agent}` is not on PATH; install it (README, \"Running the agent\")", loud=True)
+                return 1, f"{agent} not found"
             if why == "untrusted":
-                self.say(f"ERROR: {self.args.agent} does not trust this workspace, so it ignores the "
+                # A worktree's trust is its main checkout's: that is the one to trust.
+                self.say(f"ERROR: {agent} does not trust this workspace, so it ignores the "
                          "project's settings (.claude/ or .codex/): the agent could not edit train.py "
-                         f"or run ./run.sh, and the night would end at once. {self.args.agent} said:\n"
+                         f"or run ./run.sh, and the night would end at once. {agent} said:\n"
                          f"    {self.untrusted}\nDo this once, then start again: "
-                         + TRUST_STEP[self.args.agent].format(root=ROOT)
+                         + TRUST_STEP[agent].format(root=ROOT)
                          + " (README, \"Running the agent\").", loud=True)
-                return 2
+                return 2, "untrusted"
             if not why.startswith("ended"):
                 self.say(f"night over ({why}) after {n} session(s)")
-                return 0
+                return 0, why
             self.say(f"session {n} {why} after {time.time() - t0:.0f}s")
             self.take_lock().close()  # never restart while an experiment runs
             # A session that ends at once (an API error, a broken set-up) must not spin all night.
-            pause = min(pause * 2, 600) if time.time() - t0 < 60 else self.args.pause
-            end = time.time() + pause
-            while time.time() < end and not self.stop_reason():
+            pause = min(pause * 2, 600) if time.time() - t0 < 60 else args.pause
+            until = time.time() + pause
+            while time.time() < until and not self.night.stop_reason():
                 time.sleep(1)
-            reason = self.stop_reason()
+            reason = self.night.stop_reason()
             if reason:
                 self.say(f"night over ({reason}) after {n} session(s)")
-                return 0
+                return 0, reason
             prompt = RESTART
+
+
+# ------------------------------------------------------------------ --gpus
+
+def gpu_indices(spec):
+    """The GPU indices of --gpus: a list such as 0,1,3, or all that nvidia-smi lists."""
+    if spec == "all":
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=120)
+        except FileNotFoundError:
+            raise Refused("--gpus all asks nvidia-smi for the GPUs, and it is not on PATH; "
+                          "name them instead, e.g. --gpus 0,1") from None
+        if out.returncode != 0 or not out.stdout.split():
+            raise Refused(f"nvidia-smi lists no GPU ({(out.stderr or out.stdout).strip() or out.returncode}); "
+                          "name them instead, e.g. --gpus 0,1")
+        ids = out.stdout.split()
+    else:
+        ids = spec.split(",")
+    if not all(re.fullmatch(r"\d+", i) for i in ids) or len(set(map(int, ids))) != len(ids):
+        raise Refused(f"--gpus wants all, or distinct GPU indices separated by commas (0,1,3), not {spec!r}")
+    return [int(i) for i in ids]
+
+
+def worktree(gpu, start):
+    """GPU's worktree beside the repository: (path, its branch, the tag for run.sh); the branch is
+    None when the worktree is still to be made, '' when it is detached. An existing one is reused
+    only if it is a worktree of this repository, detached or on a branch of this GPU's."""
+    path = ROOT.parent / f"{ROOT.name}-gpu{gpu}"
+    date = time.strftime("%b%d").lower()  # as run.sh names a branch it starts
+    free = next(t for t in (f"{date}{s}-gpu{gpu}" for s in ["", *"bcdefghijklmnopqrstuvwxyz"])
+                if not git(ROOT, "rev-parse", "-q", "--verify", f"refs/heads/autoresearch/{t}"))
+    if not path.exists() and not path.is_symlink():
+        return path, None, free
+    top, common = git(path, "rev-parse", "--show-toplevel"), git(path, "rev-parse", "--git-common-dir")
+    ours = git(ROOT, "rev-parse", "--git-common-dir")
+    if top is None or Path(top).resolve() != path.resolve() or \
+            (path / common).resolve() != (ROOT / ours).resolve():
+        raise Refused(f"{path} exists and is not a worktree of this repository; move it away "
+                      f"(night.py makes GPU {gpu}'s worktree there), or leave GPU {gpu} out of --gpus")
+    branch = git(path, "symbolic-ref", "-q", "--short", "HEAD") or ""
+    if branch and not re.fullmatch(rf"autoresearch/.+-gpu{gpu}", branch):
+        raise Refused(f"the worktree {path} is on {branch}, not on a branch of GPU {gpu}'s (autoresearch/"
+                      f"<tag>-gpu{gpu}) nor detached; start it afresh from main with "
+                      f"`git -C {path} switch --detach main` (its branch stays), or move it away")
+    return path, branch, branch.removeprefix("autoresearch/") if branch else free
+
+
+def project_python():
+    """The main checkout's Python, found as run.sh finds it (uv), for every worktree."""
+    try:
+        out = subprocess.run(["uv", "run", "--project", str(ROOT), "--frozen", "python", "-I", "-S", "-c",
+                              "import sys; print(sys.executable)"], cwd="/", capture_output=True, text=True,
+                             timeout=600)
+    except FileNotFoundError:
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout.strip():
+        why = "uv is not installed" if out is None else (out.stderr.strip().splitlines() or ["uv failed"])[-1]
+        raise Refused(f"could not get the project's Python ({why}): run `uv sync` in {ROOT}, or set "
+                      "AUTORESEARCH_PYTHON to a Python with PyTorch")
+    return out.stdout.strip()
 
 
 def main():
@@ -221,6 +402,8 @@ def main():
     when = p.add_mutually_exclusive_group()
     when.add_argument("--until", metavar="HH:MM", help="stop at this local time (the next one)")
     when.add_argument("--for", dest="duration", metavar="DURATION", help="stop after 8h, 90m, 30s ...")
+    p.add_argument("--gpus", metavar="LIST", help="one agent per GPU, each in a worktree <repo>-gpu<N>: "
+                   "GPU indices (0,1,3) or all (from nvidia-smi)")
     p.add_argument("--pause", type=float, default=15,
                    help="seconds between sessions (doubled, up to 600, after a session under a minute)")
     p.add_argument("extra", nargs="*", help="after --: more arguments for the agent CLI (e.g. -- --model opus)")

@@ -9,7 +9,8 @@ up where it stands. For every call the server records what the client sent back
 (the tool result), so a test can tell a call that ran from one that was refused.
 When the script runs out, every answer ends the turn. A step may also be a
 function of the server returning the step to play (it can look at the outputs so
-far, and put steps back in front).
+far, and put steps back in front). Agents that run side by side (night.py --gpus)
+each play a script of their own, added for their working directory.
 
 Side requests (Claude Code's title and summary queries carry no tools) are
 answered with a short text and do not advance the script.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +56,7 @@ class ModelServer:
     played: list = field(default_factory=list)  # steps handed out, in order
     prompts: list = field(default_factory=list)  # first user text of each session
     requests: list = field(default_factory=list)  # every request body, for debugging
+    scripts: dict = field(default_factory=dict)  # working directory -> the steps of the agent working there
 
     def __post_init__(self):
         self.lock = threading.Lock()
@@ -105,9 +108,11 @@ class ModelServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def add(self, *steps):
+    def add(self, *steps, cwd=None):
+        """The next steps; with cwd, of the agent working there only (Claude Code's system prompt
+        names its working directory)."""
         with self.lock:
-            self.steps.extend(steps)
+            (self.steps if cwd is None else self.scripts.setdefault(str(cwd), [])).extend(steps)
 
     @property
     def calls(self):
@@ -126,6 +131,8 @@ class ModelServer:
                        for b in m["content"] if b.get("type") == "tool_result"]
             first = not any(m["role"] == "assistant" for m in messages)
             prompt = _text(messages[0]["content"]) if messages else ""
+            cwd = re.search(r"Primary working directory: (.+)", _text(req.get("system")))
+            steps = self.scripts.get(cwd[1].strip() if cwd else None, self.steps)
         else:
             items = req.get("input", [])
             if not req.get("tools"):
@@ -135,13 +142,14 @@ class ModelServer:
             first = not any(i.get("type") in ("function_call", "custom_tool_call") or i.get("role") == "assistant"
                             for i in items)
             prompt = _text([i for i in items if i.get("role") == "user"][-1]["content"]) if items else ""
+            steps = self.steps
         for call in self.calls:
             for call_id, output, is_error in results:
                 if call.id == call_id and call.output is None:
                     call.output, call.is_error = output, is_error
         if first:
             self.prompts.append(prompt)
-        step = self.steps.pop(0) if self.steps else End("The script is finished.")
+        step = steps.pop(0) if steps else End("The script is finished.")
         while callable(step):  # a step decided from what came back (e.g. poll until a command exits)
             step = step(self)
         step.session = len(self.prompts)

@@ -11,7 +11,8 @@ The workspace is trusted the way the README says (projects[<repo>] in
 .claude/settings.json.
 
 Minutes on a 2-core CPU: three smoke trainings (30-70 s each) in the short night; the
-night after a baseline run by hand uses run.sh's stand-ins (seconds).
+night after a baseline run by hand and the night with one agent per GPU use run.sh's
+stand-ins (seconds).
 """
 
 import json
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import NPM_BIN, changed, git, results, snapshot
 from model_server import Call, End, ModelServer
-from test_run_sh import PREPARE, Repo, trainer  # run.sh's stand-ins: a run takes seconds
+from test_run_sh import HELDOUT_TSV, PREPARE, WAIT_FOR_NOTE, Repo, trainer  # run.sh's stand-ins: a run takes seconds
 
 CLAUDE = NPM_BIN / "claude"
 pytestmark = pytest.mark.skipif(
@@ -251,6 +252,19 @@ def test_a_short_night_under_the_supervisor(workspace):
     assert "session 2 starts" in log and '"type":"result"' in log  # the agent's stream-json, logged
 
 
+def stand_ins(ws, tmp_path, train):
+    """run.sh's stand-ins for prepare.py and train.py (tests/test_run_sh.py), committed on main, with
+    their prepared data: each run takes seconds."""
+    cache = tmp_path / "cache"
+    for d in (cache, cache / "smoke"):
+        d.mkdir(parents=True)
+        Repo.prepare_data(d)
+    ws.env["AUTORESEARCH_CACHE"] = str(cache)
+    (ws.repo / "prepare.py").write_text(PREPARE)
+    (ws.repo / "train.py").write_text(train)
+    git(ws.repo, "-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "stand-ins")
+
+
 def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
     """The other order of program.md's set-up: the person ran `./run.sh "baseline"` by hand before
     the night. The agent's own `./run.sh "baseline"` is refused (exit 3) and changes nothing; its
@@ -258,14 +272,7 @@ def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
     committed on main, make each run take seconds: what is tested is what run.sh answers the agent."""
     ws, repo = workspace, workspace.repo
     trust(ws)
-    cache = tmp_path / "cache"
-    for d in (cache, cache / "smoke"):
-        d.mkdir(parents=True)
-        Repo.prepare_data(d)
-    ws.env["AUTORESEARCH_CACHE"] = str(cache)
-    (repo / "prepare.py").write_text(PREPARE)
-    (repo / "train.py").write_text(trainer("1.0"))
-    git(repo, "-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "stand-ins")
+    stand_ins(ws, tmp_path, trainer("1.0"))
     by_hand = subprocess.run(["./run.sh", "baseline"], cwd=repo, env=ws.env, capture_output=True, text=True,
                              timeout=300)
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
@@ -301,3 +308,75 @@ def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
     rows = (repo / "results.tsv").read_text().splitlines()
     assert rows[2].split("\t")[0] == baseline[0]  # the rerun measured the person's baseline
     assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
+
+
+def test_one_agent_per_gpu(workspace, tmp_path):
+    """night.py --gpus 0,1 (fake indices: the smoke profile takes no GPU lock). First what it refuses
+    (exit 1, saying what to do, making nothing): a bad list, a path in the way that is no worktree of
+    this repository, a worktree on another branch. With the main checkout untrusted, its worktrees are
+    too: exit 2, naming the main checkout. Trusted, the night: a worktree (made by the first try,
+    reused), a branch and an agent per GPU, supervised together. Both agents run their baseline at once
+    (the stand-in train.py waits for a note); the stop file appears while both train; GPU 0's run is
+    recorded while GPU 1's still trains, then GPU 1's: both rows and both held-out scores stay, and
+    both agents are stopped after their experiment."""
+    ws, repo = workspace, workspace.repo
+    stand_ins(ws, tmp_path, trainer("1.0", heldout="0.9", body="print('cuda', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+                                                          + WAIT_FOR_NOTE))
+    wts = [tmp_path / f"repo-gpu{n}" for n in (0, 1)]
+    server = ModelServer("anthropic")
+    proc = night(ws, server, "--gpus", "0,x")
+    assert proc.returncode == 1 and "distinct GPU indices" in proc.stderr, proc.stderr
+    wts[1].mkdir()
+    proc = night(ws, server, "--gpus", "0,1")
+    assert proc.returncode == 1 and f"{wts[1]} exists and is not a worktree" in proc.stderr, proc.stderr
+    assert not wts[0].exists()  # all checked before any is made
+    wts[1].rmdir()
+    git(repo, "worktree", "add", "-q", "-b", "elsewhere", str(wts[1]), "main")
+    proc = night(ws, server, "--gpus", "1")
+    assert proc.returncode == 1 and "is on elsewhere, not on a branch of GPU 1's" in proc.stderr, proc.stderr
+    git(repo, "worktree", "remove", str(wts[1]))
+    proc = night(ws, server, "--gpus", "0,1", "--for", "5m")
+    assert proc.returncode == 2 and "does not trust this workspace" in proc.stderr, proc.stderr
+    assert f"run `claude` in {repo}," in proc.stderr and proc.seconds < 60  # the main checkout, at once
+    assert all(results(wt) == [] for wt in wts)
+
+    trust(ws)  # the main checkout only: its worktrees share its trust
+    for wt in wts:
+        server.add(bash('./run.sh "baseline"'), End("The baseline is running."), cwd=wt)
+
+    def wait_for(check, what):
+        deadline = time.monotonic() + 240
+        while not check():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {proc.communicate()}"
+            time.sleep(0.2)
+
+    env = dict(ws.env, ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="dummy-key")
+    proc = subprocess.Popen([sys.executable, str(repo / ".agents" / "night.py"), "--pause", "0", "--gpus", "0,1"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for wt in wts:
+            wait_for(lambda: "started" in ((wt / "run.log").read_text() if (wt / "run.log").exists() else ""),
+                     f"{wt.name} trains")
+        (repo / ".agents" / "stop").touch()
+        for wt in wts:  # one after the other: GPU 0's row is recorded while GPU 1 trains
+            with open(wt / "scratchpad.md", "a") as f:
+                f.write("go on\n")
+            wait_for(lambda: results(wt), f"{wt.name} records its run")
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+    assert proc.returncode == 0, err
+    for n, wt in enumerate(wts):
+        assert f"reusing the worktree {wt} (detached)" in err
+        assert re.search(rf"gpu{n}\] night over \(stop file \.agents/stop found\) after 1 session\(s\)", err), err
+        assert re.fullmatch(rf"autoresearch/[a-z]{{3}}\d\d-gpu{n}", git(wt, "branch", "--show-current"))
+        assert f"cuda {n}" in (wt / "run.log").read_text()  # the agent's GPU, passed on by run.sh
+        assert results(wt) == [("keep", "baseline")]
+    assert all("Read program.md in full" in p for p in server.prompts[-2:])
+    assert git(repo, "branch", "--show-current") == "main" and results(repo) == []
+    stored = [line.split("\t") for line in (repo / HELDOUT_TSV).read_text().splitlines()]
+    assert [(r[5], r[7]) for r in stored if r[0] != "commit"] == [("0.900000", str(wt.resolve())) for wt in wts]
+    log = (repo / ".agents" / "night.log").read_text()
+    assert "[gpu0] " in log and "[gpu1] " in log and "night over for all 2 agents" in log

@@ -194,3 +194,15 @@ def test_a_short_night_with_codex_under_the_supervisor(workspace):
     assert results(repo) == [("keep", "baseline")]
     assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
     assert "- baseline run\n" in (repo / "scratchpad.md").read_text()
+
+
+def test_codex_trusts_the_worktrees_night_py_makes_for_its_gpus(workspace):
+    """night.py --gpus relies on it: Codex looks up a worktree's trust under its main checkout."""
+    ws = workspace
+    server = ModelServer("openai")
+    env = configure(ws, server)  # the main checkout only
+    server.add(End("Nothing to do.", on_play=lambda: (ws.repo / ".agents" / "stop").touch()))
+    proc = night(ws, env, "--gpus", "0")
+    server.close()
+    assert proc.returncode == 0 and "Untrusted" not in proc.stderr, proc.stderr
+    assert f"made the worktree {ws.repo}-gpu0" in proc.stderr and len(server.prompts) == 1

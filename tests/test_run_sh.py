@@ -455,6 +455,7 @@ def test_the_network_test_would_notice_a_connection(based: Repo):
 TAMPER = """
 import pathlib
 for target, text in [("prepare.py", "print('pwned')"), ("results.tsv", "fake\\trow"),
+                     (".git/autoresearch/heldout.tsv", "fake\\trow\\n"),
                      (".git/hooks/pre-commit", "#!/bin/sh\\ntouch {marker}"),
                      (".git/config", "[core]\\n\\tfsmonitor = touch {marker}"),
                      ("{data}", "poisoned"), ("sitecustomize.py", "print('pwned')")]:
@@ -472,20 +473,21 @@ def test_tampering_is_stopped_or_caught(based: Repo, box):
     marker = based.tmp / "hook-ran"
     body = TAMPER.format(marker=marker, data=based.cache / "data.bin")
     based.write("train.py", trainer("0.9", body=body))
-    before = {p: (based.path / p).read_bytes() for p in ("prepare.py", "results.tsv", ".git/config")}
+    before = {p: (based.path / p).read_bytes() for p in ("prepare.py", "results.tsv", ".git/config", HELDOUT_TSV)}
     data_before = (based.cache / "data.bin").read_bytes()
     out = based.run("tampers", AUTORESEARCH_SANDBOX=box).stdout
     log = based.read("run.log")
     if box == "none":
-        assert log.count("WROTE") == 6
+        assert log.count("WROTE") == 7
         assert based.rows()[-1][3] == "crash"
         for what in ("prepare.py", "results.tsv", ".git/hooks", ".git/config", "sitecustomize.py",
-                     "prepared data"):
+                     "prepared data", "heldout.tsv"):
             assert what in out, what
         (based.cache / "data.bin").write_bytes(data_before)  # only data outside git is not put back
     else:
         for target in ("prepare.py", "results.tsv", ".git/hooks/pre-commit", ".git/config", "sitecustomize.py"):
             assert f"BLOCKED {target} Read-only file system" in log, log
+        assert f"BLOCKED {HELDOUT_TSV} Permission denied" in log, log  # /dev/null, read-only, in its place
         # the prepared data are not in the training box at all (its batches come from the server);
         # under this test's /tmp the path may be created in the box's own private /tmp
         assert f"BLOCKED {based.cache / 'data.bin'}" in log or f"WROTE {based.cache / 'data.bin'}" in log
@@ -1164,12 +1166,25 @@ def test_two_runs_at_once_one_refuses(based: Repo):
     assert [r[4] for r in based.rows()] == ["baseline", "slow one"]
 
 
-def test_worktrees_share_a_gpu_lock_but_not_other_gpus(based: Repo):
+# train.py that waits (up to 60 s) for a note in scratchpad.md, which the test writes from outside
+WAIT_FOR_NOTE = """
+print("started", flush=True)
+deadline = time.time() + 60
+while "go on" not in open("scratchpad.md").read() and time.time() < deadline:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_worktrees_share_a_gpu_lock_but_not_other_gpus_and_keep_each_others_heldout_rows(based: Repo, box):
+    """Two worktrees, one GPU each: the second's run on the first's GPU is refused; on its own GPU it
+    runs, and records its held-out score in the one heldout.tsv while the first trains. That row stays
+    and is no change of the first's training (which was a crash, its row lost, before)."""
     other = based.tmp / "wt"
     based.git("worktree", "add", "-q", "--detach", str(other), "main")
     wt = Repo(based.tmp, "wt")
-    based.write("train.py", trainer("0.9", body="print('started', flush=True); time.sleep(2)\n"))
-    first = based.popen("gpu 0", CUDA_VISIBLE_DEVICES="0")
+    based.write("train.py", trainer("0.9", body=WAIT_FOR_NOTE, heldout="0.8765"))
+    first = based.popen("gpu 0", CUDA_VISIBLE_DEVICES="0", AUTORESEARCH_SANDBOX=box)
     try:
         based.wait_for_log("started")
         before = wt.snapshot()
@@ -1177,11 +1192,17 @@ def test_worktrees_share_a_gpu_lock_but_not_other_gpus(based: Repo):
         assert "GPU 0 is in use" in p.stderr and str(based.path) in p.stderr
         assert wt.snapshot() == before
         p = wt.run("all gpus", rc=3, AUTORESEARCH_TAG="t2")  # unset: all GPUs
-        out = wt.run("gpu 1", CUDA_VISIBLE_DEVICES="1", AUTORESEARCH_TAG="t2").stdout
+        wt.write("train.py", trainer("0.95", heldout="0.7654"))
+        out = wt.run("gpu 1", CUDA_VISIBLE_DEVICES="1", AUTORESEARCH_TAG="t2", AUTORESEARCH_SANDBOX=box).stdout
         assert "status:       keep" in out and wt.branch() == "autoresearch/t2"
     finally:
-        assert first.wait(timeout=60) == 0
+        based.write("scratchpad.md", "# notes\ngo on\n")
+        out = first.communicate(timeout=60)[0]
+    assert first.returncode == 0 and "status:       keep" in out and "touched" not in out, out
     assert based.rows()[-1][3] == "keep" and wt.rows()[-1][5] == "autoresearch/t2"
+    stored = [line.split("\t") for line in (based.path / HELDOUT_TSV).read_text().splitlines()]
+    assert [(r[0], r[5], r[7]) for r in stored if r[0] != "commit"] == [
+        (wt.head()[:7], "0.765400", str(other.resolve())), (based.head()[:7], "0.876500", str(based.path.resolve()))]
 
 
 @pytest.mark.parametrize("box", SANDBOXES)
@@ -1471,14 +1492,31 @@ def _denies_read(rules: list[str], path: str, root: str) -> bool:
     return False
 
 
+def test_training_that_rewrites_the_heldout_scores_is_caught_and_other_checkouts_rows_stay(based: Repo):
+    """Without a sandbox training can write heldout.tsv: what was there is put back, with the rows it
+    holds now that another checkout's run.sh could have appended (whole, naming that checkout); a row
+    naming this checkout and anything else are dropped, and the run is a crash."""
+    h = based.path / HELDOUT_TSV
+    before = "\t".join(["commit", "val_bpb", "status", "branch", "profile", "heldout_bpb", "heldout_runs",
+                        "checkout", "time"]) + "\naaaaaaa\t1.000000\tkeep\tautoresearch/x\tgpu\t0.9\t0.9\t/a\tt\n"
+    h.write_text(before)
+    other = "bbbbbbb\t1.000000\tkeep\tautoresearch/y\tgpu\t0.8\t0.8\t/b\tt\n"
+    mine = other.replace("/b", str(based.path.resolve()))
+    based.write("train.py", trainer("0.9", body=f"open({str(h)!r}, 'w').write({'garbage' + chr(10) + other + mine!r})\n"))
+    out = based.run("rewrites the held-out scores", AUTORESEARCH_SANDBOX="none").stdout
+    assert "training touched: .git/autoresearch/heldout.tsv (put back)" in out and based.rows()[-1][3] == "crash"
+    assert h.read_text() == before + other
+
+
 def test_the_agent_permissions_deny_reading_the_heldout_scores():
     repo = str(RUN_SH.parent)
     claude = json.loads((RUN_SH.parent / ".claude/settings.json").read_text())["permissions"]
     cursor = json.loads((RUN_SH.parent / ".cursor/cli.json").read_text())["permissions"]
     heldout = os.path.join(repo, HELDOUT_TSV)
     elsewhere = "/srv/main-checkout/.git/autoresearch/heldout.tsv"  # a worktree's common dir
+    journal = "/srv/main-checkout/.git/worktrees/gpu1/autoresearch/pending/heldout"  # a killed run's, till recovered
     assert "Read" in claude["allow"] and "Read(**)" in cursor["allow"]  # everything else stays readable
-    assert _denies_read(claude["deny"], heldout, repo) and _denies_read(claude["deny"], elsewhere, repo)
+    assert all(_denies_read(claude["deny"], p, repo) for p in (heldout, elsewhere, journal))
     assert _denies_read(cursor["deny"], heldout, repo)
     for readable in ("results.tsv", "run.log", "progress.png", ".git/HEAD"):
         assert not _denies_read(claude["deny"] + cursor["deny"], os.path.join(repo, readable), repo), readable
