@@ -85,3 +85,17 @@ def results(repo):
         return []
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line]
     return [(r[3], r[4]) for r in rows]
+
+
+def stand_ins(ws, tmp_path, train):
+    """run.sh's stand-ins for prepare.py and train.py (tests/test_run_sh.py), committed on main, with
+    their prepared data: each run takes seconds."""
+    from test_run_sh import PREPARE, Repo
+    cache = tmp_path / "cache"
+    for d in (cache, cache / "smoke"):
+        d.mkdir(parents=True)
+        Repo.prepare_data(d)
+    ws.env["AUTORESEARCH_CACHE"] = str(cache)
+    (ws.repo / "prepare.py").write_text(PREPARE)
+    (ws.repo / "train.py").write_text(train)
+    git(ws.repo, "-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "stand-ins")

@@ -7,7 +7,8 @@ refuse every call the way Claude Code does: commands that its rules do not refus
 run inside its sandbox, where the repository is read-only except train.py and
 scratchpad.md, and where new files can still be created (README: "Codex").
 
-About a minute on a 2-core CPU: one smoke training, in the night.
+The night uses run.sh's stand-ins for prepare.py and train.py (tests/test_run_sh.py): a run
+takes seconds; the real training goes through run.sh in tests/test_e2e.py.
 """
 
 import re
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NPM_BIN, changed, git, results, snapshot
+from conftest import NPM_BIN, changed, git, results, snapshot, stand_ins
 from model_server import Call, End, ModelServer
+from test_run_sh import trainer
 
 CODEX = NPM_BIN / "codex"
 pytestmark = pytest.mark.skipif(
@@ -170,8 +172,9 @@ def test_untrusted_codex_stops_the_night_loudly(workspace):
     assert results(ws.repo) == []
 
 
-def test_a_short_night_with_codex_under_the_supervisor(workspace):
+def test_a_short_night_with_codex_under_the_supervisor(workspace, tmp_path):
     ws, repo = workspace, workspace.repo
+    stand_ins(ws, tmp_path, trainer("1.0"))
     server = ModelServer("openai")
     env = configure(ws, server)
     server.add(
