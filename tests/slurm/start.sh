@@ -15,18 +15,22 @@ dir=${1:-/tmp/autoresearch-slurm}
 conf=$dir/slurm.conf
 export SLURM_CONF=$conf
 
-if [ "$stop" = 1 ]; then
-  for d in slurmd slurmctld; do
-    [ ! -s "$dir/$d.pid" ] || kill "$(cat "$dir/$d.pid")" 2>/dev/null || true
-  done
-  exit 0
-fi
+# stop DAEMON: the daemon of this cluster's pid file, if it is still that daemon
+stop() {
+  local pid
+  pid=$(cat "$dir/$1.pid" 2>/dev/null) || return 0
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != "$1" ] || kill "$pid"
+}
+# up: the controller answers and the node takes jobs (idle, or busy with some)
+up() { [ -f "$conf" ] && timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)$'; }
+
+if [ "$stop" = 1 ]; then stop slurmd; stop slurmctld; exit 0; fi
 for tool in munged slurmctld slurmd srun; do
   command -v "$tool" >/dev/null || { echo "start.sh: $tool is not installed (apt-get install slurm-wlm munge)" >&2; exit 2; }
 done
 [ "$(id -u)" = 0 ] || { echo "start.sh: the test cluster runs as root (SlurmUser=root)" >&2; exit 2; }
 
-if [ -f "$conf" ] && timeout 5 sinfo -h -o %T 2>/dev/null | grep -qx idle; then echo "$conf"; exit 0; fi
+if up; then echo "$conf"; exit 0; fi
 
 # munge: the daemon that vouches for users between slurm's processes
 if ! timeout 5 munge -n </dev/null >/dev/null 2>&1; then
@@ -72,13 +76,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 echo 'include /etc/slurm/plugstack.conf.d/*' >"$dir/plugstack.conf"
 
-for d in slurmctld slurmd; do
-  [ ! -s "$dir/$d.pid" ] || kill "$(cat "$dir/$d.pid")" 2>/dev/null || true
-done
-slurmctld -i   # -i: no state from an earlier start
+stop slurmd; stop slurmctld
+slurmctld -c   # -c: no jobs or node states from an earlier start
 slurmd
 for _ in $(seq 100); do
-  if sinfo -h -o %T 2>/dev/null | grep -qx idle; then echo "$conf"; exit 0; fi
+  if up; then echo "$conf"; exit 0; fi
   sleep 0.2
 done
 echo "start.sh: the cluster did not come up; see $dir/slurmctld.log and $dir/slurmd.log" >&2
