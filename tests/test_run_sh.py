@@ -1867,11 +1867,24 @@ def scontrol(job: str, env: dict) -> dict:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
+def test_bad_slurm_settings_are_refused(repo: Repo):
+    """AUTORESEARCH_SLURM: 1, or srun options with their values joined, and none that would take the
+    job's output from run.sh; srun and scancel on PATH. Checked before anything changes."""
+    for value, why in (("yes", "must be 1 or srun options"), ("--partition gpu", "must be 1 or srun options"),
+                       ("--output=job.log", "run.sh sets srun's --output=job.log itself")):
+        assert why in _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_SLURM", AUTORESEARCH_SLURM=value)
+    _refuses(repo, ["x"], expect="srun and scancel are not on PATH", AUTORESEARCH_SLURM="1",
+             PATH=path_without(repo.tmp, "srun"))
+
+
 def test_an_experiment_through_slurm_is_recorded_as_without_it(based: Repo, based_template: Path, tmp_path: Path, slurm):
     """AUTORESEARCH_SLURM: training and the evaluator run in a Slurm job step, named after the commit,
     with run.sh's time limit, and no GPU lock of run.sh's (Slurm allocates GPUs). Its row, held-out row
     and report are those of the same experiment run without Slurm, plus the job's line."""
     from conftest import slurm_jobs
+    based.write("train.py", trainer("0.95", heldout="0.8765432"))
+    why = _refuses(based, ["x"], AUTORESEARCH_SLURM="--gres=none --partition=nosuch", **slurm)  # srun --test-only, before the commit
+    assert "refused: Slurm would not run the job" in why and "Invalid partition name" in why
     plain = Repo(tmp_path / "plain")
     plain.path.rmdir()
     shutil.copytree(based_template, plain.path, symlinks=True)
