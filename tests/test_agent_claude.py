@@ -306,7 +306,7 @@ def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
     assert git(repo, "log", "--format=%s", "main..autoresearch/agent").splitlines() == ["[smoke] baseline"]
 
 
-def test_two_agents_on_two_branches_through_slurm(workspace, tmp_path, slurm):
+def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
     """AUTORESEARCH_SLURM: two agents at once, in two worktrees on two branches, each running run.sh
     whose training runs in a Slurm job step. One job is cancelled mid-training (scancel): the agent is
     told it crashed and why, and its next run is recorded. Both branches' rows are recorded, and

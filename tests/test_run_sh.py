@@ -1877,7 +1877,7 @@ def test_bad_slurm_settings_are_refused(repo: Repo):
              PATH=path_without(repo.tmp, "srun"))
 
 
-def test_an_experiment_through_slurm_is_recorded_as_without_it(based: Repo, based_template: Path, tmp_path: Path, slurm):
+def test_an_experiment_through_slurm_is_recorded_as_without_it(slurm, based: Repo, based_template: Path, tmp_path: Path):
     """AUTORESEARCH_SLURM: training and the evaluator run in a Slurm job step, named after the commit,
     with run.sh's time limit, and no GPU lock of run.sh's (Slurm allocates GPUs). Its row, held-out row
     and report are those of the same experiment run without Slurm, plus the job's line."""
@@ -1926,7 +1926,7 @@ def test_an_experiment_through_slurm_is_recorded_as_without_it(based: Repo, base
     assert "doctor: 1 item(s) FAIL" in out
 
 
-def test_a_cancelled_slurm_job_is_a_crash_and_a_killed_run_sh_leaves_no_job(based: Repo, slurm):
+def test_a_cancelled_slurm_job_is_a_crash_and_a_killed_run_sh_leaves_no_job(slurm, based: Repo):
     """A job cancelled mid-training (scancel: as pre-emption, a time limit or a node failure end it) is a
     crash whose reason is Slurm's, train.py put back; run.sh stopped by a signal cancels its job; run.sh
     killed outright leaves it to the next run.sh, which cancels it before anything else, then recovers."""
@@ -1972,7 +1972,7 @@ def test_a_cancelled_slurm_job_is_a_crash_and_a_killed_run_sh_leaves_no_job(base
 
 
 @needs_bwrap
-def test_the_real_harness_through_slurm(harness: Repo, slurm):
+def test_the_real_harness_through_slurm(slurm, harness: Repo):
     """The smoke profile's real prepare.py and train.py through Slurm (AUTORESEARCH_SLURM=1: no options;
     the smoke profile asks for no GPU): a run is scored on the node, its held-out score stored."""
     harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
