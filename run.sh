@@ -719,7 +719,8 @@ end_job() {
 
 # slurm_ended NAME SRUN_EXIT: sets reason and slurm_where for a job that gave no results, in Slurm's
 # words: its state and reason (scontrol; sacct once the controller has forgotten the job), and the
-# line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh, else srun's last.
+# line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh's, else the last
+# that is not srun's own (e.g. bash's, when the node does not see the checkout), else srun's last.
 slurm_ended() {
   local id st="" node="" line
   id=$(squeue -h -t all --name="$1" --user="$(id -un)" -o %i 2>/dev/null | head -n 1)
@@ -730,7 +731,9 @@ slurm_ended() {
   else   # forgotten by the controller already: the accounting, where the cluster keeps one
     IFS='|' read -r id st node < <(sacct -n -X -P -S now-1days --name="$1" -o JobID,State,NodeList 2>/dev/null | tail -n 1)
   fi
-  line=$(grep -m 1 -F '***' "$tmp/srun.err") || line=$(grep -m 1 '^run\.sh: ' "$tmp/srun.err") || line=$(tail -n 1 "$tmp/srun.err")
+  line=$(grep -m 1 -F '***' "$tmp/srun.err") || line=$(grep -m 1 '^run\.sh: ' "$tmp/srun.err") ||
+    line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
+  [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
   reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
   slurm_where="job ${id:-$1}${node:+ on $node}, ${st:-not started}"
 }
