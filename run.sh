@@ -722,20 +722,20 @@ end_job() {
 # line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh's, else the last
 # that is not srun's own (e.g. bash's, when the node does not see the checkout), else srun's last.
 slurm_ended() {
-  local id st="" node="" line
+  local id st="" host="" line
   id=$(squeue -h -t all --name="$1" --user="$(id -un)" -o %i 2>/dev/null | head -n 1)
   if [ -n "$id" ]; then
-    IFS=$'\t' read -r st node < <(scontrol -o show job "$id" 2>/dev/null | tr ' ' '\n' | awk -F= '
+    IFS=$'\t' read -r st host < <(scontrol -o show job "$id" 2>/dev/null | tr ' ' '\n' | awk -F= '
       $1 == "JobState" { s = $2 } $1 == "Reason" && $2 != "None" { r = " (" $2 ")" } $1 == "NodeList" { n = $2 }
       END { print s r "\t" n }')
   else   # forgotten by the controller already: the accounting, where the cluster keeps one
-    IFS='|' read -r id st node < <(sacct -n -X -P -S now-1days --name="$1" -o JobID,State,NodeList 2>/dev/null | tail -n 1)
+    IFS='|' read -r id st host < <(sacct -n -X -P -S now-1days --name="$1" -o JobID,State,NodeList 2>/dev/null | tail -n 1)
   fi
   line=$(grep -m 1 -F '***' "$tmp/srun.err") || line=$(grep -m 1 '^run\.sh: ' "$tmp/srun.err") ||
     line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
   [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
   reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
-  slurm_where="job ${id:-$1}${node:+ on $node}, ${st:-not started}"
+  slurm_where="job ${id:-$1}${host:+ on $host}, ${st:-not started}"
 }
 
 # ---------------------------------------------------------------- helpers
