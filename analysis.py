@@ -254,8 +254,8 @@ def night(where, branch, base, profile):
 
 
 def is_interrupted(row):
-    """A run that recover recorded: run.sh asks for it to be run again."""
-    return row["status"] == "crash" and row["description"].endswith("[interrupted]")
+    """A run that recover recorded, or one whose Slurm job was ended: it may be run again."""
+    return row["status"] == "crash" and row["description"].endswith(("[interrupted]", "[interrupted by Slurm]"))
 
 
 def tried(rows, branch, blob, where, scope="night"):

@@ -7,6 +7,7 @@
 #   ./run.sh --adopt BRANCH "why"                 train another branch's best here, as an experiment
 #   ./run.sh --night                              every branch's best tonight; change nothing
 #   ./run.sh --doctor                             check this machine in the same sandbox; change nothing
+#   AUTORESEARCH_SLURM="--partition=gpu" ./run.sh ...   train on a node that Slurm allocates
 #
 # It commits train.py alone, trains it in an OS sandbox under a hard time limit,
 # scores the model it hands over in a separate process (prepare.py --evaluate, in a
@@ -33,8 +34,8 @@ main() {
   parse_arguments "$@"
   read_settings
   enter_checkout                                   # the lock, the run's tmp, the git identity
-  if [ "$doctor" = 1 ]; then doctor; return; fi   # checks only: no recovery, no branch, no commit
-  if [ "$night" = 1 ]; then show_night; return; fi # reads only: every branch's results tonight
+  if [ "$doctor" = 1 ]; then on_gpu doctor; return; fi   # checks only: no recovery, no branch, no commit
+  if [ "$night" = 1 ]; then show_night; return; fi        # reads only: every branch's results tonight
   if [ -d "$state/pending" ]; then recover || exit $?; fi
 
   # Refusals (exit 3): up to "changes start here" everything only reads.
@@ -48,7 +49,7 @@ main() {
   # Changes start here.
   start_branch             # autoresearch/<tag>, when started from main
   commit_experiment        # the journal, then train.py's commit
-  train_and_verify         # one run, or two for a confirmation; each scored by the evaluator
+  on_gpu train_and_verify  # one run, or two for a confirmation; each scored by the evaluator
   decide                   # keep, discard, crash or rerun
   record                   # revert if needed, append the row; a keep's compile outputs join the cache
   report
@@ -76,6 +77,10 @@ val="" mem="" heldout="" runs=() held_runs=() peak=0  # ... and the measurements
 status="" decision=-                                  # decide
 # heldout.tsv's columns: what analysis.py matches to results.tsv, the scores, and which checkout ran it
 held_header=$'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime'
+slurm="" slurm_args=() job="" node=0 slurm_where=""   # slurm_settings; slurm_job (AUTORESEARCH_SLURM)
+# What a Slurm job's node hands back (slurm_job): train_and_verify's results, and its sandbox.
+node_results=(t_run t_exit t_iter t_ev0 t_ev1 rc verdict secs wall touched reason val mem heldout runs held_runs peak
+              box_kind box_on box_short box_why slurm_where)
 
 # ---------------------------------------------------------------- arguments
 parse_arguments() {
@@ -156,6 +161,7 @@ read_settings() {
     esac
     envs+=("$name=${!name}")
   done < <(compgen -e)
+  slurm_settings
   export LC_ALL=C   # numbers with a '.', plain English from git
 }
 
@@ -183,6 +189,7 @@ enter_checkout() {
   # state directory, which the sandbox shows read-only. What a run killed by SIGKILL
   # left there is removed here: the lock makes it ours.
   tmp=$state/tmp
+  [ ! -s "$state/pending/job" ] || end_job "$(cat "$state/pending/job")" || exit 4   # a killed run's Slurm job
   clean_tmp; mkdir "$tmp" || die 1 "cannot create $tmp"
   run_id=$$.${EPOCHREALTIME/./}   # tags every process of this run (environment AUTORESEARCH_RUN)
   trap 'clean_tmp' EXIT
@@ -309,6 +316,7 @@ refuse_unready_machine() {
   is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
   [ -n "$limit" ] || limit=$(awk -F': *' '$1 == "training_limit" { print $2 }' "$tmp/check.out")
   is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
+  [ -z "$slurm" ] || slurm_ready
 }
 
 # ------------------------------------------------------ changes start here
@@ -465,6 +473,9 @@ decide() {
 record() {
   local held
   put status "$status"
+  # A job Slurm ended (cancelled, pre-empted, its node lost) says nothing of the code: like a run
+  # run.sh itself was stopped in, it may be run again byte for byte (refuse_tried_tonight).
+  [[ $status != crash || $reason != "the Slurm job "* ]] || row_desc=$(tsv_field "$desc [interrupted by Slurm]")
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
   if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
     held=$(results mean "${held_runs[@]}") || exit 1
@@ -524,6 +535,7 @@ report() {
        else printf 'commit:       %s reverted; train.py is back at %s (git show %s:train.py)\n' "$t7" "$h7" "$t7"; fi ;;
   esac
   printf 'sandbox:      %s\n' "$box_short"
+  [ -z "$slurm" ] || printf 'slurm:        %s\n' "$slurm_where"
   printf 'seconds:      %s\n' "$secs"
   [ "$status" = crash ] || outside_budget "$t_iter" "$t_run" "$t_exit" "$t_ev0" "$t_ev1"   # the last run (of two, when confirmed)
   printf 'log:          run.log (all results: results.tsv)\n'
@@ -597,6 +609,7 @@ doctor_driver() {
 doctor_gpu_lock() {
   local msg what="all GPUs (CUDA_VISIBLE_DEVICES unset)"
   if [ "$smoke" = 1 ]; then item skip "gpu lock" "the smoke profile takes none"; return 0; fi
+  if [ -n "$slurm" ]; then item skip "gpu lock" "Slurm allocates the GPUs (AUTORESEARCH_SLURM): run.sh takes no lock"; return 0; fi
   [ -z "${CUDA_VISIBLE_DEVICES+set}" ] || what="GPU $CUDA_VISIBLE_DEVICES"
   if msg=$(take_gpu_locks 2>&1); then   # a probe: a subshell's locks go with it
     take_gpu_locks
@@ -635,6 +648,170 @@ doctor_compile_cache() {
   else
     item warn "compile cache" "private and empty in every run, as overlay mounts fail here ($box_why): every run compiles cold, so warm timings mean nothing"
   fi
+}
+
+# ---------------------------------------------------------------- Slurm
+# AUTORESEARCH_SLURM: where the GPUs are on cluster nodes, the phase that needs one (train_and_verify,
+# or the doctor's checks) runs in one Slurm job step on a node that Slurm allocates: srun, blocking,
+# so that nothing else of run.sh changes. Slurm queues, allocates the GPU and bounds the time; git,
+# the refusals, the decision and the record stay where run.sh runs (a login node). The node runs
+# this run.sh's own functions with its state (written to $tmp/node.sh) and starts the same
+# sandboxes there; its results come back in $tmp/node.out. Both need the checkout, the cache and
+# the Python on a filesystem that the nodes share, at the same paths.
+
+# Sets slurm and slurm_args: the value, and srun's options from it ("1": none of the person's).
+slurm_settings() {
+  slurm=${AUTORESEARCH_SLURM:-} slurm_args=()
+  case $slurm in ""|0) slurm=""; return 0 ;; 1) ;; *) read -ra slurm_args <<<"$slurm" ;; esac
+  local a gpu=0
+  for a in "${slurm_args[@]}"; do
+    case $a in
+      -o*|--output*|-e*|--error*|-i*|--input*|--pty|--jobid*)   # run.sh reads the job's output itself
+        die 2 "AUTORESEARCH_SLURM: run.sh sets srun's $a itself; leave it out" ;;
+      --gres=*|--gpus*|-G*) gpu=1 ;;   # the person asks for GPUs (or none: --gres=none) their own way
+      -?*) ;;
+      *) die 2 "AUTORESEARCH_SLURM must be 1 or srun options with their values joined (e.g. \"--partition=gpu --gres=gpu:1\"), not '$slurm'" ;;
+    esac
+  done
+  # one GPU, unless the options ask for GPUs their own way; the smoke profile runs on a CPU
+  [ "$smoke" = 1 ] || [ "$gpu" = 1 ] || slurm_args=(--gres=gpu:1 "${slurm_args[@]}")
+  if ! command -v srun >/dev/null || ! command -v scancel >/dev/null; then
+    die 3 "refused: AUTORESEARCH_SLURM is set, but Slurm's srun and scancel are not on PATH"
+  fi
+}
+
+# on_gpu PHASE: the phase here, or under AUTORESEARCH_SLURM in a job on a node (slurm_job).
+on_gpu() { if [ -n "$slurm" ] && [ "$node" = 0 ]; then slurm_job "$1"; else "$1"; fi; }
+
+# A refusal, before anything changes: Slurm would run the job (srun --test-only asks its controller).
+slurm_ready() {
+  local out
+  out=$(env -u SLURM_JOB_ID -u SLURM_JOBID srun --test-only "$(slurm_time train_and_verify)" "${slurm_args[@]}" \
+    --nodes=1 --ntasks=1 true 2>&1) || die 3 "refused: Slurm would not run the job (AUTORESEARCH_SLURM=$slurm):" "$out"
+}
+
+# The job's time limit, in minutes: what the phase's sandboxes may take (each run's training and
+# evaluator; the doctor's two boxes and data check), plus two minutes for the rest.
+slurm_time() {
+  local n=1
+  [ "$confirm" = 0 ] || n=2
+  awk -v t="${limit:-0}" -v n="$n" -v d="$([ "$1" = doctor ] && echo 1 || echo 0)" \
+    'BEGIN { s = d ? 180 + 180 + 600 : n * (t + 600); printf "--time=%d", (s + 120 + 59) / 60 }'
+}
+
+# slurm_job PHASE: PHASE in a Slurm job step, as on_node runs it there. The job's name (journalled
+# before it is asked for) lets this run.sh, or after a SIGKILL the next one, cancel it. Without
+# the node's results (the job was cancelled, pre-empted, timed out, or could not start) the run
+# is a crash whose reason is Slurm's, and what training changed is put back here.
+slurm_job() {
+  local phase=$1 src=0 t0=$EPOCHREALTIME
+  job=ar-${t7:-doctor}-$run_id   # squeue shows ar-<commit>
+  if [ "$phase" = doctor ]; then doctor_login
+  else
+    put job "$job"
+    mkdir -p "$tmp/login"; tmp=$tmp/login snapshot   # this side's copies, for a job that ends before its check
+  fi
+  {
+    printf 'set -uo pipefail\n'
+    declare -f
+    # shellcheck disable=SC2046   # names only: lower-case letters, digits and _
+    declare -p $(compgen -v | grep -E '^[a-z][a-z0-9_]*$')
+    printf 'on_node %s\n' "$phase"
+  } >"$tmp/node.sh"
+  local args=("$(slurm_time "$phase")" "${slurm_args[@]}" --job-name="$job" --nodes=1 --ntasks=1 --export=ALL)
+  say "Slurm: srun ${args[*]}; waiting for its node"
+  "${pdeath[@]}" env -u SLURM_JOB_ID -u SLURM_JOBID srun "${args[@]}" bash "$tmp/node.sh" </dev/null 2>"$tmp/srun.err" &
+  child=$!
+  wait "$child" || src=$?
+  child=""
+  grep -v '^srun: job [0-9]* \(queued and waiting for resources\|has been allocated resources\)$' "$tmp/srun.err" >&2
+  [ "$src" = 0 ] || end_job "$job"
+  if [ "$phase" = doctor ]; then
+    job=""
+    ! grep -q '^FAIL' "$tmp/doctor.login" || { say "doctor: the login node's item above FAILs"; return 1; }
+    return "$src"
+  fi
+  if [ -s "$tmp/node.out" ]; then   # (not looked for before: no stale negative lookup on NFS)
+    # shellcheck source=/dev/null
+    . "$tmp/node.out"
+  else
+    slurm_ended "$job" "$src"
+    rc=$src runs=() held_runs=()
+    secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+    touched=$(tmp=$tmp/login check_untouched "$branch" "$tried")
+    [ -z "$touched" ] || reason="$reason; training touched: $touched (put back)"
+  fi
+  rm -f -- "$state/pending/job"; job=""
+}
+
+# On the node, in the job step: PHASE with this run's state, as run.sh would run it here, then its
+# results for slurm_job. Slurm's cancel (SIGTERM) stops the sandboxes; the login node records it.
+on_node() {
+  trap '[ -z "${child:-}" ] || kill -KILL -- "-$child" 2>/dev/null; exit 143' TERM INT HUP
+  cd -- "$root" || die 1 "the checkout $root is not on this node ($(hostname)): it must be on a filesystem the nodes share"
+  node=1 slurm_where="job ${SLURM_JOB_ID:-?} on $(hostname -s)"
+  local e rest=()
+  for e in "${envs[@]}"; do [[ $e == CUDA_VISIBLE_DEVICES=* ]] || rest+=("$e"); done
+  envs=("${rest[@]}")   # the GPUs that Slurm gave this job
+  [ -z "${CUDA_VISIBLE_DEVICES+set}" ] || envs+=("CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
+  say "Slurm: $slurm_where"
+  if [ "$1" = doctor ]; then doctor; return; fi
+  choose_sandbox >/dev/null
+  "$1"
+  local v
+  for v in "${node_results[@]}"; do
+    if [[ $(declare -p "$v") == "declare -a"* ]]; then
+      local -n a=$v; printf 'declare -ga %s=(' "$v"; [ ${#a[@]} = 0 ] || printf '%q ' "${a[@]}"; printf ')\n'; unset -n a
+    else printf 'declare -g %s=%q\n' "$v" "${!v}"
+    fi
+  done >"$tmp/node.out.new" && mv -- "$tmp/node.out.new" "$tmp/node.out"
+}
+
+# Under Slurm the doctor's items are the node's (on_node); here, the one thing run.sh does on this
+# node before each run that needs more than git: the data check, in the sandbox.
+doctor_login() {
+  doctor_out=$tmp/doctor.login
+  : >"$doctor_out"
+  resolve_python
+  if ( choose_sandbox ) >/dev/null 2>"$tmp/sandbox.err"; then
+    choose_sandbox >/dev/null
+    item ok "login sandbox" "$box_short: here run.sh checks the data before each run; the items below are the node's"
+  else
+    item FAIL "login sandbox" "$(sed 's/^run.sh: refused: //' "$tmp/sandbox.err" | tr '\n' ' ')(run.sh checks the data here, in the sandbox, before each run)"
+  fi
+}
+
+# end_job NAME: cancels this user's Slurm job of that name and waits until Slurm has ended it.
+end_job() {
+  command -v scancel >/dev/null || die 4 "cannot recover: the interrupted run's Slurm job $1 may still run, and scancel is not on PATH here; cancel it (scancel --name=$1) and run again"
+  scancel --name="$1" --user="$(id -un)" 2>/dev/null
+  local i
+  for ((i = 0; i < 600; i++)); do   # KillWait (30 s by default) and more
+    [ -n "$(squeue -h --name="$1" --user="$(id -un)" -o %i 2>/dev/null)" ] || return 0
+    sleep 0.2
+  done
+  say "the Slurm job $1 is still ending"
+}
+
+# slurm_ended NAME SRUN_EXIT: sets reason and slurm_where for a job that gave no results, in Slurm's
+# words: its state and reason (scontrol; sacct once the controller has forgotten the job), and the
+# line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh's, else the last
+# that is not srun's own (e.g. bash's, when the node does not see the checkout), else srun's last.
+slurm_ended() {
+  local id st="" host="" line
+  id=$(squeue -h -t all --name="$1" --user="$(id -un)" -o %i 2>/dev/null | head -n 1)
+  if [ -n "$id" ]; then
+    IFS=$'\t' read -r st host < <(scontrol -o show job "$id" 2>/dev/null | tr ' ' '\n' | awk -F= '
+      $1 == "JobState" { s = $2 } $1 == "Reason" && $2 != "None" { r = " (" $2 ")" } $1 == "NodeList" { n = $2 }
+      END { print s r "\t" n }')
+  else   # forgotten by the controller already: the accounting, where the cluster keeps one
+    IFS='|' read -r id st host < <(sacct -n -X -P -S now-1days --name="$1" -o JobID,State,NodeList 2>/dev/null | tail -n 1)
+  fi
+  line=$(grep -m 1 -F '***' "$tmp/srun.err") || line=$(grep -m 1 '^run\.sh: ' "$tmp/srun.err") ||
+    line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
+  [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
+  reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
+  slurm_where="job ${id:-$1}${host:+ on $host}, ${st:-not started}"
 }
 
 # ---------------------------------------------------------------- helpers
@@ -910,7 +1087,7 @@ resolve_python() {
 # GPUs are shared by all worktrees of this repository: CUDA_VISIBLE_DEVICES=0,1 takes
 # gpu-0 and gpu-1 exclusively and "all" shared; unset takes "all" exclusively.
 take_gpu_locks() {
-  [ "$smoke" = 0 ] || return 0
+  [ "$smoke" = 0 ] && [ -z "$slurm" ] || return 0   # under Slurm, Slurm allocates them
   local ids id fd
   if [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then ids=(all)
   elif [ -z "$CUDA_VISIBLE_DEVICES" ]; then return 0
@@ -1135,6 +1312,7 @@ recover() {
 on_signal() {
   trap '' INT TERM HUP
   [ -z "${child:-}" ] || kill -KILL -- "-$child" 2>/dev/null
+  [ -z "${job:-}" ] || end_job "$job"   # a Slurm job is cancelled, and gone before the recovery
   printf 'run.sh: interrupted\n' >&2
   if [ -d "${state:-/nonexistent}/pending" ]; then recover >&2; fi
   exit 130

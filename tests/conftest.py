@@ -1,12 +1,16 @@
-"""Fixtures for the tests that drive the real agent CLIs (test_agent_claude.py, test_agent_codex.py).
+"""Fixtures for the tests that drive the real agent CLIs (test_agent_claude.py, test_agent_codex.py),
+and the test Slurm cluster (test_run_sh.py, test_agent_claude.py).
 
 The CLIs are pinned in tests/package.json and installed by `.ci/run` with
 `npm ci --prefix tests` into tests/node_modules (ignored by git); without them
-those tests skip.
+those tests skip. Likewise Slurm: `.ci/run` installs Debian's slurm-wlm and munge
+and starts a single-node cluster (tests/slurm/start.sh); without them the Slurm
+tests skip.
 """
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +33,28 @@ def smoke_cache(tmp_path_factory):
                           timeout=600)
     assert prep.returncode == 0, prep.stdout + prep.stderr
     return cache
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A single-node Slurm cluster on this machine (CPU only), as the environment that selects it:
+    tests/slurm/start.sh starts it unless it is up (.ci/run starts it first)."""
+    missing = [t for t in ("srun", "scancel", "slurmctld", "slurmd", "munged") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"Slurm is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge, as .ci/run does")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster (tests/slurm/start.sh) runs its daemons as root")
+    start = subprocess.run([str(REPO / "tests" / "slurm" / "start.sh")], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    return {"SLURM_CONF": start.stdout.strip()}
+
+
+def slurm_jobs(env, *args):
+    """squeue's lines for this cluster's jobs: id, name, state (pending, running, completing by
+    default; args such as ("-t", "all") for all it remembers)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T", *args], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return [line.split() for line in out.stdout.splitlines()]
 
 
 @pytest.fixture

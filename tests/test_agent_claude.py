@@ -16,14 +16,17 @@ training goes through run.sh in tests/test_e2e.py.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import NPM_BIN, changed, git, results, snapshot, stand_ins
+from conftest import NPM_BIN, changed, git, results, slurm_jobs, snapshot, stand_ins
 from model_server import Call, End, ModelServer
 from test_run_sh import HELDOUT_TSV, WAIT_FOR_NOTE, trainer
 
@@ -364,3 +367,71 @@ def test_one_agent_per_gpu(workspace, tmp_path):
     assert [(r[5], r[7]) for r in stored if r[0] != "commit"] == [("0.900000", str(wt.resolve())) for wt in wts]
     log = (repo / ".agents" / "night.log").read_text()
     assert "[gpu0] " in log and "[gpu1] " in log and "night over for all 2 agents" in log
+
+
+def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
+    """AUTORESEARCH_SLURM: two agents at once, in two worktrees on two branches, each running run.sh
+    whose training runs in a Slurm job step. One job is cancelled mid-training (scancel): the agent is
+    told it crashed and why, and its next run is recorded. Both branches' rows are recorded, and
+    each worktree's morning report has its own. run.sh's stand-ins (tests/test_run_sh.py) make each
+    run take seconds. (They hand over no held-out score: the worktrees share heldout.tsv, and run.sh's
+    guard of it while the other trains is another part's; test_run_sh.py stores one through Slurm.)"""
+    ws, repo = workspace, workspace.repo
+    stand_ins(ws, tmp_path, trainer("1.0"))
+    cache = tmp_path / "cache"
+    other = tmp_path / "wt2"
+    git(repo, "worktree", "add", "-q", "--detach", str(other), "main")
+
+    def cancel_when_started():  # the job of the hanging run, cancelled once training runs
+        log, deadline = other / "run.log", time.time() + 120
+        while time.time() < deadline and not (log.exists() and "hangs" in log.read_text()):
+            time.sleep(0.1)
+        name = f"ar-{git(other, 'rev-parse', 'HEAD')[:7]}-"
+        jobs = [j[0] for j in slurm_jobs(slurm) if j[1].startswith(name)]
+        subprocess.run(["scancel", *jobs], env={**os.environ, **slurm}, check=True)
+
+    hang = trainer("0.8", body="print('hangs', flush=True); time.sleep(600)\n")
+    cancelled = Call("Bash", {"command": './run.sh "hangs"', "description": "run it"},
+                     on_play=lambda: threading.Thread(target=cancel_when_started, daemon=True).start())
+    agents = []
+    for tag, checkout, steps in (
+            ("a1", repo, [("val_bpb 0.9", trainer("0.9"))]),
+            ("a2", other, [("hangs", hang), ("val_bpb 1.1", trainer("1.1"))])):
+        home = ws.home if checkout == repo else tmp_path / "home2"
+        home.mkdir(exist_ok=True)
+        trust(SimpleNamespace(home=home, repo=repo))  # a worktree's trust is its main checkout's (Claude Code)
+        server = ModelServer("anthropic")
+        train = checkout / "train.py"
+        runs = [bash('./run.sh "baseline"')]
+        server.add(runs[0])
+        for desc, text in steps:
+            runs.append(cancelled if desc == "hangs" else bash(f'./run.sh "{desc}"'))
+            server.add(Call("Read", {"file_path": str(train)}), Call("Write", {"file_path": str(train), "content": text}),
+                       runs[-1])
+        server.add(End("Done."))
+        env = dict(ws.env, **slurm, HOME=str(home), AUTORESEARCH_SLURM="1", AUTORESEARCH_TAG=tag,
+                   AUTORESEARCH_CACHE=str(cache), ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="dummy-key")
+        err = open(tmp_path / f"{tag}.err", "w+")
+        proc = subprocess.Popen([str(CLAUDE), "-p", "Read program.md and start the loop.", "--output-format",
+                                 "stream-json", "--verbose"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        agents.append((tag, checkout, server, proc, runs, err))
+    for tag, checkout, server, proc, runs, err in agents:
+        proc.wait(timeout=600)
+        server.close()
+        err.seek(0)
+        assert proc.returncode == 0, err.read()
+        for call in runs:  # run.sh's own answers: recorded, each through a Slurm job
+            assert not call.is_error and re.search(r"^slurm: +job \d+ on \S+", call.output, re.M), (tag, call.output)
+        assert git(checkout, "branch", "--show-current") == f"autoresearch/{tag}"
+    assert re.search(r"^status: +crash$", cancelled.output, re.M), cancelled.output
+    assert re.search(r"^reason: +the Slurm job \d+ ended CANCELLED .*\*\*\* STEP \d+\.0 ON \S+ CANCELLED AT", cancelled.output,
+                     re.M), cancelled.output
+    assert results(repo) == [("keep", "baseline"), ("keep", "val_bpb 0.9")]
+    assert results(other) == [("keep", "baseline"), ("crash", "hangs [interrupted by Slurm]"), ("discard", "val_bpb 1.1")]
+    assert trainer("0.8", body="print('hangs', flush=True); time.sleep(600)\n") not in git(other, "show", "HEAD:train.py")
+    for checkout, lines in ((repo, ["val_bpb: baseline 1.000000 -> best 0.900000"]),
+                            (other, ["val_bpb: baseline 1.000000 -> best 1.000000", "crashes:"])):
+        report = subprocess.run([sys.executable, "analysis.py"], cwd=checkout, capture_output=True, text=True,
+                                timeout=120)
+        assert report.returncode == 0 and all(line in report.stdout for line in lines), report.stdout + report.stderr

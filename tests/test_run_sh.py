@@ -1730,7 +1730,7 @@ def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Rep
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
-    p = subprocess.run(["shellcheck", str(RUN_SH)], capture_output=True, text=True)
+    p = subprocess.run(["shellcheck", str(RUN_SH), str(RUN_SH.parent / "tests/slurm/start.sh")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
 
 
@@ -1949,3 +1949,137 @@ def test_bench_run_cold_cache_is_one_the_sandbox_can_read(harness: Repo):
     assert not (own / "smoke/compile").exists()
     out = harness.run("--doctor", AUTORESEARCH_CACHE=str(own)).stdout
     assert re.search(r"^ok +data +%s/smoke " % re.escape(str(own)), out, re.M), out
+
+
+# ------------------------------------------------------------- Slurm (AUTORESEARCH_SLURM)
+# Through the real single-node cluster of tests/slurm/start.sh (the `slurm` fixture, conftest.py):
+# CPU only, so the GPU profile's runs ask for no GPU (--gres=none); the smoke profile asks for none.
+
+
+def slurm_job_line(out: str) -> tuple[str, str]:
+    """The job id and node of the report's `slurm:` line."""
+    m = re.search(r"^slurm: +job (\d+) on (\S+)$", out, re.M)
+    assert m, out
+    return m.group(1), m.group(2)
+
+
+def scontrol(job: str, env: dict) -> dict:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env={**os.environ, **env}, capture_output=True,
+                         text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def test_bad_slurm_settings_are_refused(repo: Repo):
+    """AUTORESEARCH_SLURM: 1, or srun options with their values joined, and none that would take the
+    job's output from run.sh; srun and scancel on PATH. Checked before anything changes."""
+    for value, why in (("yes", "must be 1 or srun options"), ("--partition gpu", "must be 1 or srun options"),
+                       ("--output=job.log", "run.sh sets srun's --output=job.log itself")):
+        assert why in _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_SLURM", AUTORESEARCH_SLURM=value)
+    _refuses(repo, ["x"], expect="srun and scancel are not on PATH", AUTORESEARCH_SLURM="1",
+             PATH=path_without(repo.tmp, "srun"))
+
+
+def test_an_experiment_through_slurm_is_recorded_as_without_it(slurm, based: Repo, based_template: Path, tmp_path: Path):
+    """AUTORESEARCH_SLURM: training and the evaluator run in a Slurm job step, named after the commit,
+    with run.sh's time limit, and no GPU lock of run.sh's (Slurm allocates GPUs). Its row, held-out row
+    and report are those of the same experiment run without Slurm, plus the job's line."""
+    from conftest import slurm_jobs
+    based.write("train.py", trainer("0.95", heldout="0.8765432"))
+    why = _refuses(based, ["x"], AUTORESEARCH_SLURM="--gres=none --partition=nosuch", **slurm)  # srun --test-only, before the commit
+    assert "refused: Slurm would not run the job" in why and "Invalid partition name" in why
+    plain = Repo(tmp_path / "plain")
+    plain.path.rmdir()
+    shutil.copytree(based_template, plain.path, symlinks=True)
+    outs = {}
+    for repo, env in ((based, {"AUTORESEARCH_SLURM": "--gres=none", **slurm}), (plain, {})):
+        repo.write("train.py", trainer("0.95", heldout="0.8765432"))
+        lock = open(repo.path / ".git/autoresearch/all.lock", "a")  # another run.sh on all GPUs
+        if env:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        outs[repo is based] = repo.run("lower", **env).stdout
+        lock.close()
+    out = outs[True]
+    job, node = slurm_job_line(out)
+    info = scontrol(job, slurm)
+    t7 = based.head()[:7]
+    assert info["JobState"] == "COMPLETED" and info["JobName"].startswith(f"ar-{t7}-") and node == info["NodeList"]
+    assert info["TimeLimit"] == "00:13:00"  # AUTORESEARCH_TIMEOUT 30 s and the evaluator's 600 s, plus 2 minutes
+    assert [j for j in slurm_jobs(slurm) if j[1].startswith("ar-")] == []
+    assert f"run.sh: Slurm: job {job} on {node}" in out
+
+    def masked(text: str) -> str:  # what differs between the two checkouts: commits, times, paths
+        text = re.sub(r"\b[0-9a-f]{7}\b", "<commit>", text.replace(str(plain.tmp), "<tmp>").replace(str(based.tmp), "<tmp>"))
+        return re.sub(r"\d+\.\d+s?", "<n>", re.sub(r"\d\d:\d\d:\d\d", "<time>", text))
+
+    report = [line for line in out.splitlines() if not re.match(r"(run\.sh: Slurm|slurm:)", line)]
+    assert [masked(line) for line in report] == [masked(line) for line in outs[False].splitlines()]
+    assert [r[1:] for r in based.rows()] == [r[1:] for r in plain.rows()]
+    assert based.rows()[-1][1:4] == ["0.950000", "2.0", "keep"]
+    held = [(repo.path / HELDOUT_TSV).read_text().splitlines() for repo in (based, plain)]
+    assert [masked(line) for line in held[0]] == [masked(line) for line in held[1]] and "0.876543" in held[0][-1]
+    assert based.git("status", "--porcelain") == "" and not (based.path / ".git/autoresearch/tmp").exists()
+    assert list((based.tmp / "host-tmp").iterdir()) == []
+    # The doctor's checks run on the node too, in its sandboxes: the stand-in prepare.py finds no data
+    # in training's (which shows none). The login node's item is its sandbox, where run.sh checks the data.
+    out = based.run("--doctor", AUTORESEARCH_SLURM="--gres=none", rc=1, **slurm).stdout
+    assert re.search(r"^ok +login sandbox +", out, re.M) and re.search(r"^run.sh: Slurm: job \d+ on ", out, re.M), out
+    assert re.search(r"^skip +gpu lock +Slurm allocates the GPUs", out, re.M) and re.search(r"^ok +data ", out, re.M)
+    assert re.search(r"^FAIL +train sandbox +prepare.py --doctor exited with code 1: missing prepared data", out, re.M)
+    assert "doctor: 1 item(s) FAIL" in out
+
+
+def test_a_cancelled_slurm_job_is_a_crash_and_a_killed_run_sh_leaves_no_job(slurm, based: Repo):
+    """A job cancelled mid-training (scancel: as pre-emption, a time limit or a node failure end it) is a
+    crash whose reason is Slurm's, train.py put back; run.sh stopped by a signal cancels its job; run.sh
+    killed outright leaves it to the next run.sh, which cancels it before anything else, then recovers."""
+    from conftest import slurm_jobs
+    env = {"AUTORESEARCH_SLURM": "--gres=none", **slurm}
+    kept = based.head()
+    marker = f"slurm-grandchild-{os.getpid()}"
+    hang = trainer("0.9", body=GRANDCHILD.format(marker=marker) + "time.sleep(600)\n")
+
+    def ours() -> list[list[str]]:
+        return [j for j in slurm_jobs(slurm) if j[1].startswith(f"ar-{based.head()[:7]}-")]
+
+    based.write("train.py", hang)
+    proc = based.popen("cancelled", **env)
+    based.wait_for_log("started")
+    [(job, name, state)] = ours()
+    assert state == "RUNNING"
+    subprocess.run(["scancel", job], env={**os.environ, **slurm}, check=True)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert re.search(rf"^reason: +the Slurm job {job} ended CANCELLED \(srun exit \d+\): .*\*\*\* STEP {job}\.0 ON \S+ "
+                     rf"CANCELLED AT", out, re.M), out
+    assert wait_gone(marker) and based.head() == kept and based.read("train.py") == trainer("1.0")
+    assert based.rows()[-1][3:5] == ["crash", "cancelled [interrupted by Slurm]"]
+
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        based.write("train.py", hang)
+        (based.path / "run.log").unlink()  # "started" is the new run's
+        proc = based.popen(f"stopped by {how.name}", **env)
+        based.wait_for_log("started")
+        [(job, name, state)] = ours()
+        proc.send_signal(how)
+        assert proc.wait(timeout=60) == (130 if how == signal.SIGTERM else -9)
+        if how == signal.SIGTERM:  # cancelled, and gone, before run.sh exits
+            assert ours() == [] and wait_gone(marker)
+            assert based.rows()[-1][3:5] == ["crash", f"stopped by {how.name} [interrupted]"]
+    based.write("train.py", trainer("0.9"))  # the agent fixes the hang
+    out = based.run("without the hang", **env).stdout
+    assert "recover" in out and ours() == [] and wait_gone(marker)
+    assert [r[3:5] for r in based.rows()[-2:]] == [["crash", "stopped by SIGKILL [interrupted]"], ["keep", "without the hang"]]
+    assert based.git("rev-parse", "HEAD^") == kept and not (based.path / ".git/autoresearch/pending").exists()
+    assert list((based.tmp / "host-tmp").iterdir()) == []
+
+
+@needs_bwrap
+def test_the_real_harness_through_slurm(slurm, harness: Repo):
+    """The smoke profile's real prepare.py and train.py through Slurm (AUTORESEARCH_SLURM=1: no options;
+    the smoke profile asks for no GPU): a run is scored on the node, its held-out score stored."""
+    harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
+    out = harness.run("honest", AUTORESEARCH_SLURM="1", **slurm).stdout
+    assert re.search(r"^status: +(keep|discard)$", out, re.M) and re.search(r"^training: +[\d.]+s by the harness", out, re.M), out
+    slurm_job_line(out)
+    stored = [line.split("\t") for line in (harness.path / HELDOUT_TSV).read_text().splitlines()[1:]]
+    assert [r[0] for r in stored] == [r[0] for r in harness.rows()] and 0 < float(stored[-1][5]) < 20
