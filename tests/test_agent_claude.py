@@ -435,3 +435,10 @@ def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
         report = subprocess.run([sys.executable, "analysis.py"], cwd=checkout, capture_output=True, text=True,
                                 timeout=120)
         assert report.returncode == 0 and all(line in report.stdout for line in lines), report.stdout + report.stderr
+        # One morning report for the night, from either checkout: both agents, the best of the night.
+        night_of = report.stdout
+        assert "the night, 2 branch(es) in 2 worktree(s)" in night_of, night_of
+        assert re.search(r"^best of the night: 0\.900000  [0-9a-f]{7} on autoresearch/a1 ", night_of, re.M), night_of
+        agents = night_of.split("agents, best first:\n")[1].split("\n\n")[0].split()
+        assert agents.index("autoresearch/a1") < agents.index("autoresearch/a2"), night_of
+        assert "hangs [interrupted by Slurm]" in night_of.split("== autoresearch/a2")[1]
