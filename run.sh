@@ -78,6 +78,7 @@ status="" decision=-                                  # decide
 # heldout.tsv's columns: what analysis.py matches to results.tsv, the scores, and which checkout ran it
 held_header=$'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime'
 slurm="" slurm_args=() job="" node=0 slurm_where=""   # slurm_settings; slurm_job (AUTORESEARCH_SLURM)
+slurm_killed=0                                        # slurm_ended: Slurm ended the job, not the code
 # What a Slurm job's node hands back (slurm_job): train_and_verify's results, and its sandbox.
 node_results=(t_run t_exit t_iter t_ev0 t_ev1 rc verdict secs wall touched reason val mem heldout runs held_runs peak
               box_kind box_on box_short box_why slurm_where)
@@ -475,7 +476,7 @@ record() {
   put status "$status"
   # A job Slurm ended (cancelled, pre-empted, its node lost) says nothing of the code: like a run
   # run.sh itself was stopped in, it may be run again byte for byte (refuse_tried_tonight).
-  [[ $status != crash || $reason != "the Slurm job "* ]] || row_desc=$(tsv_field "$desc [interrupted by Slurm]")
+  [ "$status" != crash ] || [ "$slurm_killed" = 0 ] || row_desc=$(tsv_field "$desc [interrupted by Slurm]")
   put row "$(printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "$t7" "$val" "$mem" "$status" "$row_desc" "$branch" "$profile" "$decision")"
   if [ "$status" != crash ] && [ ${#held_runs[@]} = ${#runs[@]} ]; then
     held=$(results mean "${held_runs[@]}") || exit 1
@@ -811,6 +812,7 @@ slurm_ended() {
     line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
   [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
   reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
+  slurm_killed=1
   slurm_where="job ${id:-$1}${host:+ on $host}, ${st:-not started}"
 }
 

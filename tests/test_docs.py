@@ -21,6 +21,16 @@ def read(name):
     return (REPO / name).read_text(encoding="utf-8")
 
 
+def supervisor():
+    """.agents/night.py as a module (its prompts)."""
+    sys.path.insert(0, str(REPO / ".agents"))
+    try:
+        import night
+    finally:
+        sys.path.pop(0)
+    return night
+
+
 def reading_list():
     """[(file, text)]: what program.md's set-up tells the agent to read, cut where it says."""
     setup = read("program.md").split("## 1. Set-up", 1)[1].split("\n2. ", 1)[0]
@@ -46,11 +56,7 @@ def test_what_the_agent_reads_at_set_up_fits_the_budget():
     assert total <= READING_BUDGET, f"the agent's set-up reading is {total} tokens: {tokens}"
     # The README is for the person: the set-up and the restart prompts never send the agent there.
     # (What train.py imports is above prepare.py's fence: tests/test_prepare.py.)
-    sys.path.insert(0, str(REPO / ".agents"))
-    try:
-        import night
-    finally:
-        sys.path.pop(0)
+    night = supervisor()
     for text in (read("program.md"), night.START, night.RESTART):
         assert "README" not in text
 
@@ -75,16 +81,11 @@ def test_the_experiments_an_hour_follow_from_the_example_report():
     (m,) = minutes
     total = float(re.search(r"^outside: .* of ([0-9.]+)s outside the budget", read("README.md"), re.M)[1])
     assert round(total / 60) == m, (total, m)
-    per_hour = int(re.search(r"so about (\d+) run an hour and (\d+) a night", readme)[1])
-    per_night = int(re.search(r"so about \d+ run an hour and (\d+) a night", readme)[1])
+    per_hour, per_night = map(int, re.search(r"so about (\d+) run an hour and (\d+) a night", readme).groups())
     assert per_hour == 60 // m and per_night == 8 * per_hour
 
 
 def test_the_interactive_prompt_in_the_readme_is_the_supervisors():
-    sys.path.insert(0, str(REPO / ".agents"))
-    try:
-        import night
-    finally:
-        sys.path.pop(0)
+    night = supervisor()
     block = read("README.md").split("**Interactive instead.**", 1)[1].split("```text\n", 1)[1]
     assert " ".join(block.split("```", 1)[0].split()) == " ".join(night.START.split())
