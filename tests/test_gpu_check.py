@@ -4,12 +4,15 @@ corpus and prepare.py --data, a cold run and a warm rerun through the real run.s
 repository, and the table of their figures."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench_run import PHASES
-from gpu_check import DOCTOR_ITEMS
+from gpu_check import DOCTOR_ITEMS, unpack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +52,24 @@ def test_the_device_check_runs_end_to_end_on_the_cpu(tmp_path):
                                                "warm.txt", "reference.txt"}  # at most 8 files come back
     assert git_state() == before  # the checkout is as it was; the work went to a copy
     assert list(tmp_path.glob("gpu_check.*")) == []  # and the copy is gone
+
+
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="dpkg-deb makes the package (CI's Debian has it)")
+def test_a_carried_debian_package_unpacks_without_dpkg(tmp_path):
+    """The device may have no git: gpu_check.sh unpacks Debian's, carried in .devdata, with Python alone."""
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text("Package: probe\nVersion: 1.0\nArchitecture: all\n"
+                                        "Maintainer: t <t@example.com>\nDescription: a probe\n")
+    (pkg / "usr/bin").mkdir(parents=True)
+    (pkg / "usr/bin/probe").write_text("#!/bin/sh\necho probe ran\n")
+    (pkg / "usr/bin/probe").chmod(0o755)
+    (pkg / "usr/bin/alias").symlink_to("probe")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(tmp_path / "probe.deb")], check=True,
+                   capture_output=True)
+    unpack(tmp_path / "probe.deb", tmp_path / "out")
+    ran = subprocess.run([tmp_path / "out/usr/bin/alias"], capture_output=True, text=True)
+    assert ran.stdout == "probe ran\n" and not (tmp_path / "out/DEBIAN").exists()
+    (tmp_path / "not.deb").write_text("plain text")
+    with pytest.raises(SystemExit, match="is not a Debian package"):
+        unpack(tmp_path / "not.deb", tmp_path / "out2")
