@@ -78,9 +78,11 @@ def run(name, report_path, log_path, cache_dir):
     for key in ("training_seconds", "num_steps", "total_tokens_M", "mfu_percent", "peak_vram_mb"):
         if key in summary:
             put(f"{name}.{key}", summary[key])
-    try:  # tokens per second over the counted steps (after the 10 warm-up steps), as MFU counts them
+    try:  # tokens per second over the counted steps (after the 10 warm-up steps), as MFU counts them;
+        # total_tokens_M has one decimal: under 1 M (a CPU's smoke run) it says too little
         steps, tokens, secs = int(summary["num_steps"]), float(summary["total_tokens_M"]) * 1e6, float(summary["training_seconds"])
-        put(f"{name}.tokens_per_s", f"{tokens / steps * (steps - 10) / secs:.0f}")
+        if tokens >= 1e6:
+            put(f"{name}.tokens_per_s", f"{tokens / steps * (steps - 10) / secs:.0f}")
     except (KeyError, ValueError, ZeroDivisionError):
         pass
     size = 0
