@@ -27,13 +27,17 @@ branch of its own (AUTORESEARCH_TAG=<date>-gpu<N>: run.sh starts autoresearch/<t
 at the first run), each supervised as above, side by side: one process, one log (each
 line tagged with its GPU), one exit status. The stop file and the deadline stop them
 all, each after its running experiment. The worktrees use the main checkout's Python
-(AUTORESEARCH_PYTHON), which `uv sync` made and ./run.sh --doctor checked.
+(AUTORESEARCH_PYTHON), which `uv sync` made and ./run.sh --doctor checked. Agents on
+one machine share its CPUs: each gets OMP_NUM_THREADS = max(1, CPUs // agents) (the CPUs
+this process may use), unless OMP_NUM_THREADS is set already (torchrun, too, sets it for
+several processes: torch would start a thread per core in each).
 
 Under Slurm (AUTORESEARCH_SLURM set, as run.sh reads it) the GPUs are on the nodes and
 Slurm gives each experiment its own, so --gpus is refused and --agents N takes its place:
 N agents in the worktrees <repo>-agent1 ... <repo>-agentN on the branches <date>-agent<i>,
-the same in every other way, none pinned to a GPU (Slurm gives each job its own).
-Without Slurm --agents is refused: on one machine each agent needs a GPU of its own (--gpus).
+the same in every other way, none pinned to a GPU and none given OMP_NUM_THREADS (each
+job has its node's CPUs, --cpus-per-task in AUTORESEARCH_SLURM). Without Slurm --agents
+is refused: on one machine each agent needs a GPU of its own (--gpus).
 
 Claude Code ignores .claude/settings.json, and Codex .codex/, in a checkout that
 the person has not trusted once; a night would then end within seconds. When the
@@ -192,7 +196,13 @@ class Night:
         if args.gpus:
             # The same numbering as nvidia-smi's (CUDA's own order may differ) and run.sh's GPU locks.
             env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            if len(names) > 1 and not os.environ.get("OMP_NUM_THREADS"):
+                # Agents on one machine share its CPUs: torch would start all cores' threads in each.
+                env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(names)))
         found = [worktree(name, start) for name in names]  # all checked before any is made
+        if "OMP_NUM_THREADS" in env:
+            self.say(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} for each agent: this machine's CPUs shared by "
+                     f"{len(names)} (set OMP_NUM_THREADS to choose)")
         agents = []
         for name, (path, branch, tag) in zip(names, found):
             if branch is None:

@@ -304,10 +304,11 @@ def test_one_agent_per_gpu(workspace, tmp_path):
     reused), a branch and an agent per GPU, supervised together. Both agents run their baseline at once
     (the stand-in train.py waits for a note); the stop file appears while both train; GPU 0's run is
     recorded while GPU 1's still trains, then GPU 1's: both rows and both held-out scores stay, and
-    both agents are stopped after their experiment."""
+    both agents are stopped after their experiment. Each training had its agent's GPU and half the CPUs
+    (OMP_NUM_THREADS; tests/test_night.py has the rest of what each agent starts with)."""
     ws, repo = workspace, workspace.repo
     stand_ins(ws, tmp_path, trainer("1.0", heldout="0.9", body="print('cuda', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
-                                                          + WAIT_FOR_NOTE))
+                                    "print('omp', os.environ.get('OMP_NUM_THREADS'))\n" + WAIT_FOR_NOTE))
     wts = [tmp_path / f"repo-gpu{n}" for n in (0, 1)]
     server = ModelServer("anthropic")
     proc = night(ws, server, "--gpus", "0,x")
@@ -359,6 +360,7 @@ def test_one_agent_per_gpu(workspace, tmp_path):
         assert re.search(rf"gpu{n}\] night over \(stop file \.agents/stop found\) after 1 session\(s\)", err), err
         assert re.fullmatch(rf"autoresearch/[a-z]{{3}}\d\d-gpu{n}", git(wt, "branch", "--show-current"))
         assert f"cuda {n}" in (wt / "run.log").read_text()  # the agent's GPU, passed on by run.sh
+        assert f"omp {max(1, len(os.sched_getaffinity(0)) // 2)}\n" in (wt / "run.log").read_text()  # half the CPUs
         assert results(wt) == [("keep", "baseline")]
     assert all("Read program.md in full" in p for p in server.prompts[-2:])
     assert git(repo, "branch", "--show-current") == "main" and results(repo) == []

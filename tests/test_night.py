@@ -1,5 +1,5 @@
 """.agents/night.py's many agents, without an agent CLI: what it refuses, and the environment each
-agent starts with (its worktree, branch and GPU).
+agent starts with (its worktree, branch, GPU and CPU threads).
 
 A stand-in `claude` on PATH writes its environment and exits; when every agent has written its
 own it creates the stop file, so a night takes a second or two. The real CLI, its sessions and
@@ -83,7 +83,7 @@ def test_agents_under_slurm_have_worktrees_and_branches_and_no_gpu(clone):
         assert re.fullmatch(rf"[a-z]{{3}}\d\d-agent{i}", env["AUTORESEARCH_TAG"]), env
         assert env["AUTORESEARCH_SLURM"] == "--partition=gpu" and env["AUTORESEARCH_PYTHON"] == sys.executable
         # Slurm gives each job its GPU and its node's CPUs: nothing pinned here.
-        assert not {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",} & env.keys(), env
+        assert not {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "OMP_NUM_THREADS"} & env.keys(), env
     log = (c.repo / ".agents" / "night.log").read_text()
     assert " agent1] session 1 starts" in log and " agent2] session 1 starts" in log
     assert "night over for all 2 agents" in log
@@ -95,3 +95,24 @@ def test_agents_under_slurm_have_worktrees_and_branches_and_no_gpu(clone):
     git(c.tmp / "repo-agent1", "switch", "-q", "-c", "autoresearch/x-agent2")
     proc = night(c, "--agents", "1", AUTORESEARCH_SLURM="1")
     assert proc.returncode == 1 and "not on a branch of agent 1's (autoresearch/<tag>-agent1)" in proc.stderr
+
+
+def test_agents_on_one_machine_share_its_cpus(clone):
+    """--gpus 0,1: each agent's OMP_NUM_THREADS is the CPUs // 2, unless the person set it; one agent
+    alone is left torch's default."""
+    c = clone
+    cpus = len(os.sched_getaffinity(0))
+    for omp, want in ((None, str(max(1, cpus // 2))), ("3", "3")):
+        for f in c.out.iterdir():
+            f.unlink()
+        proc = night(c, "--gpus", "0,1", agents=2, **({"OMP_NUM_THREADS": omp} if omp else {}))
+        assert proc.returncode == 0, proc.stderr
+        for n in (0, 1):
+            env = agent_env(c, f"gpu{n}")
+            assert env["CUDA_VISIBLE_DEVICES"] == str(n) and env["OMP_NUM_THREADS"] == want, env
+        assert (f"OMP_NUM_THREADS={want} for each agent" in proc.stderr) == (omp is None)
+    for f in c.out.iterdir():
+        f.unlink()
+    proc = night(c, "--gpus", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "OMP_NUM_THREADS" not in agent_env(c, "gpu1")
