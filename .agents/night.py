@@ -4,6 +4,7 @@
     .agents/night.py --until 07:00                 # Claude Code (claude -p)
     .agents/night.py --agent codex --for 8h        # Codex (codex exec)
     .agents/night.py --gpus all --for 8h           # one agent per GPU, each in its own worktree
+    .agents/night.py --agents 4 --for 8h           # under Slurm (AUTORESEARCH_SLURM): 4 agents, 4 worktrees
     touch .agents/stop                             # ask it to stop (every agent)
 
 The agent is told to read program.md in full and follow it (START below): what
@@ -26,7 +27,17 @@ branch of its own (AUTORESEARCH_TAG=<date>-gpu<N>: run.sh starts autoresearch/<t
 at the first run), each supervised as above, side by side: one process, one log (each
 line tagged with its GPU), one exit status. The stop file and the deadline stop them
 all, each after its running experiment. The worktrees use the main checkout's Python
-(AUTORESEARCH_PYTHON), which `uv sync` made and ./run.sh --doctor checked.
+(AUTORESEARCH_PYTHON), which `uv sync` made and ./run.sh --doctor checked. Agents on
+one machine share its CPUs: each gets OMP_NUM_THREADS = max(1, CPUs // agents) (the CPUs
+this process may use), unless OMP_NUM_THREADS is set already (torchrun, too, sets it for
+several processes: torch would start a thread per core in each).
+
+Under Slurm (AUTORESEARCH_SLURM set, as run.sh reads it) the GPUs are on the nodes and
+Slurm gives each experiment its own, so --gpus is refused and --agents N takes its place:
+N agents in the worktrees <repo>-agent1 ... <repo>-agentN on the branches <date>-agent<i>,
+the same in every other way, none pinned to a GPU and none given OMP_NUM_THREADS (each
+job has its node's CPUs, --cpus-per-task in AUTORESEARCH_SLURM). Without Slurm --agents
+is refused: on one machine each agent needs a GPU of its own (--gpus).
 
 Claude Code ignores .claude/settings.json, and Codex .codex/, in a checkout that
 the person has not trusted once; a night would then end within seconds. When the
@@ -159,37 +170,57 @@ class Night:
             self.failed = self.failed or (code, why)
 
     def agents(self):
-        """One agent in this checkout, or with --gpus one per GPU in its worktree."""
-        if not self.args.gpus:
+        """One agent in this checkout; with --gpus one per GPU, with --agents N (Slurm) N, each in its worktree."""
+        args, slurm = self.args, bool(os.environ.get("AUTORESEARCH_SLURM"))
+        if args.gpus and slurm:
+            raise Refused("--gpus pins each agent to a GPU of this machine, but AUTORESEARCH_SLURM is set: "
+                          "the GPUs are on the nodes and Slurm gives each experiment its own; use --agents N "
+                          "(N agents, each in its worktree, none pinned), or unset AUTORESEARCH_SLURM")
+        if args.agents and not slurm:
+            raise Refused("--agents N is for a Slurm cluster (AUTORESEARCH_SLURM set), where Slurm gives each "
+                          "experiment its GPU; on this machine give each agent a GPU of its own with --gpus "
+                          "(--gpus all, or --gpus 0,1)")
+        if args.agents and not re.fullmatch(r"[1-9]\d*", args.agents):
+            raise Refused(f"--agents wants a number of agents, 1 or more, not {args.agents!r}")
+        if not args.gpus and not args.agents:
             return [Agent(self, ROOT)]
-        gpus = gpu_indices(self.args.gpus)
+        names = ([f"gpu{gpu}" for gpu in gpu_indices(args.gpus)] if args.gpus
+                 else [f"agent{i}" for i in range(1, int(args.agents) + 1)])
         start = next((b for b in ("main", "master") if git(ROOT, "rev-parse", "-q", "--verify", f"refs/heads/{b}")),
                      None)
         if start is None:
-            raise Refused(f"no branch main or master in {ROOT} to make the GPUs' worktrees from")
+            raise Refused(f"no branch main or master in {ROOT} to make the agents' worktrees from")
         env = {}
         if not os.environ.get("AUTORESEARCH_PYTHON"):
             env["AUTORESEARCH_PYTHON"] = project_python()
-        # The same numbering as nvidia-smi's (CUDA's own order may differ) and run.sh's GPU locks.
-        env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        found = [worktree(gpu, start) for gpu in gpus]  # all checked before any is made
+        if args.gpus:
+            # The same numbering as nvidia-smi's (CUDA's own order may differ) and run.sh's GPU locks.
+            env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            if len(names) > 1 and not os.environ.get("OMP_NUM_THREADS"):
+                # Agents on one machine share its CPUs: torch would start all cores' threads in each.
+                env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // len(names)))
+        found = [worktree(name, start) for name in names]  # all checked before any is made
+        if "OMP_NUM_THREADS" in env:
+            self.say(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} for each agent: this machine's CPUs shared by "
+                     f"{len(names)} (set OMP_NUM_THREADS to choose)")
         agents = []
-        for gpu, (path, branch, tag) in zip(gpus, found):
+        for name, (path, branch, tag) in zip(names, found):
             if branch is None:
                 add = subprocess.run(["git", "-C", str(ROOT), "-c", "core.hooksPath=/dev/null", "worktree", "add", "-q",
                                       "--detach", str(path), start], capture_output=True, text=True)
                 if add.returncode != 0:
                     raise Refused(f"could not make the worktree {path}: {add.stderr.strip()}")
                 self.say(f"made the worktree {path} from {start}; run.sh starts autoresearch/{tag} there at "
-                         "the first run", tag=f"gpu{gpu}")
+                         "the first run", tag=name)
             else:
-                self.say(f"reusing the worktree {path} ({'on ' + branch if branch else 'detached'})", tag=f"gpu{gpu}")
-            wt_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu), AUTORESEARCH_TAG=tag)
+                self.say(f"reusing the worktree {path} ({'on ' + branch if branch else 'detached'})", tag=name)
+            wt_env = dict(env, AUTORESEARCH_TAG=tag)
+            if args.gpus:
+                wt_env["CUDA_VISIBLE_DEVICES"] = name.removeprefix("gpu")
             if "AUTORESEARCH_PYTHON" in env and (path / "uv.lock").read_bytes() != (ROOT / "uv.lock").read_bytes():
                 del wt_env["AUTORESEARCH_PYTHON"]  # other dependencies: its own environment (uv run syncs it)
-                self.say("its uv.lock is not the main checkout's: run.sh there uses its own environment",
-                         tag=f"gpu{gpu}")
-            agents.append(Agent(self, path, f"gpu{gpu}", wt_env))
+                self.say("its uv.lock is not the main checkout's: run.sh there uses its own environment", tag=name)
+            agents.append(Agent(self, path, name, wt_env))
         return agents
 
     def run(self):
@@ -198,7 +229,9 @@ class Night:
         except Refused as e:
             self.say(f"ERROR: {e}", loud=True)
             return 1
-        where = "" if not self.args.gpus else " on " + ", ".join(a.tag for a in agents)
+        where = "" if len(agents) == 1 and not agents[0].tag else " on " + ", ".join(a.tag for a in agents)
+        if self.args.agents:
+            where += " (each experiment a Slurm job)"
         self.say(f"night starts: agent {self.args.agent}{where}, "
                  + ("no deadline" if self.deadline == float("inf")
                     else time.strftime("until %Y-%m-%d %H:%M:%S", time.localtime(self.deadline)))
@@ -335,7 +368,7 @@ class Agent:
             prompt = RESTART
 
 
-# ------------------------------------------------------------------ --gpus
+# ------------------------------------------------------------------ --gpus, --agents
 
 def gpu_indices(spec):
     """The GPU indices of --gpus: a list such as 0,1,3, or all that nvidia-smi lists."""
@@ -357,13 +390,14 @@ def gpu_indices(spec):
     return [int(i) for i in ids]
 
 
-def worktree(gpu, start):
-    """GPU's worktree beside the repository: (path, its branch, the tag for run.sh); the branch is
-    None when the worktree is still to be made, '' when it is detached. An existing one is reused
-    only if it is a worktree of this repository, detached or on a branch of this GPU's."""
-    path = ROOT.parent / f"{ROOT.name}-gpu{gpu}"
+def worktree(name, start):
+    """The worktree of agent NAME (gpu<N>, agent<i>) beside the repository: (path, its branch, the tag
+    for run.sh); the branch is None when the worktree is still to be made, '' when it is detached. An
+    existing one is reused only if it is a worktree of this repository, detached or on a branch of NAME's."""
+    path = ROOT.parent / f"{ROOT.name}-{name}"
+    who = f"GPU {name[3:]}" if name.startswith("gpu") else f"agent {name[5:]}"
     date = time.strftime("%b%d").lower()  # as run.sh names a branch it starts
-    free = next(t for t in (f"{date}{s}-gpu{gpu}" for s in ["", *"bcdefghijklmnopqrstuvwxyz"])
+    free = next(t for t in (f"{date}{s}-{name}" for s in ["", *"bcdefghijklmnopqrstuvwxyz"])
                 if not git(ROOT, "rev-parse", "-q", "--verify", f"refs/heads/autoresearch/{t}"))
     if not path.exists() and not path.is_symlink():
         return path, None, free
@@ -372,11 +406,12 @@ def worktree(gpu, start):
     if top is None or Path(top).resolve() != path.resolve() or \
             (path / common).resolve() != (ROOT / ours).resolve():
         raise Refused(f"{path} exists and is not a worktree of this repository; move it away "
-                      f"(night.py makes GPU {gpu}'s worktree there), or leave GPU {gpu} out of --gpus")
+                      f"(night.py makes {who}'s worktree there)"
+                      + (f", or leave {who} out of --gpus" if name.startswith("gpu") else ""))
     branch = git(path, "symbolic-ref", "-q", "--short", "HEAD") or ""
-    if branch and not re.fullmatch(rf"autoresearch/.+-gpu{gpu}", branch):
-        raise Refused(f"the worktree {path} is on {branch}, not on a branch of GPU {gpu}'s (autoresearch/"
-                      f"<tag>-gpu{gpu}) nor detached; start it afresh from main with "
+    if branch and not re.fullmatch(rf"autoresearch/.+-{name}", branch):
+        raise Refused(f"the worktree {path} is on {branch}, not on a branch of {who}'s (autoresearch/"
+                      f"<tag>-{name}) nor detached; start it afresh from main with "
                       f"`git -C {path} switch --detach main` (its branch stays), or move it away")
     return path, branch, branch.removeprefix("autoresearch/") if branch else free
 
@@ -402,8 +437,11 @@ def main():
     when = p.add_mutually_exclusive_group()
     when.add_argument("--until", metavar="HH:MM", help="stop at this local time (the next one)")
     when.add_argument("--for", dest="duration", metavar="DURATION", help="stop after 8h, 90m, 30s ...")
-    p.add_argument("--gpus", metavar="LIST", help="one agent per GPU, each in a worktree <repo>-gpu<N>: "
-                   "GPU indices (0,1,3) or all (from nvidia-smi)")
+    many = p.add_mutually_exclusive_group()
+    many.add_argument("--gpus", metavar="LIST", help="one agent per GPU of this machine, each in a worktree "
+                      "<repo>-gpu<N>: GPU indices (0,1,3) or all (from nvidia-smi)")
+    many.add_argument("--agents", metavar="N", help="under Slurm (AUTORESEARCH_SLURM): N agents, each in a "
+                      "worktree <repo>-agent<i>, none pinned to a GPU (Slurm gives each experiment one)")
     p.add_argument("--pause", type=float, default=15,
                    help="seconds between sessions (doubled, up to 600, after a session under a minute)")
     p.add_argument("extra", nargs="*", help="after --: more arguments for the agent CLI (e.g. -- --model opus)")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -305,10 +304,11 @@ def test_one_agent_per_gpu(workspace, tmp_path):
     reused), a branch and an agent per GPU, supervised together. Both agents run their baseline at once
     (the stand-in train.py waits for a note); the stop file appears while both train; GPU 0's run is
     recorded while GPU 1's still trains, then GPU 1's: both rows and both held-out scores stay, and
-    both agents are stopped after their experiment."""
+    both agents are stopped after their experiment. Each training had its agent's GPU and half the CPUs
+    (OMP_NUM_THREADS; tests/test_night.py has the rest of what each agent starts with)."""
     ws, repo = workspace, workspace.repo
     stand_ins(ws, tmp_path, trainer("1.0", heldout="0.9", body="print('cuda', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
-                                                          + WAIT_FOR_NOTE))
+                                    "print('omp', os.environ.get('OMP_NUM_THREADS'))\n" + WAIT_FOR_NOTE))
     wts = [tmp_path / f"repo-gpu{n}" for n in (0, 1)]
     server = ModelServer("anthropic")
     proc = night(ws, server, "--gpus", "0,x")
@@ -360,6 +360,7 @@ def test_one_agent_per_gpu(workspace, tmp_path):
         assert re.search(rf"gpu{n}\] night over \(stop file \.agents/stop found\) after 1 session\(s\)", err), err
         assert re.fullmatch(rf"autoresearch/[a-z]{{3}}\d\d-gpu{n}", git(wt, "branch", "--show-current"))
         assert f"cuda {n}" in (wt / "run.log").read_text()  # the agent's GPU, passed on by run.sh
+        assert f"omp {max(1, len(os.sched_getaffinity(0)) // 2)}\n" in (wt / "run.log").read_text()  # half the CPUs
         assert results(wt) == [("keep", "baseline")]
     assert all("Read program.md in full" in p for p in server.prompts[-2:])
     assert git(repo, "branch", "--show-current") == "main" and results(repo) == []
@@ -370,17 +371,18 @@ def test_one_agent_per_gpu(workspace, tmp_path):
 
 
 def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
-    """AUTORESEARCH_SLURM: two agents at once, in two worktrees on two branches, each running run.sh
-    whose training runs in a Slurm job step. One job is cancelled mid-training (scancel): the agent is
-    told it crashed and why, and its next run is recorded. Both branches' rows are recorded, and
-    each worktree's morning report has its own. run.sh's stand-ins (tests/test_run_sh.py) make each
-    run take seconds. (They hand over no held-out score: the worktrees share heldout.tsv, and run.sh's
-    guard of it while the other trains is another part's; test_run_sh.py stores one through Slurm.)"""
+    """AUTORESEARCH_SLURM and night.py --agents 2: two agents at once, in two worktrees on two branches,
+    none pinned to a GPU, each running run.sh whose training runs in a Slurm job step. One job is
+    cancelled mid-training (scancel): the agent is told it crashed and why, and its next run is
+    recorded. When both have ended their turn the stop file ends the night: one log, exit 0. Both
+    branches' rows are recorded, and each worktree's morning report has the whole night. run.sh's
+    stand-ins (tests/test_run_sh.py) make each run take seconds. (They hand over no held-out score:
+    the worktrees share heldout.tsv, and run.sh's guard of it while the other trains is another
+    part's; test_run_sh.py stores one through Slurm.)"""
     ws, repo = workspace, workspace.repo
     stand_ins(ws, tmp_path, trainer("1.0"))
-    cache = tmp_path / "cache"
-    other = tmp_path / "wt2"
-    git(repo, "worktree", "add", "-q", "--detach", str(other), "main")
+    wts = [tmp_path / f"repo-agent{i}" for i in (1, 2)]
+    other = wts[1]
 
     def cancel_when_started():  # the job of the hanging run, cancelled once training runs
         log, deadline = other / "run.log", time.time() + 120
@@ -390,47 +392,52 @@ def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
         jobs = [j[0] for j in slurm_jobs(slurm) if j[1].startswith(name)]
         subprocess.run(["scancel", *jobs], env={**os.environ, **slurm}, check=True)
 
+    ended = []
+
+    def done(tag):  # the stop file once both agents have ended their turn
+        ended.append(tag)
+        if len(ended) == 2:
+            (repo / ".agents" / "stop").touch()
+
     hang = trainer("0.8", body="print('hangs', flush=True); time.sleep(600)\n")
     cancelled = Call("Bash", {"command": './run.sh "hangs"', "description": "run it"},
                      on_play=lambda: threading.Thread(target=cancel_when_started, daemon=True).start())
+    trust(ws)  # the main checkout: its worktrees share its trust (Claude Code)
+    server = ModelServer("anthropic")
     agents = []
     for tag, checkout, steps in (
-            ("a1", repo, [("val_bpb 0.9", trainer("0.9"))]),
-            ("a2", other, [("hangs", hang), ("val_bpb 1.1", trainer("1.1"))])):
-        home = ws.home if checkout == repo else tmp_path / "home2"
-        home.mkdir(exist_ok=True)
-        trust(SimpleNamespace(home=home, repo=repo))  # a worktree's trust is its main checkout's (Claude Code)
-        server = ModelServer("anthropic")
+            ("agent1", wts[0], [("val_bpb 0.9", trainer("0.9"))]),
+            ("agent2", wts[1], [("hangs", hang), ("val_bpb 1.1", trainer("1.1"))])):
         train = checkout / "train.py"
         runs = [bash('./run.sh "baseline"')]
-        server.add(runs[0])
+        server.add(runs[0], cwd=checkout)
         for desc, text in steps:
             runs.append(cancelled if desc == "hangs" else bash(f'./run.sh "{desc}"'))
             server.add(Call("Read", {"file_path": str(train)}), Call("Write", {"file_path": str(train), "content": text}),
-                       runs[-1])
-        server.add(End("Done."))
-        env = dict(ws.env, **slurm, HOME=str(home), AUTORESEARCH_SLURM="1", AUTORESEARCH_TAG=tag,
-                   AUTORESEARCH_CACHE=str(cache), ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="dummy-key")
-        err = open(tmp_path / f"{tag}.err", "w+")
-        proc = subprocess.Popen([str(CLAUDE), "-p", "Read program.md and start the loop.", "--output-format",
-                                 "stream-json", "--verbose"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, text=True)
-        agents.append((tag, checkout, server, proc, runs, err))
-    for tag, checkout, server, proc, runs, err in agents:
-        proc.wait(timeout=600)
-        server.close()
-        err.seek(0)
-        assert proc.returncode == 0, err.read()
+                       runs[-1], cwd=checkout)
+        server.add(End("Done.", on_play=lambda tag=tag: done(tag)), cwd=checkout)
+        agents.append((tag, checkout, runs))
+    ws.env.update(slurm, AUTORESEARCH_SLURM="1")
+    proc = night(ws, server, "--agents", "2", "--pause", "60")  # the first done waits: no restarts spin
+    server.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "on agent1, agent2 (each experiment a Slurm job)" in proc.stderr
+    log = (repo / ".agents" / "night.log").read_text()
+    assert "night over for all 2 agents" in log and "[agent1] " in log and "[agent2] " in log
+    for tag, checkout, runs in agents:
+        assert re.search(rf"{tag}\] night over \(stop file \.agents/stop found\) after 1 session\(s\)", proc.stderr)
         for call in runs:  # run.sh's own answers: recorded, each through a Slurm job
             assert not call.is_error and re.search(r"^slurm: +job \d+ on \S+", call.output, re.M), (tag, call.output)
-        assert git(checkout, "branch", "--show-current") == f"autoresearch/{tag}"
+        assert re.fullmatch(rf"autoresearch/[a-z]{{3}}\d\d-{tag}", git(checkout, "branch", "--show-current"))
+    assert git(repo, "branch", "--show-current") == "main" and results(repo) == []
+    b1, b2 = (git(wt, "branch", "--show-current") for wt in wts)
     assert re.search(r"^status: +crash$", cancelled.output, re.M), cancelled.output
     assert re.search(r"^reason: +the Slurm job \d+ ended CANCELLED .*\*\*\* STEP \d+\.0 ON \S+ CANCELLED AT", cancelled.output,
                      re.M), cancelled.output
-    assert results(repo) == [("keep", "baseline"), ("keep", "val_bpb 0.9")]
+    assert results(wts[0]) == [("keep", "baseline"), ("keep", "val_bpb 0.9")]
     assert results(other) == [("keep", "baseline"), ("crash", "hangs [interrupted by Slurm]"), ("discard", "val_bpb 1.1")]
     assert trainer("0.8", body="print('hangs', flush=True); time.sleep(600)\n") not in git(other, "show", "HEAD:train.py")
-    for checkout, lines in ((repo, ["val_bpb: baseline 1.000000 -> best 0.900000"]),
+    for checkout, lines in ((wts[0], ["val_bpb: baseline 1.000000 -> best 0.900000"]),
                             (other, ["val_bpb: baseline 1.000000 -> best 1.000000", "crashes:"])):
         report = subprocess.run([sys.executable, "analysis.py"], cwd=checkout, capture_output=True, text=True,
                                 timeout=120)
@@ -438,7 +445,7 @@ def test_two_agents_on_two_branches_through_slurm(slurm, workspace, tmp_path):
         # One morning report for the night, from either checkout: both agents, the best of the night.
         night_of = report.stdout
         assert "the night, 2 branch(es) in 2 worktree(s)" in night_of, night_of
-        assert re.search(r"^best of the night: 0\.900000  [0-9a-f]{7} on autoresearch/a1 ", night_of, re.M), night_of
+        assert re.search(rf"^best of the night: 0\.900000  [0-9a-f]{{7}} on {b1} ", night_of, re.M), night_of
         agents = night_of.split("agents, best first:\n")[1].split("\n\n")[0].split()
-        assert agents.index("autoresearch/a1") < agents.index("autoresearch/a2"), night_of
-        assert "hangs [interrupted by Slurm]" in night_of.split("== autoresearch/a2")[1]
+        assert agents.index(b1) < agents.index(b2), night_of
+        assert "hangs [interrupted by Slurm]" in night_of.split(f"== {b2}")[1]

@@ -531,6 +531,21 @@ def test_secrets_do_not_reach_training(based: Repo):
     assert "'CUDA_VISIBLE_DEVICES'" in log and "'OMP_NUM_THREADS'" in log and "'AUTORESEARCH_CACHE'" in log
 
 
+def test_thread_settings_reach_training_the_batch_server_and_the_evaluator(repo: Repo):
+    """OMP_NUM_THREADS (night.py sets it for agents that share a machine) reaches all three sandboxes.
+    (The stand-in evaluator says what it saw and fails, so that its line is the crash's reason.)"""
+    prepare = PREPARE.replace('if "--serve-batches" in sys.argv:\n', 'if "--serve-batches" in sys.argv:\n'
+                              '    print("server omp", os.environ.get("OMP_NUM_THREADS"), file=sys.stderr)\n')
+    repo.write("prepare.py", prepare.replace('if "--evaluate" in sys.argv:\n', 'if "--evaluate" in sys.argv:\n'
+                                             '    sys.exit(f"evaluator omp {os.environ.get(\'OMP_NUM_THREADS\')}")\n'))
+    repo.write("train.py", trainer("0.9", body="print('train omp', os.environ.get('OMP_NUM_THREADS'))\n"))
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "say the threads")
+    out = repo.run("baseline", OMP_NUM_THREADS="3").stdout
+    log = repo.read("run.log")
+    assert "train omp 3\n" in log and "server omp 3\n" in log, log
+    assert re.search(r"^reason: +the evaluator failed: evaluator omp 3$", out, re.M), out
+
+
 @needs_bwrap
 def test_bwrap_sandbox_details(based: Repo):
     """What training sees: an empty, read-only $HOME, private capped /tmp and /dev/shm,
