@@ -183,10 +183,6 @@ def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(work
         assert "README" not in prompt and "./run.sh" not in prompt and "baseline" not in prompt
 
 
-# run.sh's answer when train.py is the kept commit: its wording now, and the one that names the val_bpb.
-KEPT = re.compile(r"train\.py is (unchanged since the last kept commit|the kept commit)")
-
-
 def test_a_short_night_under_the_supervisor(workspace, tmp_path):
     """No baseline yet: the agent runs program.md's set-up (the baseline, kept, and a noise rerun)
     and ends its turn; restarted, it tries a change, during which the person asks to stop: the
@@ -284,10 +280,9 @@ def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):
     assert "Read program.md in full" in server.prompts[0]
 
     assert refusal.is_error and "Exit code 3" in refusal.output, refusal
-    wording = KEPT.search(refusal.output)
-    assert wording, refusal.output
-    # It names the baseline: its commit (today's wording) or its val_bpb (run.sh's "nothing to run").
-    assert baseline[0] in refusal.output if wording[1].startswith("unchanged") else baseline[1] in refusal.output
+    # It names the person's baseline: its commit, description and val_bpb (the README quotes it).
+    assert (f'nothing to run: train.py is the kept commit {baseline[0][:7]} ("baseline", val_bpb {baseline[1]}), '
+            "already measured") in refusal.output, refusal.output
     assert changed(before, seen["after_refusal"]) == [".agents/night.log"]  # ignored by git: nothing else
     assert not rerun.is_error and re.search(r"^status:\s+rerun$", rerun.output, re.M), rerun
     assert results(repo) == [("keep", "baseline"), ("rerun", "baseline noise")]
