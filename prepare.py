@@ -1257,11 +1257,18 @@ _SAFE_STR = re.compile(r"[A-Za-z0-9_,.>-]{0,64}")
 # indexing, uninitialised memory), draw random numbers, or keep state: batch and instance norm
 # write their running statistics in place though their schemas do not say so, and recurrent
 # layers may too. Operators tagged nondeterministic_seeded or taking a Generator are refused too,
-# but for attention, whose dropout_p must then be 0 (_check_arguments).
+# but for attention, whose dropout_p must then be 0 (_check_arguments). Sparse, quantized and
+# jagged tensors are refused whole: their constructors take index tensors that the kernels trust
+# unchecked (a CSR column past the end read the heap beyond the inputs), and a forward pass has
+# no use for backward kernels, which trust the indices their forward pass saved.
 _REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe|"
                           r"nested|empty|rand|dropout|bernoulli|normal|uniform|exponential|geometric|cauchy|"
                           r"multinomial|poisson|binomial|gamma|dirichlet|rrelu|set_|resize|data_ptr|"
-                          r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn")
+                          r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn|"
+                          r"sparse|coo|csr|csc|bsr|bsc|compressed|mkldnn|quantiz|int_repr|per_tensor|per_channel|"
+                          r"jagged|cslt|int4pack|int8pack|backward")
+# Arguments that tell a kernel where sequences start and end, trusted unchecked: varlen attention's.
+_UNCHECKED_INDEX_ARGS = {"cu_seqlens_q", "cu_seqlens_k", "cum_seq_q", "cum_seq_k", "seqused_k", "seqlen_k"}
 _FLEX_OPTIONS = re.compile(r"[A-Z][A-Z0-9_]{0,40}")  # FlexAttention's kernel_options: names, and values
                                                      # other than numbers and flags (BACKEND: AUTO)
 _HANDOVER = os.environ.pop("AUTORESEARCH_HANDOVER", "")  # run.sh: where the trained model goes
@@ -1428,8 +1435,8 @@ def _decode_graph(nodes, device):
             return {k: dec(x) for k, x in v}
         if key == "device":
             return device
-        if key in kinds and isinstance(getattr(torch, v, None), kinds[key]):
-            return getattr(torch, v)
+        if key in kinds and isinstance(getattr(torch, v, None), kinds[key]) and (key != "layout" or v == "strided"):
+            return getattr(torch, v)  # dense tensors only: a sparse layout brings index tensors kernels trust
         raise PrepareError(f"the hand-over holds an argument the evaluator does not read ({key})")
 
     for i, n in enumerate(nodes):
@@ -1480,6 +1487,9 @@ def _check_arguments(name, op, args, kwargs):
             raise bad
         if isinstance(value, str) and "str" not in kind:
             raise bad
+        if (arg.name in _UNCHECKED_INDEX_ARGS and value is not None) or (arg.name == "unsafe" and value is not False):
+            raise PrepareError(f"the hand-over gives {name} {arg.name}: indices its kernel trusts unchecked, "
+                               f"which can read memory beyond the inputs")
         if arg.name in ("dropout_p", "dropout", "train") and value not in (None, 0, 0.0, False):
             raise PrepareError(f"the hand-over asks {name} for {arg.name}={value}: the scored function draws "
                                f"no random numbers (no dropout at evaluation)")
