@@ -1257,13 +1257,26 @@ _SAFE_STR = re.compile(r"[A-Za-z0-9_,.>-]{0,64}")
 # indexing, uninitialised memory), draw random numbers, or keep state: batch and instance norm
 # write their running statistics in place though their schemas do not say so, and recurrent
 # layers may too. Operators tagged nondeterministic_seeded or taking a Generator are refused too,
-# but for attention, whose dropout_p must then be 0 (_check_arguments).
+# but for attention, whose dropout_p must then be 0 (_check_arguments). Sparse, quantized and
+# jagged tensors are refused whole: their constructors take index tensors that the kernels trust
+# unchecked (a CSR column past the end read the heap beyond the inputs), and a forward pass has
+# no use for backward kernels, which trust the indices their forward pass saved.
 _REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe|"
                           r"nested|empty|rand|dropout|bernoulli|normal|uniform|exponential|geometric|cauchy|"
                           r"multinomial|poisson|binomial|gamma|dirichlet|rrelu|set_|resize|data_ptr|"
-                          r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn")
+                          r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn|"
+                          r"sparse|coo|csr|csc|bsr|bsc|compressed|mkldnn|quantiz|int_repr|per_tensor|per_channel|"
+                          r"jagged|cslt|int4pack|int8pack|backward")
+# Arguments that tell a kernel where sequences start and end, trusted unchecked: varlen attention's.
+_UNCHECKED_INDEX_ARGS = {"cu_seqlens_q", "cu_seqlens_k", "cum_seq_q", "cum_seq_k", "seqused_k", "seqlen_k"}
 _FLEX_OPTIONS = re.compile(r"[A-Z][A-Z0-9_]{0,40}")  # FlexAttention's kernel_options: names, and values
                                                      # other than numbers and flags (BACKEND: AUTO)
+# ...of these names, the options torch.export writes and the tile sizes a user may choose. The
+# others (IS_DIVISIBLE, SPARSE_KV_BLOCK_SIZE, QK_HEAD_DIM, GQA_SHARED_HEADS...) tell the compiled
+# kernel facts about its inputs that it trusts unchecked, and so does BLOCKS_ARE_CONTIGUOUS=True.
+_FLEX_OPTION_NAMES = {"BACKEND", "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ",
+                      "OUTPUT_LOGSUMEXP", "OUTPUT_MAX", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
+                      "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"}
 _HANDOVER = os.environ.pop("AUTORESEARCH_HANDOVER", "")  # run.sh: where the trained model goes
 
 
@@ -1428,8 +1441,8 @@ def _decode_graph(nodes, device):
             return {k: dec(x) for k, x in v}
         if key == "device":
             return device
-        if key in kinds and isinstance(getattr(torch, v, None), kinds[key]):
-            return getattr(torch, v)
+        if key in kinds and isinstance(getattr(torch, v, None), kinds[key]) and (key != "layout" or v == "strided"):
+            return getattr(torch, v)  # dense tensors only: a sparse layout brings index tensors kernels trust
         raise PrepareError(f"the hand-over holds an argument the evaluator does not read ({key})")
 
     for i, n in enumerate(nodes):
@@ -1461,9 +1474,9 @@ def _check_arguments(name, op, args, kwargs):
             raise bad
         if name == "higher_order.flex_attention":
             options = args[6] if len(args) > 6 else None
-            if not isinstance(options, dict) or not all(
-                    _FLEX_OPTIONS.fullmatch(k) and (isinstance(v, (bool, int, float)) or
-                                                    isinstance(v, str) and _FLEX_OPTIONS.fullmatch(v))
+            if not isinstance(options, dict) or options.get("BLOCKS_ARE_CONTIGUOUS", False) is not False or not all(
+                    k in _FLEX_OPTION_NAMES and (isinstance(v, (bool, int, float)) or
+                                                 isinstance(v, str) and _FLEX_OPTIONS.fullmatch(v))
                     for k, v in options.items()):
                 raise PrepareError("the hand-over gives FlexAttention options other than named flags and sizes")
         return
@@ -1480,6 +1493,9 @@ def _check_arguments(name, op, args, kwargs):
             raise bad
         if isinstance(value, str) and "str" not in kind:
             raise bad
+        if (arg.name in _UNCHECKED_INDEX_ARGS and value is not None) or (arg.name == "unsafe" and value is not False):
+            raise PrepareError(f"the hand-over gives {name} {arg.name}: indices its kernel trusts unchecked, "
+                               f"which can read memory beyond the inputs")
         if arg.name in ("dropout_p", "dropout", "train") and value not in (None, 0, 0.0, False):
             raise PrepareError(f"the hand-over asks {name} for {arg.name}={value}: the scored function draws "
                                f"no random numbers (no dropout at evaluation)")
@@ -1518,6 +1534,7 @@ def load_handover(directory, device, compile_model):
     except Exception as e:
         raise PrepareError(f"the hand-over in {directory} is not readable ({type(e).__name__}: {e})") from e
     at = args.index(None)
+    _bound_block_masks(gm, args[:at] + [torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)] + args[at + 1:])
     run = gm
     if compile_model:  # Inductor straight from the graph: it is already ATen (Dynamo would re-trace it)
         x = torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)
@@ -1532,6 +1549,49 @@ def load_handover(directory, device, compile_model):
                                f"not {type(logits).__name__} {tuple(getattr(logits, 'shape', ()))}")
         return logits
     return forward, size
+
+
+def _bound_block_masks(gm, args):
+    """FlexAttention's compiled kernel (Inductor's, on a GPU) reads the blocks its block mask names
+    without a bounds check: a mask naming block 5000 of a 2-block key read memory past it (on a
+    CPU, a crash). Its eager form ignores the block lists and applies mask_mod everywhere. So each
+    mask must fit its query and key, and its block counts and indices are clamped in the graph to
+    the blocks there are: a true mask is unchanged, a forged one reads nothing but its key."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
+    if not calls:
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        ShapeProp(gm).propagate(*[mode.from_tensor(a) for a in args])
+    meta = lambda n: n.meta["tensor_meta"] if isinstance(n, torch.fx.Node) and "tensor_meta" in n.meta else None  # noqa: E731
+    for call in calls:
+        q, k, mask = meta(call.args[0]), meta(call.args[1]), list(call.args[4])
+        bad = PrepareError("the hand-over's FlexAttention block mask does not fit its query and key")
+        if len(mask) != 13 or q is None or k is None:
+            raise bad
+        q_len, kv_len, q_bs, kv_bs = q.shape[-2], k.shape[-2], mask[10], mask[11]
+        if mask[:2] != [q_len, kv_len] or not all(type(b) is int and b > 0 for b in (q_bs, kv_bs)) \
+                or q_len % q_bs or kv_len % kv_bs:
+            raise bad
+        n_q, n_kv, lead = q_len // q_bs, kv_len // kv_bs, None
+        # (count, indices) pairs: the key blocks of each query block (partial, full), then the reverse
+        for i, blocks, rows in ((2, n_kv, n_q), (4, n_kv, n_q), (6, n_q, n_kv), (8, n_q, n_kv)):
+            if mask[i] is None and mask[i + 1] is None and i in (4, 8):
+                continue  # no full blocks
+            num, idx = meta(mask[i]), meta(mask[i + 1])
+            if num is None or idx is None or num.dtype != torch.int32 or idx.dtype != torch.int32 \
+                    or len(num.shape) != 3 or len(idx.shape) != 4 or num.shape != idx.shape[:3] \
+                    or num.shape[2] < rows or idx.shape[3] < 1 or (lead or num.shape[:2]) != num.shape[:2]:
+                raise bad
+            lead = num.shape[:2]
+            with gm.graph.inserting_before(call):
+                mask[i] = gm.graph.call_function(torch.ops.aten.clamp.default, (mask[i], 0, min(blocks, idx.shape[3])))
+                mask[i + 1] = gm.graph.call_function(torch.ops.aten.clamp.default, (mask[i + 1], 0, blocks - 1))
+        call.args = (*call.args[:4], tuple(mask), *call.args[5:])
+    gm.recompile()
 
 
 def _read_regular(path):

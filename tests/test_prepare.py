@@ -1046,15 +1046,84 @@ def test_the_evaluator_refuses_state_randomness_and_code_in_strings(smoke, tmp_p
         smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
 
 
-def test_flex_attention_options_are_flags_and_sizes_only(smoke, tmp_path):
+def _csr_read_past_the_inputs(N, R, T, V):
+    """A sparse CSR matrix whose columns lie past its declared width: mm trusts them and reads the
+    memory after the inputs (on a CPU, the heap: other values each call)."""
+    n, dev = R * T, {"device": "cpu"}
+    return [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.view.default", N(1), [n, 1]),
+            _call("aten.arange.start", 0, n + 1, dtype={"dtype": "int64"}, device=dev),
+            _call("aten.arange.start", n, 2 * n, dtype={"dtype": "int64"}, device=dev),
+            _call("aten.full.default", [n], 1.0, dtype={"dtype": "float32"}, device=dev),
+            _call("aten.sparse_csr_tensor.crow_col_value_size", N(3), N(4), N(5), [n, n], dtype={"dtype": "float32"},
+                  layout={"layout": "sparse_csr"}, device=dev),
+            _call("aten.mm.default", N(6), N(2)), _call("aten.view.default", N(7), [R, T, 1]),
+            _call("aten.expand.default", N(8), [R, T, V])]
+
+
+@pytest.mark.parametrize("nodes_of, why", [
+    (_csr_read_past_the_inputs, "reads memory other than its inputs"),
+    (lambda N, R, T, V: [_call("aten.zeros.default", [R, T, V], layout={"layout": "sparse_coo"}, device={"device": "cpu"})],
+     "does not read (layout)"),
+    (lambda N, R, T, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                         _call("aten.segment_reduce.default", N(1), "sum", lengths=N(0), unsafe=True)], "unchecked"),
+    (lambda N, R, T, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                         _call("aten.view.default", N(1), [1, R * T, 1, 1]),
+                         _call("aten._efficient_attention_forward.default", N(2), N(2), N(2), None, N(0), N(0), R * T,
+                               R * T, 0.0, 0)], "unchecked"),
+])
+def test_a_graph_cannot_read_past_its_inputs_through_indices_a_kernel_trusts(smoke, tmp_path, nodes_of, why):
+    """Found by the third adversarial review: with a CSR matrix built from its own index tensors, a
+    graph read the heap beyond its inputs, a different value each call (the first line of the
+    logits, before the fix: 0.0, 0.0, 1.1e-43, 0.0, 6.6e14, 3.1e-41, -2.4e27, ...)."""
+    N = lambda i: {"node": i}  # noqa: E731
+    body = nodes_of(N, smoke.EVAL_ROWS, smoke.MAX_SEQ_LEN, smoke.VOCAB_SIZE)
+    nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
+    with pytest.raises(smoke.PrepareError, match=re.escape(why)):
+        smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+
+
+@pytest.mark.parametrize("option", [["BLOCK_M'''\nimport os\n'''", 1],
+                                    # facts the compiled kernel trusts: no bounds checks, another block size
+                                    ["IS_DIVISIBLE", True], ["SPARSE_KV_BLOCK_SIZE", 4096], ["BLOCKS_ARE_CONTIGUOUS", True]])
+def test_flex_attention_options_are_flags_and_sizes_only(smoke, tmp_path, option):
     tok = smoke.Tokenizer.from_directory()
     smoke.handover(FlexModel(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval(), str(tmp_path / "h"))
     meta = json.loads((tmp_path / "h/model.json").read_text())
     flex = next(n for n in meta["graph"] if n.get("target") == "higher_order.flex_attention")
-    flex["args"][6]["dict"].append(["BLOCK_M'''\nimport os\n'''", 1])
+    flex["args"][6]["dict"].append(option)
     (tmp_path / "h/model.json").write_text(json.dumps(meta))
     with pytest.raises(smoke.PrepareError, match="FlexAttention options"):
         smoke.evaluate_handover(str(tmp_path / "h"))
+
+
+def test_a_forged_flex_block_mask_reads_nothing_past_the_key(smoke, tmp_path):
+    """Found by the third adversarial review: the compiled FlexAttention kernel reads the key blocks
+    its block mask names unchecked (eager FlexAttention ignores them). Block 5000 of a 2-block key
+    failed on the CPU (block 2: SIGFPE) and reads past the key on a GPU. Now the counts and indices
+    are clamped to the blocks there are, and a mask that does not fit its query and key is refused."""
+    tok = smoke.Tokenizer.from_directory()
+    torch.manual_seed(0)
+    model = FlexModel(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval()
+    d = tmp_path / "h"
+    smoke.handover(model, str(d))
+    meta = json.loads((d / "model.json").read_text())
+    flex = next(n for n in meta["graph"] if n.get("target") == "higher_order.flex_attention")
+    mask = flex["args"][4]["tuple"]
+    raw = bytearray((d / "model.bin").read_bytes())
+
+    def forge(entry, values):  # the handed-over tensor behind one of the mask's entries
+        t = meta["tensors"][meta["inputs"][mask[entry]["node"]]]
+        raw[t["offset"]:t["offset"] + t["bytes"]] = np.resize(np.array(values, dtype=np.int32), t["bytes"] // 4).tobytes()
+    forge(2, [2]), forge(3, [0, 5000]), forge(4, [0])  # both key blocks "partial", the second at index 5000
+    (d / "model.bin").write_bytes(bytes(raw))
+    x = torch.from_numpy(next(smoke._eval_rows(tok))[:, :-1].astype(np.int64))
+    compiled, _ = smoke.load_handover(str(d), torch.device("cpu"), compile_model=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-4)  # index 5000 is block 1, the last
+    mask[0] = smoke.MAX_SEQ_LEN * 2
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(smoke.PrepareError, match="block mask does not fit"):
+        smoke.load_handover(str(d), torch.device("cpu"), compile_model=False)
 
 
 class SparseLookahead(torch.nn.Module):
