@@ -66,6 +66,7 @@ limit="" min_imp=0 confirm=0 smoke=0 profile=gpu      # read_settings ...
 prep_cmd="" cache="" want_box=auto envs=()            # ... (envs: the environment training sees)
 root="" git_dir="" common="" state="" tmp="" run_id=""  # enter_checkout
 held_tsv=""                                           # enter_checkout: the held-out scores
+lock_fds=()                                           # take_gpu_locks: the GPU locks' descriptors
 branch="" head="" base="" new_branch=""               # choose_branch
 h7="" baseline=0 best="" noise_before=-               # refuse_nothing_to_run
 adopt_commit=""                                       # refuse_tried_tonight
@@ -959,9 +960,14 @@ box_args() {
   for p in "$held_tsv" "$held_tsv.lock"; do [ ! -e "$p" ] || box+=(--ro-bind /dev/null "$p"); done
   case $3 in
     train)
-      # run.sh's own files in $tmp (guard copies, the pipes) are hidden: only the hand-over shows
-      box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json"
-            --tmpfs "$tmp" --bind "$tmp/handover" "$tmp/handover")
+      # run.sh's state of every worktree (its locks, which training could hold to stop another
+      # run.sh; the journal; the guard copies and pipes in $tmp) is hidden: only the hand-over shows
+      local hide=("$tmp")
+      for p in "$common/autoresearch" "$common"/worktrees/*/autoresearch; do [ ! -d "$p" ] || hide=("$p" "${hide[@]}"); done
+      box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json")
+      for p in "${hide[@]}"; do box+=(--tmpfs "$p"); done
+      box+=(--bind "$tmp/handover" "$tmp/handover")
+      for p in "${hide[@]}"; do box+=(--remount-ro "$p"); done
       if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
       else box+=(--size "$cap" --tmpfs "$cc")
       fi ;;
@@ -1099,6 +1105,7 @@ take_gpu_locks() {
     local f=$common/autoresearch/$id.lock flag=-n
     [ "$id" = shared ] && { f=$common/autoresearch/all.lock; flag=-sn; }
     exec {fd}<>"$f"
+    lock_fds+=("$fd")   # closed in every sandbox (run_boxed): an inherited one could unlock it
     if ! flock "$flag" "$fd"; then
       local what="GPU ${id#gpu-}"; [ "${id:0:4}" = gpu- ] || what="a GPU (CUDA_VISIBLE_DEVICES unset means all)"
       die 3 "refused: $what is in use by another run.sh ($(cat "${f%.lock}.holder" 2>/dev/null))" \
@@ -1110,15 +1117,18 @@ take_gpu_locks() {
 
 # run_boxed LIMIT check|train|eval CMD...: CMD in that sandbox (box_args) with the
 # allow-listed environment, in its own process group (timeout makes one), killed with it
-# after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout.
+# after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout. run.sh's
+# locks (fd 8, the GPU locks) are closed first: flock -u on an inherited copy unlocks run.sh's.
 run_boxed() {
   local limit=$1 rc=0 bx=()
   case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
   shift 2
   mkdir -p "$tmp/t"
-  "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
-    AUTORESEARCH_RUN="$run_id" "$@" <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
+  (
+    for fd in "${lock_fds[@]}"; do exec {fd}>&-; done
+    exec "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
+      PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" "$@"
+  ) <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
   wait "$child" || rc=$?
   kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
