@@ -1146,9 +1146,10 @@ kill_run() {
 }
 
 # --------------------------------------------------- before and after training
-# Copies of what training must not change, outside the repository.
+# Copies of what training must not change, outside the repository. The journal too: without a
+# sandbox, a file training planted there (e.g. size, heldout) would be read as run.sh's own.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv")
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$state/pending")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"

@@ -543,6 +543,25 @@ def test_training_can_neither_release_nor_hold_the_locks_of_run_sh(based: Repo, 
         assert not (based.path / ".git/autoresearch/planted").exists()
 
 
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_training_cannot_write_run_sh_journal(based: Repo, box):
+    """The journal of the run (.git/autoresearch/pending) exists while training runs. Files planted
+    there would be read by run.sh as its own: `size` truncates results.tsv to it (the history, and
+    the best with it, gone), `heldout` is appended to heldout.tsv. Without a sandbox they are put
+    back like any other change of training's, and the run is a crash."""
+    body = attempts(".git/autoresearch/pending/size", text="0") + attempts(
+        ".git/autoresearch/pending/heldout", text="abcdef0\t0.1\tkeep\tforged")
+    held = (based.path / HELDOUT_TSV).read_bytes()
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("writes the journal", AUTORESEARCH_SANDBOX=box).stdout
+    assert [r[3] for r in based.rows()] == ["keep", "crash" if box == "none" else "keep"], out
+    assert (based.path / HELDOUT_TSV).read_bytes() == held
+    if box == "none":
+        assert "training touched: .git/autoresearch/pending (put back)" in out, out
+    else:
+        assert based.read("run.log").count("BLOCKED") == 2
+
+
 def test_git_hooks_never_run(based: Repo):
     marker = based.tmp / "hook-ran"
     for hook in ("pre-commit", "commit-msg", "post-commit", "reference-transaction", "post-checkout"):
