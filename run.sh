@@ -493,10 +493,10 @@ record() {
 report() {
   if [ "$status" = crash ]; then
     printf '\n---- last 50 lines of run.log ----\n'
-    tail -n 50 run.log
+    tail -c 65536 run.log | printable | tail -n 50   # (a line that ends in a crash has no line break)
     printf -- '---- end of run.log ----\n'
   else
-    printf '\n'; summary_block
+    printf '\n'; summary_block | printable
   fi
   local stats n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
   stats=$(results stats results.tsv "$branch" "$t7" "$profile") || exit 1
@@ -512,7 +512,7 @@ report() {
   fi
   printf -- '---\n'
   printf 'status:       %s\n' "$status"
-  [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
+  [ -z "$reason" ] || printf 'reason:       %s\n' "$reason" | printable
   printf 'val_bpb:      %s\n' "$val"
   printf 'memory_gb:    %s\n' "$mem"
   [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss; from %s of %s to the exit, hand-over %ss), %s tokens; evaluation %ss\n' \
@@ -853,6 +853,16 @@ visible() {
   d=${d//$'\xd8\x9c'/}; d=${d//$'\xef\xbb\xbf'/}
   d=${d//$'\xe2\x80'[$'\xa8'$'\xa9']/ }; d=${d//$'\xc2'[$'\x80'-$'\x9f']/ }
   printf '%s' "$d"
+}
+
+# A stream of training's text (run.log, what the evaluator said of its model) as the report shows
+# it: carriage returns (a progress line) become line breaks, the other control characters '?' (an
+# escape sequence could hide or recolour the report's own lines, or set the terminal's clipboard),
+# and the characters visible() removes are removed.
+printable() {
+  tr '\r\000-\010\013\014\016-\037\177' '\n?' |
+    LC_ALL=C sed -e $'s/\xe2\x80[\x8b-\x8f\xaa-\xae]//g; s/\xe2\x81[\xa0-\xaf]//g; s/\xd8\x9c//g; s/\xef\xbb\xbf//g' \
+        -e $'s/\xe2\x80[\xa8\xa9]/ /g; s/\xc2[\x80-\x9f]/?/g'
 }
 
 # results ARGS: what run.sh reads back from results.tsv (stats: the best, the counts, the rerun

@@ -394,6 +394,25 @@ def test_crash_prints_only_the_last_50_lines(based: Repo):
     assert "line 199" in out and "line 150" in out and "line 149" not in out
 
 
+# Text hidden from there on, the clipboard set, the screen cleared, a bidi override, a C1 CSI, a bell.
+CONTROLS = r'"\x1b[8m\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\u202e\x9b"'
+
+
+def test_the_report_shows_training_text_without_terminal_controls(based: Repo):
+    """What train.py prints reaches the report (a crash's last lines of run.log, the summary) with
+    no escape sequence, bidi control or bell; a progress line of carriage returns ends as lines,
+    and one huge line is cut."""
+    body = ("print('x' * 10**6, end='')\nfor i in range(100): print(f'\\rstep {i}', end='')\n"
+            f"print({CONTROLS})\n")
+    based.write("train.py", trainer("", body=body, exit_code=1))
+    out = based.run("crashes loudly").stdout
+    assert "step 98\nstep 99?[8m?]52;c;cm0gLXJmIH4=??[2J?\n" in out and len(out) < 70000, out[-3000:]
+    based.write("train.py", trainer("0.9").replace('print("num_steps:        1")', f'print("num_steps: 1" + {CONTROLS})'))
+    out = based.run("hides its summary").stdout
+    assert "status:       keep" in out and "  num_steps: 1?[8m" in out
+    assert all(c not in out for c in ("\x1b", "\x07", "\u202e", "\x9b")), out
+
+
 @pytest.mark.parametrize("box", SANDBOXES)
 def test_hang_is_killed_at_the_limit_with_its_children(based: Repo, box):
     marker = f"hang-grandchild-{os.getpid()}-{box}"
