@@ -400,7 +400,9 @@ train_and_verify() {
 # rc, wall and touched (what training changed in the repository, put back).
 train_once() {
   t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}
-  : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
+  # a fresh hand-over: a first run's, made read-only by its train.py, must not be scored again
+  : >"$tmp/record"; chmod -R u+rwx -- "$tmp/handover" 2>/dev/null; rm -rf -- "$tmp/handover"
+  mkdir -- "$tmp/handover" || die 1 "cannot empty the hand-over directory $tmp/handover; the next run.sh recovers"
   rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
   run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
   local srv_pid=$!
