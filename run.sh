@@ -66,6 +66,7 @@ limit="" min_imp=0 confirm=0 smoke=0 profile=gpu      # read_settings ...
 prep_cmd="" cache="" want_box=auto envs=()            # ... (envs: the environment training sees)
 root="" git_dir="" common="" state="" tmp="" run_id=""  # enter_checkout
 held_tsv=""                                           # enter_checkout: the held-out scores
+lock_fds=()                                           # take_gpu_locks: the GPU locks' descriptors
 branch="" head="" base="" new_branch=""               # choose_branch
 h7="" baseline=0 best="" noise_before=-               # refuse_nothing_to_run
 adopt_commit=""                                       # refuse_tried_tonight
@@ -399,7 +400,9 @@ train_and_verify() {
 # rc, wall and touched (what training changed in the repository, put back).
 train_once() {
   t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}
-  : >"$tmp/record"; rm -rf -- "$tmp/handover"; mkdir -- "$tmp/handover"
+  # a fresh hand-over: a first run's, made read-only by its train.py, must not be scored again
+  : >"$tmp/record"; chmod -R u+rwx -- "$tmp/handover" 2>/dev/null; rm -rf -- "$tmp/handover"
+  mkdir -- "$tmp/handover" || die 1 "cannot empty the hand-over directory $tmp/handover; the next run.sh recovers"
   rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
   run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
   local srv_pid=$!
@@ -492,10 +495,10 @@ record() {
 report() {
   if [ "$status" = crash ]; then
     printf '\n---- last 50 lines of run.log ----\n'
-    tail -n 50 run.log
+    tail -c 65536 run.log | printable | tail -n 50   # (a line that ends in a crash has no line break)
     printf -- '---- end of run.log ----\n'
   else
-    printf '\n'; summary_block
+    printf '\n'; summary_block | printable
   fi
   local stats n_all n_keep n_discard n_crash n_rerun spread spread_n spread_c change="" noise
   stats=$(results stats results.tsv "$branch" "$t7" "$profile") || exit 1
@@ -511,7 +514,7 @@ report() {
   fi
   printf -- '---\n'
   printf 'status:       %s\n' "$status"
-  [ -z "$reason" ] || printf 'reason:       %s\n' "$reason"
+  [ -z "$reason" ] || printf 'reason:       %s\n' "$reason" | printable
   printf 'val_bpb:      %s\n' "$val"
   printf 'memory_gb:    %s\n' "$mem"
   [ "$status" = crash ] || printf 'training:     %ss by the harness'"'"'s clock (budget %ss; from %s of %s to the exit, hand-over %ss), %s tokens; evaluation %ss\n' \
@@ -854,6 +857,16 @@ visible() {
   printf '%s' "$d"
 }
 
+# A stream of training's text (run.log, what the evaluator said of its model) as the report shows
+# it: carriage returns (a progress line) become line breaks, the other control characters '?' (an
+# escape sequence could hide or recolour the report's own lines, or set the terminal's clipboard),
+# and the characters visible() removes are removed.
+printable() {
+  tr '\r\000-\010\013\014\016-\037\177' '\n?' |
+    LC_ALL=C sed -e $'s/\xe2\x80[\x8b-\x8f\xaa-\xae]//g; s/\xe2\x81[\xa0-\xaf]//g; s/\xd8\x9c//g; s/\xef\xbb\xbf//g' \
+        -e $'s/\xe2\x80[\xa8\xa9]/ /g; s/\xc2[\x80-\x9f]/?/g'
+}
+
 # results ARGS: what run.sh reads back from results.tsv (stats: the best, the counts, the rerun
 # spread) and a confirmation's mean and decision, defined once, in analysis.py, for run.sh and the
 # morning report. That part of analysis.py is standard library only: it runs as run.sh's other
@@ -959,9 +972,14 @@ box_args() {
   for p in "$held_tsv" "$held_tsv.lock"; do [ ! -e "$p" ] || box+=(--ro-bind /dev/null "$p"); done
   case $3 in
     train)
-      # run.sh's own files in $tmp (guard copies, the pipes) are hidden: only the hand-over shows
-      box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json"
-            --tmpfs "$tmp" --bind "$tmp/handover" "$tmp/handover")
+      # run.sh's state of every worktree (its locks, which training could hold to stop another
+      # run.sh; the journal; the guard copies and pipes in $tmp) is hidden: only the hand-over shows
+      local hide=("$tmp")
+      for p in "$common/autoresearch" "$common"/worktrees/*/autoresearch; do [ ! -d "$p" ] || hide=("$p" "${hide[@]}"); done
+      box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json")
+      for p in "${hide[@]}"; do box+=(--tmpfs "$p"); done
+      box+=(--bind "$tmp/handover" "$tmp/handover")
+      for p in "${hide[@]}"; do box+=(--remount-ro "$p"); done
       if [ "$2" = overlay ]; then box+=(--overlay-src "$cc" --overlay "$tmp/up" "$tmp/work" "$cc")
       else box+=(--size "$cap" --tmpfs "$cc")
       fi ;;
@@ -1099,6 +1117,7 @@ take_gpu_locks() {
     local f=$common/autoresearch/$id.lock flag=-n
     [ "$id" = shared ] && { f=$common/autoresearch/all.lock; flag=-sn; }
     exec {fd}<>"$f"
+    lock_fds+=("$fd")   # closed in every sandbox (run_boxed): an inherited one could unlock it
     if ! flock "$flag" "$fd"; then
       local what="GPU ${id#gpu-}"; [ "${id:0:4}" = gpu- ] || what="a GPU (CUDA_VISIBLE_DEVICES unset means all)"
       die 3 "refused: $what is in use by another run.sh ($(cat "${f%.lock}.holder" 2>/dev/null))" \
@@ -1110,15 +1129,18 @@ take_gpu_locks() {
 
 # run_boxed LIMIT check|train|eval CMD...: CMD in that sandbox (box_args) with the
 # allow-listed environment, in its own process group (timeout makes one), killed with it
-# after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout.
+# after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout. run.sh's
+# locks (fd 8, the GPU locks) are closed first: flock -u on an inherited copy unlocks run.sh's.
 run_boxed() {
   local limit=$1 rc=0 bx=()
   case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
   shift 2
   mkdir -p "$tmp/t"
-  "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" \
-    AUTORESEARCH_RUN="$run_id" "$@" <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
+  (
+    for fd in "${lock_fds[@]}"; do exec {fd}>&-; done
+    exec "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
+      PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" "$@"
+  ) <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
   wait "$child" || rc=$?
   kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
@@ -1136,9 +1158,10 @@ kill_run() {
 }
 
 # --------------------------------------------------- before and after training
-# Copies of what training must not change, outside the repository.
+# Copies of what training must not change, outside the repository. The journal too: without a
+# sandbox, a file training planted there (e.g. size, heldout) would be read as run.sh's own.
 snapshot() {
-  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv")
+  guarded=("$common/config" "$common/hooks" "$common/info" "$git_dir/config.worktree" "$root/results.tsv" "$state/pending")
   local i
   for i in "${!guarded[@]}"; do
     [ ! -e "${guarded[$i]}" ] || cp -a -- "${guarded[$i]}" "$tmp/guard.$i"

@@ -394,6 +394,25 @@ def test_crash_prints_only_the_last_50_lines(based: Repo):
     assert "line 199" in out and "line 150" in out and "line 149" not in out
 
 
+# Text hidden from there on, the clipboard set, the screen cleared, a bidi override, a C1 CSI, a bell.
+CONTROLS = r'"\x1b[8m\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\u202e\x9b"'
+
+
+def test_the_report_shows_training_text_without_terminal_controls(based: Repo):
+    """What train.py prints reaches the report (a crash's last lines of run.log, the summary) with
+    no escape sequence, bidi control or bell; a progress line of carriage returns ends as lines,
+    and one huge line is cut."""
+    body = ("print('x' * 10**6, end='')\nfor i in range(100): print(f'\\rstep {i}', end='')\n"
+            f"print({CONTROLS})\n")
+    based.write("train.py", trainer("", body=body, exit_code=1))
+    out = based.run("crashes loudly").stdout
+    assert "step 98\nstep 99?[8m?]52;c;cm0gLXJmIH4=??[2J?\n" in out and len(out) < 70000, out[-3000:]
+    based.write("train.py", trainer("0.9").replace('print("num_steps:        1")', f'print("num_steps: 1" + {CONTROLS})'))
+    out = based.run("hides its summary").stdout
+    assert "status:       keep" in out and "  num_steps: 1?[8m" in out
+    assert all(c not in out for c in ("\x1b", "\x07", "\u202e", "\x9b")), out
+
+
 @pytest.mark.parametrize("box", SANDBOXES)
 def test_hang_is_killed_at_the_limit_with_its_children(based: Repo, box):
     marker = f"hang-grandchild-{os.getpid()}-{box}"
@@ -485,9 +504,9 @@ def test_tampering_is_stopped_or_caught(based: Repo, box):
             assert what in out, what
         (based.cache / "data.bin").write_bytes(data_before)  # only data outside git is not put back
     else:
-        for target in ("prepare.py", "results.tsv", ".git/hooks/pre-commit", ".git/config", "sitecustomize.py"):
+        for target in ("prepare.py", "results.tsv", ".git/hooks/pre-commit", ".git/config", "sitecustomize.py",
+                       HELDOUT_TSV):  # (run.sh's state, the held-out scores with it, is an empty read-only tmpfs)
             assert f"BLOCKED {target} Read-only file system" in log, log
-        assert f"BLOCKED {HELDOUT_TSV} Permission denied" in log, log  # /dev/null, read-only, in its place
         # the prepared data are not in the training box at all (its batches come from the server);
         # under this test's /tmp the path may be created in the box's own private /tmp
         assert f"BLOCKED {based.cache / 'data.bin'}" in log or f"WROTE {based.cache / 'data.bin'}" in log
@@ -502,6 +521,64 @@ def test_tampering_is_stopped_or_caught(based: Repo, box):
     based.write("train.py", trainer("0.8"))
     based.run("after tampering")  # the next run works, and no hook ever ran
     assert not marker.exists()
+
+
+LOCKS = """
+    import fcntl
+    for fd in range(3, 256):  # an inherited copy of a lock run.sh holds: unlocking it would unlock run.sh's
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+    held = []
+    for p in (".git/autoresearch/all.lock", ".git/autoresearch/gpu-1.lock", ".git/worktrees/wt/autoresearch/lock"):
+        try:
+            held.append(open(p))
+            fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("TOOK", p)
+        except OSError as e:
+            print("NOT", p, e.strerror)
+"""
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_training_can_neither_release_nor_hold_the_locks_of_run_sh(based: Repo, box):
+    """The GPU lock run.sh holds (all GPUs here) is not inherited: flock -u on an inherited copy
+    would let another run.sh onto this GPU. In the box run.sh's state is hidden, so training cannot
+    hold another GPU's lock or another worktree's either, and it writes nothing there."""
+    based.git("worktree", "add", "-q", "--detach", str(based.tmp / "wt"), "main")
+    (based.path / ".git/worktrees/wt/autoresearch").mkdir()
+    for p in (".git/autoresearch/gpu-1.lock", ".git/worktrees/wt/autoresearch/lock"):
+        (based.path / p).touch()  # as another worktree's run.sh leaves them
+    body = LOCKS + attempts(".git/autoresearch/planted", ".git/autoresearch/tmp/planted")
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("takes the locks", AUTORESEARCH_SANDBOX=box).stdout
+    log = based.read("run.log")
+    assert "status:       keep" in out and "NOT .git/autoresearch/all.lock" in log, log
+    if box == "none":  # what it opens itself it can lock (README: no sandbox, no guarantees)
+        assert "TOOK .git/autoresearch/gpu-1.lock" in log
+    else:
+        assert "TOOK" not in log and log.count("BLOCKED") == 2, log
+        assert not (based.path / ".git/autoresearch/planted").exists()
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_training_cannot_write_run_sh_journal(based: Repo, box):
+    """The journal of the run (.git/autoresearch/pending) exists while training runs. Files planted
+    there would be read by run.sh as its own: `size` truncates results.tsv to it (the history, and
+    the best with it, gone), `heldout` is appended to heldout.tsv. Without a sandbox they are put
+    back like any other change of training's, and the run is a crash."""
+    body = attempts(".git/autoresearch/pending/size", text="0") + attempts(
+        ".git/autoresearch/pending/heldout", text="abcdef0\t0.1\tkeep\tforged")
+    held = (based.path / HELDOUT_TSV).read_bytes()
+    based.write("train.py", trainer("0.9", body=body))
+    out = based.run("writes the journal", AUTORESEARCH_SANDBOX=box).stdout
+    assert [r[3] for r in based.rows()] == ["keep", "crash" if box == "none" else "keep"], out
+    assert (based.path / HELDOUT_TSV).read_bytes() == held
+    if box == "none":
+        assert "training touched: .git/autoresearch/pending (put back)" in out, out
+    else:
+        assert based.read("run.log").count("BLOCKED") == 2
 
 
 def test_git_hooks_never_run(based: Repo):
