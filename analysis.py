@@ -556,17 +556,18 @@ def short(text, width):
 
 
 def report(df, path, heldout_path=None):
-    """Print the summary; return the rows the summary (and plot) is about, and the noise."""
+    """Print the summary; return the rows the summary (and plot) is about, and the noise
+    (val sigma, held-out sigma)."""
     print(f"autoresearch morning report: {path}")
     if df.empty:
         print("no experiments yet: run ./run.sh \"baseline\" first")
-        return df, None
+        return df, (None, None)
     df = without_smoke(df)
     keeps = summary(df)
-    sigma = None
+    sigmas = (None, None)
     if not keeps.empty:
-        sigma = heldout_report(df, keeps, heldout_path)[0]
-    return df, sigma
+        sigmas = heldout_report(df, keeps, heldout_path)
+    return df, sigmas
 
 
 def without_smoke(df):
@@ -694,7 +695,7 @@ def night_report(df, heldout_path, where="."):
         print(f"  {os.path.join(checkout, 'results.tsv')}: {len(rows)} rows ({', '.join(rows['branch'].unique())})")
     if df.empty:
         print("no experiments yet: run ./run.sh \"baseline\" first")
-        return df, None
+        return df, (None, None)
     df = without_smoke(df)
     print_counts(df)
     pooled = print_noise(df, f", across {df['branch'].nunique()} agents")
@@ -729,7 +730,7 @@ def night_report(df, heldout_path, where="."):
         k = summary(rows)
         if not k.empty:
             heldout_report(rows, k, heldout_path, pooled)
-    return df, pooled[0]
+    return df, pooled
 
 
 def plot_night(df, out_path, title_prefix):
@@ -738,6 +739,7 @@ def plot_night(df, out_path, title_prefix):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(14, 7))
     ax.set_xlabel("experiment # on its branch")
     ax.set_ylabel("val_bpb (lower is better)")
@@ -754,6 +756,7 @@ def plot_night(df, out_path, title_prefix):
         low, high = low - 0.2 * span, high + 0.8 * span
         ax.set_ylim(low, high)
         ax.set_xlim(0.5, df["n"].max() + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     bests = keeps.groupby("branch")["val_bpb"].min()
     for k, branch in enumerate(sorted(df["branch"].unique(), key=lambda b: (b not in bests, bests.get(b, 0)))):
@@ -779,15 +782,16 @@ def plot_night(df, out_path, title_prefix):
     plt.close(fig)
 
 
-def plot(df, out_path, title_prefix, sigma=None):
+def plot(df, out_path, title_prefix, sigmas=(None, None)):
     import matplotlib
     matplotlib.use("Agg")  # no display on a GPU box
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     keeps = df[df["status"] == "keep"]
     chain = keeps[keeps["heldout_bpb"].notna()] if "heldout_bpb" in keeps else keeps.iloc[:0]
     if len(chain):  # a second panel: the kept chain's val_bpb and held-out bpb, as change since the baseline
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(14, 10), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-        plot_heldout(ax2, keeps, sigma, df["n"].max() + 0.5)
+        plot_heldout(ax2, keeps, sigmas, df["n"].max() + 0.5)
     else:
         fig, ax = plt.subplots(figsize=(14, 7))
     if not len(chain):
@@ -806,6 +810,7 @@ def plot(df, out_path, title_prefix, sigma=None):
         return
 
     ax.set_xlim(0.5, df["n"].max() + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are whole numbers (shared x)
 
     # Zoom on the interesting band: the kept runs and the reruns (the noise),
     # plus some room above. Discarded runs far above it go on the top edge.
@@ -864,17 +869,19 @@ def plot(df, out_path, title_prefix, sigma=None):
     plt.close(fig)
 
 
-def plot_heldout(ax, keeps, sigma, right):
-    """The kept chain: val_bpb and held-out bpb as their change since the baseline, with the noise;
-    each line holds its last keep's value up to the right edge (right)."""
+def plot_heldout(ax, keeps, sigmas, right):
+    """The kept chain: val_bpb and held-out bpb as their change since the baseline, each with its
+    own noise band (the held-out split is scored on fewer tokens: its noise is larger); each line
+    holds its last keep's value up to the right edge (right)."""
     import pandas as pd
     base = keeps.iloc[0]
     keeps = pd.concat([keeps, keeps.iloc[-1:].assign(n=right)])
     ax.axhline(0, color="#888888", linewidth=0.8)
-    if sigma:
-        band = WITHIN * sigma  # the noise of a difference of two runs
-        ax.axhspan(-band, band, color="#bbbbbb", alpha=0.3, zorder=1,
-                   label=f"noise: within {NOISE_SIGMAS} sigma of a two-run difference ({WITHIN:.1f} x one run's)")
+    for sigma, what, colour in ((sigmas[0], "val_bpb", "#27ae60"), (sigmas[1], "held-out", "#8e44ad")):
+        if sigma:  # the noise of a difference of two runs
+            ax.axhspan(-WITHIN * sigma, WITHIN * sigma, color=colour, alpha=0.08, zorder=1,
+                       label=f"{what} noise: within {NOISE_SIGMAS} sigma of a two-run difference "
+                             f"({WITHIN:.1f} x one run's, {WITHIN * sigma:.4f})")
     ax.plot(keeps["n"], keeps["val_bpb"] - base["val_bpb"], marker="o", markevery=list(range(len(keeps) - 1)),
             color="#27ae60", linewidth=2, drawstyle="steps-post", zorder=3,
             label="val_bpb (every decision is made on it)")
@@ -902,13 +909,13 @@ def main():
     df = read_night(".") if whole_night else read_results(path)
     heldout_path = heldout_file(path) if with_heldout else None
     df = attach_heldout(df, heldout_path)[0] if heldout_path else attach_heldout(df, "")[0]
-    shown, sigma = night_report(df, heldout_path) if whole_night else report(df, path, heldout_path)
+    shown, sigmas = night_report(df, heldout_path) if whole_night else report(df, path, heldout_path)
     smoke = not shown.empty and bool(shown["smoke"].all())
     out_path = os.path.join(os.path.dirname(os.path.abspath(path)), "progress.png")
     if whole_night:
         plot_night(shown, out_path, "[smoke] " if smoke else "")
     else:
-        plot(shown, out_path, "[smoke] " if smoke else "", sigma)
+        plot(shown, out_path, "[smoke] " if smoke else "", sigmas)
     print()
     print(f"wrote {out_path}")
 

@@ -267,6 +267,26 @@ def test_validation_improves_but_heldout_does_not_says_so(tmp_path):
     assert with_panel > 1.2 * matplotlib.image.imread(str(tmp_path / "progress.png")).shape[0]
 
 
+def test_each_split_has_its_own_noise_band_in_the_plot(tmp_path, monkeypatch):
+    """The held-out split is scored on a quarter of validation's tokens, so its noise differs: the
+    plot's kept-chain panel draws each split's band from its own sigma, not validation's for both."""
+    import matplotlib.pyplot as plt
+    write_night(tmp_path, VAL_ONLY_NIGHT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    import analysis
+    held = analysis.heldout_file("results.tsv")
+    df = analysis.attach_heldout(analysis.read_results("results.tsv"), held)[0]
+    shown, sigmas = analysis.report(df, "results.tsv", held)
+    assert sigmas == pytest.approx((0.000913, 0.000764), abs=1e-6)  # as the report prints them (above)
+    fig, ax = plt.subplots()
+    analysis.plot_heldout(ax, shown[shown["status"] == "keep"], sigmas, 9)
+    bands = {p.get_label().split(" noise")[0]: (p.get_y(), p.get_y() + p.get_height()) for p in ax.patches}
+    plt.close(fig)
+    assert bands == {"val_bpb": pytest.approx((-analysis.WITHIN * sigmas[0], analysis.WITHIN * sigmas[0])),
+                     "held-out": pytest.approx((-analysis.WITHIN * sigmas[1], analysis.WITHIN * sigmas[1]))}
+
+
 def test_heldout_that_follows_validation_agrees(tmp_path):
     night = [row[:5] + (f"{float(row[1]) + 0.1:.6f}" if row[5] else None,) for row in VAL_ONLY_NIGHT]
     write_night(tmp_path, night)
