@@ -57,6 +57,9 @@ main() {
 }
 
 # ------------------------------------------------------------ the run's state
+# What training may print: run.log keeps each run's first LOG_CAP bytes, and training is stopped
+# past them (cap_output; a crash). An honest train.py prints ~150 bytes a step.
+LOG_CAP=$((64 << 20))
 # Globals shared by the phases: each is set by the phase named beside it and read by
 # the later ones and by the helpers below (which set their own: py, box_*, guarded ...).
 t_called=""                                           # main: when run.sh started
@@ -432,7 +435,9 @@ verify_run() {
   fi
   val=$(record_value val_bpb); mem=$(record_value peak_vram_mb)
   heldout=$(record_value heldout_bpb)   # never printed: it goes to $common/autoresearch/heldout.tsv alone
-  if [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
+  if [ -e "$tmp/capped" ]; then
+    reason="run.log passed its cap of $((LOG_CAP >> 20)) MiB (LOG_CAP in run.sh), so training was stopped there: print less (e.g. a progress line every 100 steps)"
+  elif [ "$rc" -eq 137 ] && awk -v s="$secs" -v t="$limit" 'BEGIN { exit !(s >= t - 0.5) }'; then
     reason="timed out after ${limit}s: the start-up allowance, the budget and its slack (process group killed)"
   elif [ "$rc" -ne 0 ]; then reason="train.py exited with code $rc"
   elif [ "$verdict" -ne 0 ]; then
@@ -1132,22 +1137,42 @@ take_gpu_locks() {
 # after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout. run.sh's
 # locks (fd 8, the GPU locks) are closed first: flock -u on an inherited copy unlocks run.sh's.
 run_boxed() {
-  local limit=$1 rc=0 bx=()
-  case $2 in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
+  local limit=$1 kind=$2 rc=0 bx=() capper="" i
+  case $kind in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
   shift 2
   mkdir -p "$tmp/t"
+  [ "$kind" != train ] || { rm -f -- "$tmp/out" "$tmp/capped"; mkfifo -- "$tmp/out"; }
   (
     for fd in "${lock_fds[@]}"; do exec {fd}>&-; done
+    [ "$kind" != train ] || exec >"$tmp/out" 2>&1   # training's output, through cap_output
     exec "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
       PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" "$@"
   ) <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
+  if [ "$kind" = train ]; then   # (holding no lock and no pipe of training's)
+    ( for fd in "${lock_fds[@]}"; do exec {fd}>&-; done; cap_output "$child" ) <"$tmp/out" 3>&- 4<&- 5>&- 8>&- &
+    capper=$!
+  fi
   wait "$child" || rc=$?
   kill -KILL -- "-$child" 2>/dev/null   # whatever is left of the process group
   child=""
   # Without a PID namespace to end them, processes that left the group are found by tag.
   [ "$box_kind" != none ] || kill_run "$run_id" || true
+  if [ -n "$capper" ]; then   # done at the end of the output; not waited for past 5 s (a writer that escaped)
+    for ((i = 0; i < 50; i++)); do kill -0 "$capper" 2>/dev/null || break; sleep 0.1; done
+  fi
   return "$rc"
+}
+
+# cap_output PGID: training's output (stdin) to the caller's stdout (run.log), its first LOG_CAP
+# bytes; past them training (the process group PGID) is stopped, and a line says so ($tmp/capped:
+# the run is a crash). Where the output cannot be written (a full disk), the rest is read and dropped.
+cap_output() {
+  stdbuf -o0 head -c "$LOG_CAP" || { cat >/dev/null; return 0; }   # (written as it comes)
+  [ "$(head -c 1 | wc -c)" = 1 ] || return 0
+  kill -KILL -- "-$1" 2>/dev/null
+  : >"$tmp/capped"
+  printf '\n==== run.sh: training printed past run.log'"'"'s cap of %s MiB and was stopped ====\n' "$((LOG_CAP >> 20))"
 }
 # Kills the processes of a run, found by the AUTORESEARCH_RUN tag in their environment.
 kill_run() {

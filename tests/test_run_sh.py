@@ -1124,6 +1124,36 @@ def test_without_a_sandbox_the_same_attempts_are_crashes(harness: Repo, attempt)
     assert "status:       crash" in out and reason in out, out
 
 
+# ------------------------------------------------------ what training writes to disk
+# Nothing training writes may cost a row: its output to run.log is capped (LOG_CAP in run.sh).
+
+LOG_CAP = 64 << 20
+FLOOD = """
+sys.stdout.write("FIRST LINE\\n")
+line = "flood " * 24 + "\\n"
+for _ in range(80 * 2**20 // len(line)):  # 80 MiB, past the cap, then a hang: only the cap stops it
+    sys.stdout.write(line)
+sys.stdout.flush()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_training_output_past_the_log_cap_is_stopped_and_a_crash(based: Repo, box):
+    kept = based.head()
+    based.write("train.py", trainer("0.9", body=FLOOD))
+    t0 = time.time()
+    out = based.run("prints too much", AUTORESEARCH_TIMEOUT="30", AUTORESEARCH_SANDBOX=box).stdout
+    assert time.time() - t0 < 20, out[-2000:]  # stopped at the cap, not at the time limit
+    assert "status:       crash" in out and "run.log passed its cap of 64 MiB" in out and "print less" in out, out[-2000:]
+    size = (based.path / "run.log").stat().st_size
+    assert LOG_CAP <= size < LOG_CAP + 4096
+    with open(based.path / "run.log", "rb") as f:
+        assert f.read(11) == b"FIRST LINE\n"  # the first part is kept
+    assert "last 50 lines of run.log" in out and "flood flood" in out  # the report's tail still works
+    assert based.rows()[-1][3] == "crash" and based.head() == kept
+
+
 # ------------------------------------------------------------------ refusals
 
 
