@@ -478,10 +478,11 @@ decide() {
 }
 
 # The decision goes to the journal first, so that a run killed from here on is completed
-# by the next run.sh rather than recorded as a crash.
+# by the next run.sh rather than recorded as a crash: its row, then its status, which says
+# the journal holds the decision (recover).
 record() {
   local held
-  put status "$status"
+  free_training_space
   # A job Slurm ended (cancelled, pre-empted, its node lost) says nothing of the code: like a run
   # run.sh itself was stopped in, it may be run again byte for byte (refuse_tried_tonight).
   [ "$status" != crash ] || [ "$slurm_killed" = 0 ] || row_desc=$(tsv_field "$desc [interrupted by Slurm]")
@@ -492,8 +493,18 @@ record() {
       "${held%%$'\t'*}" \
       "$(printf '%s,' "${held_runs[@]}" | sed 's/,$//')" "$root" "$(date '+%F %T')")"
   fi
+  put status "$status"
   finish_pending                                 # revert if needed, append the row
   [ "$status" != keep ] || promote_compile_cache
+}
+
+# What training left on this disk that is needed no more, freed before the records are written (a
+# train.py may have filled the disk): the hand-over and the run record, which the evaluator has read,
+# and the compile cache's overlay layer unless the run is kept (promote_compile_cache reads it).
+free_training_space() {
+  local p=("$tmp/handover" "$tmp/record")
+  [ "$status" = keep ] || p+=("$tmp/up" "$tmp/work")
+  chmod -R u+rwx -- "${p[@]}" 2>/dev/null; rm -rf -- "${p[@]}"
 }
 
 # ----------------------------------------------------------------- report
@@ -835,7 +846,18 @@ g() {
 }
 clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
-put() { printf '%s' "$2" >"$state/pending/$1"; }
+# put NAME VALUE: one entry of the run's journal, whole or not at all (written aside, then renamed).
+put() {
+  { printf '%s' "$2" >"$state/pending/$1.new" && mv -f -- "$state/pending/$1.new" "$state/pending/$1"; } ||
+    not_written "run.sh's journal of the run ($state/pending/$1)"
+}
+# not_written WHAT: a record could not be written. What the run wrote before stays, and so does its
+# journal, from which the next run.sh completes the record.
+not_written() {
+  die 1 "could not write $1: is the disk full (df -h $root)?" \
+    "results.tsv holds whole rows only, and this run's journal stays in $state/pending." \
+    "Free space, then run ./run.sh again: it records this run first (a crash [interrupted] if its decision was not journalled yet)."
+}
 get() { cat "$state/pending/$1" 2>/dev/null || true; }
 
 # A description as one TSV field: no tabs or line breaks; quoted CSV-style when it
@@ -1268,7 +1290,7 @@ held_unlock() { exec {held_fd}>&-; }
 # Applies the decision recorded in the journal, appends its row, ends the journal.
 # Safe to repeat after being killed at any point.
 finish_pending() {
-  local kept tried status mode size row
+  local kept tried status mode size row hsize text
   kept=$(get kept); tried=$(get tried); status=$(get status); mode=$(get mode); row=$(get row)
   if [ "$mode" != rerun ] && [ "$status" != keep ] && [ -n "$tried" ]; then
     if [ "$(g rev-parse HEAD)" = "$tried" ]; then g reset -q --soft "$kept" || die 1 "git reset failed"; fi
@@ -1283,12 +1305,13 @@ finish_pending() {
   if [ -n "$(get heldout)" ] && [ ! -f "$state/pending/heldout_done" ]; then
     held_lock || die 1 "the held-out score is not recorded yet; the next run.sh records it"
     # the worktrees append one at a time, each row whole (check_heldout relies on it)
-    {
-      [ -s "$held_tsv" ] || printf '%s\n' "$held_header"
-      [ ! -s "$held_tsv" ] || [ -z "$(tail -c 1 "$held_tsv")" ] || printf '\n'
-      get heldout; printf '\n'
-    } >"$tmp/heldout.row"
-    cat "$tmp/heldout.row" >>"$held_tsv"
+    text=""
+    hsize=$(stat -c %s -- "$held_tsv")
+    [ "$hsize" != 0 ] || text=$held_header$'\n'
+    [ "$hsize" = 0 ] || [ -z "$(tail -c 1 "$held_tsv")" ] || text+=$'\n'
+    text+=$(get heldout)$'\n'
+    # in one write, whole or not at all (a write cut short by a full disk is taken back)
+    printf '%s' "$text" >>"$held_tsv" || { truncate -s "$hsize" -- "$held_tsv"; held_unlock; not_written "$held_tsv"; }
     held_unlock
     put heldout_done 1
   fi
@@ -1298,14 +1321,12 @@ finish_pending() {
       put size "$(stat -c %s results.tsv 2>/dev/null || echo 0)"
     fi
     size=$(get size)
-    # A row cut short by a kill is removed; rows are then written in one write.
+    # A row cut short by a kill, or by a full disk, is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
-    {
-      [ "$size" != 0 ] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision\n'
-      [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || printf '\n'
-      printf '%s\n' "$row"
-    } >"$tmp/row"
-    cat "$tmp/row" >>results.tsv
+    text=""
+    [ "$size" != 0 ] || text=$'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision\n'
+    [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || text+=$'\n'
+    printf '%s' "$text$row"$'\n' >>results.tsv || { truncate -s "$size" results.tsv; not_written results.tsv; }
   fi
   rm -rf -- "$state/pending"
 }
@@ -1316,12 +1337,13 @@ finish_pending() {
 # leaves the file as it was.
 upgrade_results_tsv() {
   [ -f results.tsv ] && awk -F'\t' 'NR == 1 { exit !($1 == "commit" && $6 == "branch" && (NF == 6 || (NF == 7 && $7 == "profile"))) }' results.tsv || return 0
-  awk -F'\t' -v OFS='\t' '
+  { awk -F'\t' -v OFS='\t' '
     NR == 1 { old = NF; if (old == 6) $0 = $0 OFS "profile"; print $0, "decision"; next }
     old == 6 { $0 = $0 OFS ($5 ~ /^"?\[smoke\] / ? "smoke" : "gpu") }
     $4 == "keep" && !(($6, $7) in based) { based[$6, $7] = 1; print $0, "baseline"; next }
     { print $0, ($4 == "keep" || $4 == "discard" ? "single" : "-") }' \
-    results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv
+    results.tsv >"$state/results.tsv.new" && mv -- "$state/results.tsv.new" results.tsv; } ||
+    { rm -f -- "$state/results.tsv.new"; not_written "results.tsv (with the columns it lacked)"; }
 }
 
 # An earlier run.sh died (killed, machine lost) before finishing: stop what it left
@@ -1346,8 +1368,8 @@ recover() {
       [ -z "$(get adopt)" ] || g checkout -q "$kept" -- train.py   # an adopted train.py, not committed
       rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
     fi
-    put status interrupted
     put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s\t%s\t-' "${tried:0:7}" "$(tsv_field "${desc:-$(get msg)} [interrupted]")" "$branch" "${saved_profile:-$profile}")"
+    put status interrupted   # (last: the decision is whole)
   fi
   if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
     die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"

@@ -1125,7 +1125,8 @@ def test_without_a_sandbox_the_same_attempts_are_crashes(harness: Repo, attempt)
 
 
 # ------------------------------------------------------ what training writes to disk
-# Nothing training writes may cost a row: its output to run.log is capped (LOG_CAP in run.sh).
+# Nothing training writes may cost a row: its output to run.log is capped (LOG_CAP in run.sh), and
+# what it left on run.sh's disk is freed before the records are written, each write checked.
 
 LOG_CAP = 64 << 20
 FLOOD = """
@@ -1152,6 +1153,76 @@ def test_training_output_past_the_log_cap_is_stopped_and_a_crash(based: Repo, bo
         assert f.read(11) == b"FIRST LINE\n"  # the first part is kept
     assert "last 50 lines of run.log" in out and "flood flood" in out  # the report's tail still works
     assert based.rows()[-1][3] == "crash" and based.head() == kept
+
+
+def _bwrap() -> str:
+    return next(b for b in BWRAPS if _works([b, "--unshare-user", "--dev-bind", "/", "/", "true"]))
+
+
+def on_a_small_disk(repo: Repo, script: str, size: int = 8 << 20) -> tuple[str, Path]:
+    """Runs the bash script with the checkout on a tmpfs of `size` bytes of its own (made with the
+    project's bwrap, in a user namespace), training without a sandbox so that it can fill it; the
+    prepared data stay on the host's disk. Returns the script's output and a copy of the checkout
+    as the script left it."""
+    fs, after = repo.tmp / "fs", repo.tmp / "after"
+    fs.mkdir()
+    cmd = [_bwrap(), "--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid()),
+           "--dev-bind", "/", "/", "--size", str(size), "--tmpfs", str(fs), "--chdir", str(fs),
+           "bash", "-c", f"cp -a {repo.path} repo && cd repo && {{ {script} ; }} 2>&1; cp -a . {after}"]
+    p = subprocess.run(cmd, env={**repo.env, "AUTORESEARCH_SANDBOX": "none"}, capture_output=True, text=True,
+                       timeout=120)
+    assert after.exists(), p.stdout + p.stderr
+    return p.stdout + p.stderr, after
+
+
+# Hands a model over, then fills the disk (the hand-over directory, or next to the checkout).
+FILLS_THE_DISK = """
+import json, os, sys
+d = os.environ["AUTORESEARCH_HANDOVER"]
+with open(os.path.join(d, "model.json"), "w") as f:
+    json.dump({{"val_bpb": 0.9, "peak_vram_mb": 2048.0, "heldout": "0.95"}}, f)
+try:
+    with open({where}, "wb") as f:
+        while True:
+            f.write(b"x" * 65536)
+except OSError as e:
+    print("FILLED:", e.strerror)
+"""
+
+
+@needs_bwrap
+def test_a_train_py_that_fills_the_disk_costs_no_row(based: Repo):
+    """The hand-over directory filled: it is freed before the records, which are whole."""
+    before = based.read("results.tsv")
+    based.write("train.py", FILLS_THE_DISK.format(where='os.path.join(d, "filler")'))
+    out, after = on_a_small_disk(based, './run.sh "fills the disk"; echo "exit $?"')
+    assert "exit 0" in out, out
+    lines = (after / "results.tsv").read_text().splitlines(keepends=True)
+    assert "".join(lines[:-1]) == before and lines[-1].endswith("\n"), out
+    row = lines[-1].rstrip("\n").split("\t")
+    assert len(row) == 8 and row[3] == "crash" and row[4] == "fills the disk", row
+    assert not (after / ".git/autoresearch/pending").exists()
+    assert subprocess.run(["git", "-C", str(after), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() == based.head()
+
+
+@needs_bwrap
+def test_a_disk_full_at_the_records_stops_with_a_clear_error_and_the_next_run_records_it(based: Repo):
+    """The disk filled by something run.sh cannot free: no record is half-written; run.sh says what to
+    do, and once there is space the next run.sh records the run from its journal."""
+    before = based.read("results.tsv")
+    based.write("train.py", FILLS_THE_DISK.format(where='"../filler"'))
+    out, after = on_a_small_disk(
+        based, './run.sh "fills the disk"; echo "exit $?"; cp results.tsv ../../results.first; rm ../filler;'
+               'echo >>train.py; ./run.sh --rerun "x"; echo "exit $?"')  # it recovers, then refuses
+    first = (based.tmp / "results.first").read_text()
+    assert first == before, out
+    assert "exit 1" in out and "is the disk full" in out and "run ./run.sh again" in out and "exit 3" in out, out
+    lines = (after / "results.tsv").read_text().splitlines(keepends=True)
+    assert "".join(lines[:-1]) == before and lines[-1].endswith("\n"), out
+    row = lines[-1].rstrip("\n").split("\t")
+    assert len(row) == 8 and row[3] == "crash" and row[4].startswith("fills the disk"), row
+    assert not (after / ".git/autoresearch/pending").exists()
 
 
 # ------------------------------------------------------------------ refusals
