@@ -734,8 +734,8 @@ slurm_job() {
   {
     printf 'set -uo pipefail\n'
     declare -f
-    # shellcheck disable=SC2046   # names only: lower-case letters, digits and _
-    declare -p $(compgen -v | grep -E '^[a-z][a-z0-9_]*$')
+    # shellcheck disable=SC2046   # names only: the constant LOG_CAP; the state, in lower case
+    declare -p LOG_CAP $(compgen -v | grep -E '^[a-z][a-z0-9_]*$')
     printf 'on_node %s\n' "$phase"
   } >"$tmp/node.sh"
   local args=("$(slurm_time "$phase")" "${slurm_args[@]}" --job-name="$job" --nodes=1 --ntasks=1 --export=ALL)
