@@ -1128,15 +1128,16 @@ def test_without_a_sandbox_the_same_attempts_are_crashes(harness: Repo, attempt)
 # Nothing training writes may cost a row: its output to run.log is capped (LOG_CAP in run.sh), and
 # what it left on run.sh's disk is freed before the records are written, each write checked.
 
-LOG_CAP = 64 << 20
+LOG_CAP_MIB = int(re.search(r"^LOG_CAP=\$\(\((\d+) << 20\)\)$", RUN_SH.read_text(), re.M)[1])  # run.sh's
+LOG_CAP = LOG_CAP_MIB << 20
 FLOOD = """
 sys.stdout.write("FIRST LINE\\n")
 line = "flood " * 24 + "\\n"
-for _ in range(80 * 2**20 // len(line)):  # 80 MiB, past the cap, then a hang: only the cap stops it
+for _ in range(%d // len(line)):  # 16 MiB past the cap, then a hang: only the cap stops it
     sys.stdout.write(line)
 sys.stdout.flush()
 time.sleep(600)
-"""
+""" % (LOG_CAP + (16 << 20))
 
 
 @pytest.mark.parametrize("box", SANDBOXES)
@@ -1146,13 +1147,15 @@ def test_training_output_past_the_log_cap_is_stopped_and_a_crash(based: Repo, bo
     t0 = time.time()
     out = based.run("prints too much", AUTORESEARCH_TIMEOUT="30", AUTORESEARCH_SANDBOX=box).stdout
     assert time.time() - t0 < 20, out[-2000:]  # stopped at the cap, not at the time limit
-    assert "status:       crash" in out and "run.log passed its cap of 64 MiB" in out and "print less" in out, out[-2000:]
+    assert "status:       crash" in out and f"run.log passed its cap of {LOG_CAP_MIB} MiB" in out and "print less" in out, out[-2000:]
     size = (based.path / "run.log").stat().st_size
     assert LOG_CAP <= size < LOG_CAP + 4096
     with open(based.path / "run.log", "rb") as f:
         assert f.read(11) == b"FIRST LINE\n"  # the first part is kept
     assert "last 50 lines of run.log" in out and "flood flood" in out  # the report's tail still works
     assert based.rows()[-1][3] == "crash" and based.head() == kept
+    readme = (RUN_SH.parent / "README.md").read_text()  # the README's figure is run.sh's
+    assert readme.count(f"first {LOG_CAP_MIB} MiB") == 2 and len(re.findall(r"first \d+ MiB", readme)) == 2
 
 
 def _bwrap() -> str:
