@@ -1165,14 +1165,14 @@ run_boxed() {
   mkdir -p "$tmp/t"
   [ "$kind" != train ] || { rm -f -- "$tmp/out" "$tmp/capped"; mkfifo -- "$tmp/out"; }
   (
-    for fd in "${lock_fds[@]}"; do exec {fd}>&-; done
+    close_locks
     [ "$kind" != train ] || exec >"$tmp/out" 2>&1   # training's output, through cap_output
     exec "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
       PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" "$@"
   ) <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
   if [ "$kind" = train ]; then   # (holding no lock and no pipe of training's)
-    ( for fd in "${lock_fds[@]}"; do exec {fd}>&-; done; cap_output "$child" ) <"$tmp/out" 3>&- 4<&- 5>&- 8>&- &
+    ( close_locks; cap_output "$child" ) <"$tmp/out" 3>&- 4<&- 5>&- 8>&- &
     capper=$!
   fi
   wait "$child" || rc=$?
@@ -1185,6 +1185,9 @@ run_boxed() {
   fi
   return "$rc"
 }
+
+# The GPU locks' descriptors closed, in a process run.sh starts: flock -u on a copy unlocks run.sh's.
+close_locks() { local fd; for fd in "${lock_fds[@]}"; do exec {fd}>&-; done; }
 
 # cap_output PGID: training's output (stdin) to the caller's stdout (run.log), its first LOG_CAP
 # bytes; past them training (the process group PGID) is stopped, and a line says so ($tmp/capped:
