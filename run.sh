@@ -404,7 +404,7 @@ train_and_verify() {
 train_once() {
   t_run=$EPOCHREALTIME rc=0 t_iter=${t_exit:-$t_called}
   # a fresh hand-over: a first run's, made read-only by its train.py, must not be scored again
-  : >"$tmp/record"; chmod -R u+rwx -- "$tmp/handover" 2>/dev/null; rm -rf -- "$tmp/handover"
+  : >"$tmp/record"; remove "$tmp/handover"
   mkdir -- "$tmp/handover" || die 1 "cannot empty the hand-over directory $tmp/handover; the next run.sh recovers"
   rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
   run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
@@ -504,7 +504,7 @@ record() {
 free_training_space() {
   local p=("$tmp/handover" "$tmp/record")
   [ "$status" = keep ] || p+=("$tmp/up" "$tmp/work")
-  chmod -R u+rwx -- "${p[@]}" 2>/dev/null; rm -rf -- "${p[@]}"
+  remove "${p[@]}"
 }
 
 # ----------------------------------------------------------------- report
@@ -844,7 +844,9 @@ g() {
   GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
-clean_tmp() { [ ! -e "$tmp" ] || { chmod -R u+rwx -- "$tmp" 2>/dev/null; rm -rf -- "$tmp"; }; }
+clean_tmp() { [ ! -e "$tmp" ] || remove "$tmp"; }
+# remove PATH...: gone, even where training made a folder read-only (rm -rf alone fails then, but for root)
+remove() { chmod -R u+rwx -- "$@" 2>/dev/null; rm -rf -- "$@"; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
 # put NAME VALUE: one entry of the run's journal, whole or not at all (written aside, then renamed).
 put() {
@@ -1293,7 +1295,7 @@ held_unlock() { exec {held_fd}>&-; }
 # Applies the decision recorded in the journal, appends its row, ends the journal.
 # Safe to repeat after being killed at any point.
 finish_pending() {
-  local kept tried status mode size row hsize text
+  local kept tried status mode size row
   kept=$(get kept); tried=$(get tried); status=$(get status); mode=$(get mode); row=$(get row)
   if [ "$mode" != rerun ] && [ "$status" != keep ] && [ -n "$tried" ]; then
     if [ "$(g rev-parse HEAD)" = "$tried" ]; then g reset -q --soft "$kept" || die 1 "git reset failed"; fi
@@ -1308,13 +1310,8 @@ finish_pending() {
   if [ -n "$(get heldout)" ] && [ ! -f "$state/pending/heldout_done" ]; then
     held_lock || die 1 "the held-out score is not recorded yet; the next run.sh records it"
     # the worktrees append one at a time, each row whole (check_heldout relies on it)
-    text=""
-    hsize=$(stat -c %s -- "$held_tsv")
-    [ "$hsize" != 0 ] || text=$held_header$'\n'
-    [ "$hsize" = 0 ] || [ -z "$(tail -c 1 "$held_tsv")" ] || text+=$'\n'
-    text+=$(get heldout)$'\n'
-    # in one write, whole or not at all (a write cut short by a full disk is taken back)
-    printf '%s' "$text" >>"$held_tsv" || { truncate -s "$hsize" -- "$held_tsv"; held_unlock; not_written "$held_tsv"; }
+    append_row "$held_tsv" "$(stat -c %s -- "$held_tsv")" "$held_header" "$(get heldout)" ||
+      { held_unlock; not_written "$held_tsv"; }
     held_unlock
     put heldout_done 1
   fi
@@ -1326,12 +1323,21 @@ finish_pending() {
     size=$(get size)
     # A row cut short by a kill, or by a full disk, is removed; rows are then written in one write.
     [ "$(stat -c %s results.tsv 2>/dev/null || echo 0)" = "$size" ] || truncate -s "$size" results.tsv
-    text=""
-    [ "$size" != 0 ] || text=$'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision\n'
-    [ "$size" = 0 ] || [ -z "$(tail -c 1 results.tsv)" ] || text+=$'\n'
-    printf '%s' "$text$row"$'\n' >>results.tsv || { truncate -s "$size" results.tsv; not_written results.tsv; }
+    append_row results.tsv "$size" $'commit\tval_bpb\tmemory_gb\tstatus\tdescription\tbranch\tprofile\tdecision' "$row" ||
+      not_written results.tsv
   fi
   rm -rf -- "$state/pending"
+}
+
+# append_row FILE SIZE HEADER ROW: ROW appended to FILE (SIZE bytes long), after HEADER if it is
+# empty, after a line break if its last line lacks one, in one write: whole or not at all (a
+# write cut short, by a full disk, is taken back).
+append_row() {
+  local text=""
+  [ "$2" != 0 ] || text=$3$'\n'
+  [ "$2" = 0 ] || [ -z "$(tail -c 1 -- "$1")" ] || text+=$'\n'
+  printf '%s\n' "$text$4" >>"$1" && return 0
+  truncate -s "$2" -- "$1"; return 1
 }
 
 # results.tsv from an older run.sh: add the columns it lacks, in one pass. profile: smoke rows
