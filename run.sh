@@ -1307,13 +1307,15 @@ finish_pending() {
   fi
   # The held-out score, where the agent does not look (its permissions deny reading it and the
   # sandbox hides it from training): one line per run, matched to results.tsv by analysis.py.
-  if [ -n "$(get heldout)" ] && [ ! -f "$state/pending/heldout_done" ]; then
+  # The row names its run (commit, checkout, the time of the decision): one already in the file,
+  # appended before this run.sh or the one it recovers stopped, is not appended again.
+  if [ -n "$(get heldout)" ]; then
     held_lock || die 1 "the held-out score is not recorded yet; the next run.sh records it"
     # the worktrees append one at a time, each row whole (check_heldout relies on it)
-    append_row "$held_tsv" "$(stat -c %s -- "$held_tsv")" "$held_header" "$(get heldout)" ||
+    grep -qxF -- "$(get heldout)" "$held_tsv" ||
+      append_row "$held_tsv" "$(stat -c %s -- "$held_tsv")" "$held_header" "$(get heldout)" ||
       { held_unlock; not_written "$held_tsv"; }
     held_unlock
-    put heldout_done 1
   fi
   if [ -n "$row" ]; then
     if [ ! -f "$state/pending/size" ]; then   # the first time here: the file as the row finds it

@@ -1516,6 +1516,32 @@ def test_recovery_completes_a_decided_run_and_repairs_a_torn_row(based: Repo):
     assert based.rows()[-1] == row.split("\t")
 
 
+def test_recovery_never_appends_a_heldout_row_twice(based: Repo):
+    """State as if run.sh appended a decided run's held-out row and then died, or could not write
+    its journal's next entry (a full disk), before its results.tsv row; another checkout has
+    appended a row of its own since. The recovery writes the results.tsv row, not the held-out row
+    again."""
+    kept = based.head()
+    based.write("train.py", trainer("1.2"))
+    based.git("-c", "user.name=T", "-c", "user.email=t@e", "commit", "-qam", "decided")
+    tried = based.head()
+    row = f"{tried[:7]}\t1.200000\t2.0\tdiscard\tdecided\tautoresearch/t1\tgpu\tsingle"
+    held = f"{tried[:7]}\t1.200000\tdiscard\tautoresearch/t1\tgpu\t1.1\t1.1\t{based.path.resolve()}\t2025-01-01 00:00:00"
+    other = "bbbbbbb\t1.000000\tkeep\tautoresearch/y\tgpu\t0.8\t0.8\t/b\t2025-01-01 00:00:01"
+    h = based.path / HELDOUT_TSV
+    h.write_text(h.read_text() + f"{held}\n{other}\n")
+    before = h.read_text()
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "tried": tried, "mode": "experiment", "branch": "autoresearch/t1",
+                 "msg": "decided", "row": row, "heldout": held, "status": "discard"}.items():
+        (pending / k).write_text(v)
+    p = based.run("nothing new", rc=3)  # recovered, then refused: train.py is the kept one again
+    assert "recover" in p.stdout and "nothing to run" in p.stderr
+    assert h.read_text() == before
+    assert based.rows()[-1] == row.split("\t") and not pending.exists()
+
+
 # --------------------------------------------------------- results and noise
 
 
