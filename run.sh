@@ -79,6 +79,7 @@ t_run="" t_exit="" t_iter="" t_ev0="" t_ev1=""        # train_and_verify: run.sh
 rc=0 verdict=0 secs=0 wall=0 touched="" reason=""     # ... the last run's outcome ...
 val="" mem="" heldout="" runs=() held_runs=() peak=0  # ... and the measurements
 status="" decision=-                                  # decide
+stage=""                                              # promote_compile_cache: its folder in the cache
 # heldout.tsv's columns: what analysis.py matches to results.tsv, the scores, and which checkout ran it
 held_header=$'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime'
 slurm="" slurm_args=() job="" node=0 slurm_where=""   # slurm_settings; slurm_job (AUTORESEARCH_SLURM)
@@ -844,7 +845,8 @@ g() {
   GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
-clean_tmp() { [ ! -e "$tmp" ] || remove "$tmp"; }
+# The run's own temporary files, and a promotion's folder in the compile cache if one was cut short.
+clean_tmp() { [ ! -e "$tmp" ] || remove "$tmp"; [ -z "$stage" ] || remove "$stage"; }
 # remove PATH...: gone, even where training made a folder read-only (rm -rf alone fails then, but for root)
 remove() { chmod -R u+rwx -- "$@" 2>/dev/null; rm -rf -- "$@"; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
@@ -1106,8 +1108,31 @@ promote_compile_cache() {
       }' >"$tmp/promote"
   [ ! -s "$tmp/dropped" ] || say "compile cache: dropped $(cat "$tmp/dropped"); only Inductor's and Triton's own files cross to later runs"
   [ -s "$tmp/promote" ] || return 0
-  (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$cc" --no-same-owner -xf -) ||
-    say "could not add this run's compile outputs to $cc; the cache stays as it was"
+  # Whole or not at all where the disk fills (Triton would load a partial kernel directory): the
+  # files are copied into a folder in the cache, then moved into place by renames. It is a cache:
+  # a failure is said in a line, and the run stays recorded.
+  local err
+  stage=$cc/.promote.$run_id
+  if ! err=$( { mkdir -- "$stage" &&
+      (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$stage" --no-same-owner -xf -); } 2>&1 ); then
+    say "could not add this run's compile outputs to $cc (${err%%$'\n'*}); the cache stays as it was"
+  elif ! err=$(move_into "$stage" "$cc" 2>&1); then
+    say "could not move all of this run's compile outputs into $cc (${err%%$'\n'*}); each file and kernel directory that moved is whole"
+  fi
+  remove "$stage"; stage=""
+}
+
+# move_into FROM TO: FROM's files join TO, each by one rename, so whole or not at all: what TO lacks
+# moves as it is (a new Triton kernel's directory with all its files), a folder both hold is merged,
+# a file both hold is replaced. Stops at the first rename that fails.
+move_into() {
+  local p
+  for p in "$1"/* "$1"/.[!.]* "$1"/..?*; do
+    [ -e "$p" ] || continue
+    if [ -d "$p" ] && [ -d "$2/${p##*/}" ] && [ ! -L "$2/${p##*/}" ]; then move_into "$p" "$2/${p##*/}" || return 1
+    else mv -f -T -- "$p" "$2/${p##*/}" || return 1
+    fi
+  done
 }
 
 # Sets py (an absolute interpreter) and py_dirs (its prefixes, for the sandbox). Python

@@ -814,7 +814,8 @@ def test_host_unix_sockets(based: Repo, box):
 @needs_bwrap
 def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     """A discarded run's additions to the compile cache vanish with it; a kept run's
-    regular files (named as Inductor and Triton name theirs) join the cache, its links do not."""
+    regular files (named as Inductor and Triton name theirs) join the cache, its links do not;
+    a later kept run's join the folders already there."""
     cc = based.cache / "compile"
 
     def plant(name: str) -> str:
@@ -837,9 +838,11 @@ def test_compile_cache_keeps_only_what_kept_runs_wrote(based: Repo):
     assert "SEEN []" in based.read("run.log")  # the discarded run's module is not there
     kept = ["inductor", "inductor/xy", "inductor/xy/ckept.py", "triton", "triton/KEY", "triton/KEY/kept.cubin"]
     assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == kept
-    based.write("train.py", trainer("0.95", body=plant("again")))
-    based.run("reads the kept kernels")
+    based.write("train.py", trainer("0.85", body=plant("again")))
+    assert "status:       keep" in based.run("reads the kept kernels, adds to them").stdout
     assert f"SEEN {kept}" in based.read("run.log")
+    both = kept + ["inductor/xy/cagain.py", "triton/KEY/again.cubin"]
+    assert sorted(str(p.relative_to(cc)) for p in cc.rglob("*")) == sorted(both)
 
 
 @needs_bwrap
@@ -1226,6 +1229,31 @@ def test_a_disk_full_at_the_records_stops_with_a_clear_error_and_the_next_run_re
     row = lines[-1].rstrip("\n").split("\t")
     assert len(row) == 8 and row[3] == "crash" and row[4].startswith("fills the disk"), row
     assert not (after / ".git/autoresearch/pending").exists()
+
+
+@needs_bwrap
+def test_compile_outputs_that_do_not_fit_leave_the_compile_cache_as_it_was(based: Repo):
+    """The compile cache on the checkout's small disk: a kept run's Triton kernel fits in its overlay
+    layer, but not twice. None of it joins the cache (Triton would load a partial kernel directory),
+    nothing of the attempt is left there, one line says so, and the run is recorded as kept."""
+    body = """
+    c = os.environ["AUTORESEARCH_CACHE"] + "/compile/triton/KEY"
+    os.makedirs(c)
+    st = os.statvfs(c)
+    for i in range(8):  # two thirds of the free space, in 8 files
+        with open(f"{c}/k{i}.cubin", "wb") as f:
+            f.write(b"k" * (st.f_bavail * st.f_frsize // 12))
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    cache = based.tmp / "cache.after"
+    out, after = on_a_small_disk(
+        based, f'cp -a {based.cache} ../cache && AUTORESEARCH_SANDBOX=auto AUTORESEARCH_CACHE=$PWD/../cache '
+               f'./run.sh "big kernels"; echo "exit $?"; cp -a ../cache {cache}')
+    assert "exit 0" in out and "status:       keep" in out, out
+    assert sorted(p.name for p in (cache / "compile").iterdir()) == [], out
+    assert len([l for l in out.splitlines() if "compile outputs" in l or "tar:" in l]) == 1, out
+    assert "could not add this run's compile outputs" in out and "the cache stays as it was" in out, out
+    assert (after / "results.tsv").read_text().splitlines()[-1].split("\t")[3] == "keep"
 
 
 # ------------------------------------------------------------------ refusals
