@@ -1288,29 +1288,7 @@ def handover(model, directory):
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the module itself
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    amp = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
-                return self.model(x)
-
-    x = torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)
-    try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
-            ep = torch.export.export(Logits(), (x,), strict=False).run_decompositions({})
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PrepareError(f"evaluate_bpb could not hand the model over: torch.export cannot trace model(x) "
-                           f"({type(e).__name__}: {first}). The evaluator scores model(x) as a graph of PyTorch "
-                           f"operations: keep the forward pass free of Python-side effects and data-dependent "
-                           f"control flow, and give a custom kernel a PyTorch path for torch.compiler.is_exporting() "
-                           f"(program.md, 'What evaluation needs')") from e
+    ep = _export(model, torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device))
     tensors, inputs = [], []
     for spec in ep.graph_signature.input_specs:
         kind = spec.kind.name
@@ -1339,6 +1317,33 @@ def handover(model, directory):
     write_atomic(os.path.join(directory, "model.json"), json.dumps(graph))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     return {"tensors": len(tensors), "bytes": offset, "export_seconds": time.time() - t0, "peak_vram_mb": peak}
+
+
+def _export(model, x):
+    """torch.export's ATen graph of model(x), under the autocast its caller is in."""
+    import torch
+    amp = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            with torch.autocast(x.device.type, dtype=amp[1], enabled=amp[0]):
+                return self.model(x)
+
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecations
+            return torch.export.export(Logits(), (x,), strict=False).run_decompositions({})
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PrepareError(f"evaluate_bpb could not hand the model over: torch.export cannot trace model(x) "
+                           f"({type(e).__name__}: {first}). The evaluator scores model(x) as a graph of PyTorch "
+                           f"operations: keep the forward pass free of Python-side effects and data-dependent "
+                           f"control flow, and give a custom kernel a PyTorch path for torch.compiler.is_exporting() "
+                           f"(program.md, 'What evaluation needs')") from e
 
 
 def _encode_graph(gm):
