@@ -1240,16 +1240,61 @@ def _loader(tokenizer, B, T, split, buffer_size=LOADER_BUFFER, device=None, pref
 # ---------------------------------------------------------------------------
 # The trained model crosses from train.py's process to the evaluator as data: the graph that
 # torch.export traces from model(x) and the tensors it reads. The evaluator rebuilds the graph
-# from allowed operations only (PyTorch's aten operators, FlexAttention, tuple indexing), so no
-# code of train.py's runs where the score is computed, and the model it scores is a pure function
+# from allowed operations only (the aten operators listed here, FlexAttention, tuple indexing), so
+# no code of train.py's runs where the score is computed, and the model it scores is a pure function
 # of its input: nothing it saw before (no state) and nothing it reads (no files) can reach its logits.
 
 HANDOVER_MAX_BYTES = 64 << 30   # weights and constants handed over: a bound for the evaluator's reads
 CAUSAL_TOLERANCE = 1e-3         # logits at a position may not move more than this when later tokens change
 CAUSAL_CHECK_SHARE = 0.25       # validation batches whose causality is checked too: +25% forward passes
-# aten operators with a string argument are refused unless the string is one of these harmless
-# options, and a short word at that (_SAFE_STR): the others read files (from_file), print, or
-# belong to TorchScript's string library, and a compiler may write a string into code.
+# The operators the evaluator runs: an allow-list, because a deny-list over PyTorch's ~3,000 aten
+# overloads cannot be reviewed, and three reviews each found one it missed that read memory past
+# its inputs (on a GPU, freed memory can hold the very batch being scored). An operator runs if
+# PyTorch tags it pointwise (each output element reads its inputs at its own index) or reduction
+# (sum, mean, amax, var... over dimensions), or if _ALLOWED_OPS names it ("name": its overloads;
+# "name.overload": that one), and the deny-list below lets it through as well (it refuses the
+# pointwise rrelu, which draws random numbers, and add_, which writes in place). The names are what
+# train.py and the edits research makes to it (GQA, norms, activations, rotary, mixtures of
+# experts, convolutions, scans, masks, casts) export, on a CPU and, traced with fake CUDA tensors,
+# on a GPU: the same names, for export keeps scaled_dot_product_attention and rms_norm whole on
+# both (tests/test_prepare.py exports them). Refused by omission, among others: torch.Tag.core
+# wholesale (it holds as_strided, empty_strided and rand); SDPA's GPU kernels, which export never
+# writes and which return random-number state beside the output that no input computed;
+# _reshape_alias, a view of any size and strides, unchecked. The indexing operators check each
+# index against its dimension: on a CPU with TORCH_CHECK, in eager CUDA kernels with
+# CUDA_KERNEL_ASSERT (kept in release builds), and in the Triton code Inductor compiles for a GPU
+# with tl.device_assert, which Triton keeps because Inductor compiles with debug on while
+# config.assert_indirect_indexing is True, its default (torch/_inductor/runtime/triton_heuristics.py).
+_ALLOWED_TAGS = {"pointwise", "reduction"}
+_ALLOWED_OPS = {
+    # views, shapes and copies of the inputs
+    "view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "slice",
+    "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "flatten", "unflatten", "movedim", "unfold",
+    "alias", "detach", "contiguous", "lift_fresh_copy", "view_as_real", "view_as_complex", "repeat",
+    "repeat_interleave.self_int", "flip", "roll", "cat", "stack", "pad", "constant_pad_nd", "_to_copy", "type_as",
+    "tril", "triu", "select_scatter", "slice_scatter", "fill",
+    # new tensors from shapes and numbers
+    "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones",
+    "arange", "linspace", "scalar_tensor", "polar", "outer",
+    # products and convolutions
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "convolution",
+    # norms, softmax, and activations and masks PyTorch does not tag pointwise
+    "rms_norm", "_fused_rms_norm", "layer_norm", "native_layer_norm", "softmax", "_softmax", "log_softmax",
+    "_log_softmax", "leaky_relu", "hardswish", "glu", "log_sigmoid", "where", "masked_fill", "__and__", "__or__",
+    # attention: SDPA whole, and the CPU kernel it becomes (no sequence offsets; dropout 0, _check_arguments)
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    # indexing, each index checked (above)
+    "embedding", "index_select", "gather", "take_along_dim", "index.Tensor", "one_hot", "scatter", "scatter_add",
+    "scatter_reduce", "index_add", "index_put",
+    # scans and orderings
+    "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "topk", "sort", "argsort",
+    # export's own check of the output's dtype and device
+    "_assert_tensor_metadata",
+}
+# The deny-list, a second layer under the allow-list. aten operators with a string argument are
+# refused unless the string is one of these harmless options, and a short word at that
+# (_SAFE_STR): the others read files (from_file), print, or belong to TorchScript's string
+# library, and a compiler may write a string into code.
 _HARMLESS_STR_ARGS = {"approximate", "rounding_mode", "reduce", "padding_mode", "mode", "equation", "side",
                       "interpolation", "indexing", "reduction"}
 _SAFE_STR = re.compile(r"[A-Za-z0-9_,.>-]{0,64}")
@@ -1260,8 +1305,9 @@ _SAFE_STR = re.compile(r"[A-Za-z0-9_,.>-]{0,64}")
 # but for attention, whose dropout_p must then be 0 (_check_arguments). Sparse, quantized and
 # jagged tensors are refused whole: their constructors take index tensors that the kernels trust
 # unchecked (a CSR column past the end read the heap beyond the inputs), and a forward pass has
-# no use for backward kernels, which trust the indices their forward pass saved.
-_REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe|"
+# no use for backward kernels, which trust the indices their forward pass saved. _unsafe_view is
+# view without export's alias bookkeeping (reshape of a transposed tensor): it checks its sizes.
+_REFUSED_OPS = re.compile(r"as_strided|stride|storage|is_contiguous|is_non_overlapping|is_strides_like|unsafe(?!_view)|"
                           r"nested|empty|rand|dropout|bernoulli|normal|uniform|exponential|geometric|cauchy|"
                           r"multinomial|poisson|binomial|gamma|dirichlet|rrelu|set_|resize|data_ptr|"
                           r"batch_norm(?!_legit_no_training)|instance_norm|lstm|gru|rnn|"
@@ -1423,6 +1469,9 @@ def _allowed_op(name):
                                     "or keeps state between calls)")
     if any("str" in str(a.type) and a.name not in _HARMLESS_STR_ARGS for a in op._schema.arguments):
         raise PrepareError(refuse + " (it takes a string: a file name, text to print, a message)")
+    if not ({parts[1], f"{parts[1]}.{parts[2]}"} & _ALLOWED_OPS or {t.name for t in op.tags} & _ALLOWED_TAGS):
+        raise PrepareError(f"the model uses {name}, which is not on the evaluator's list of operators (prepare.py, "
+                           f"_ALLOWED_OPS): write the forward pass with other PyTorch operations")
     return op
 
 

@@ -1065,11 +1065,12 @@ def _csr_read_past_the_inputs(N, R, T, V):
     (lambda N, R, T, V: [_call("aten.zeros.default", [R, T, V], layout={"layout": "sparse_coo"}, device={"device": "cpu"})],
      "does not read (layout)"),
     (lambda N, R, T, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
-                         _call("aten.segment_reduce.default", N(1), "sum", lengths=N(0), unsafe=True)], "unchecked"),
+                         _call("aten.segment_reduce.default", N(1), "sum", lengths=N(0), unsafe=True)],
+     "not on the evaluator's list"),
     (lambda N, R, T, V: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
                          _call("aten.view.default", N(1), [1, R * T, 1, 1]),
                          _call("aten._efficient_attention_forward.default", N(2), N(2), N(2), None, N(0), N(0), R * T,
-                               R * T, 0.0, 0)], "unchecked"),
+                               R * T, 0.0, 0)], "not on the evaluator's list"),
 ])
 def test_a_graph_cannot_read_past_its_inputs_through_indices_a_kernel_trusts(smoke, tmp_path, nodes_of, why):
     """Found by the third adversarial review: with a CSR matrix built from its own index tensors, a
@@ -1080,6 +1081,40 @@ def test_a_graph_cannot_read_past_its_inputs_through_indices_a_kernel_trusts(smo
     nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
     with pytest.raises(smoke.PrepareError, match=re.escape(why)):
         smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+
+
+@pytest.mark.parametrize("body", [
+    # a view of any size and strides, unchecked: 64 floats read from a 4-float tensor came back 47
+    # of them nonzero, the heap past it
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                               _call("aten._reshape_alias.default", N(1), [4 * n], [1])], id="_reshape_alias"),
+    # offsets into the indices or rows, trusted by the kernels that take them
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                               _call("aten.view.default", N(0), [n]), _call("aten.view.default", N(1), [n, 1]),
+                               _call("aten._embedding_bag.default", N(3), N(2), N(2))], id="_embedding_bag"),
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                               _call("aten.view.default", N(0), [n]),
+                               _call("aten.segment_reduce.default", N(1), "sum", offsets=N(2))], id="segment_reduce"),
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "bfloat16"}),
+                               _call("aten._to_copy.default", N(0), dtype={"dtype": "int32"}),
+                               _call("aten._grouped_mm.default", N(1), N(1), N(2))], id="_grouped_mm"),
+    # state beyond the graph: the GPU's FFT plan cache
+    pytest.param(lambda N, n: [_call("aten._cufft_clear_plan_cache.default", 0)], id="_cufft_clear_plan_cache"),
+    # SDPA's GPU kernel, which export never writes: random-number state beside the output
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                               _call("aten.view.default", N(1), [1, 1, n, 1]),
+                               _call("aten._scaled_dot_product_efficient_attention.default", N(2), N(2), N(2), None,
+                                     False)], id="_scaled_dot_product_efficient_attention"),
+])
+def test_operators_off_the_allow_list_are_refused_though_the_deny_list_missed_them(smoke, body):
+    """The evaluator runs listed operators only. Each of these passed the deny-list before (found
+    while the list was built), and each trusts indices or reaches past the graph."""
+    N = lambda i: {"node": i}  # noqa: E731
+    body = body(N, smoke.EVAL_ROWS * smoke.MAX_SEQ_LEN)
+    nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
+    with pytest.raises(smoke.PrepareError, match=re.escape("which is not on the evaluator's list of operators "
+                                                           "(prepare.py, _ALLOWED_OPS): write the forward pass")):
+        smoke._decode_graph(nodes, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("option", [["BLOCK_M'''\nimport os\n'''", 1],
