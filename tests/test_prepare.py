@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -276,12 +277,17 @@ def test_the_evaluator_scores_the_heldout_split_too(smoke, tmp_path):
     assert result["eval_tokens"] == smoke.EVAL_TOKENS and smoke.HELDOUT_TOKENS == smoke.EVAL_TOKENS // 4
 
 
-def smoke_gpt(smoke):
-    """train.py's smoke model with random weights: its classes, built as train.py builds them
-    (train.py's code up to its setup section, which starts training)."""
+def train_py_classes():
+    """train.py's code up to its setup section, which starts training: its constants and classes."""
     src = open(os.path.join(ROOT, "train.py")).read()
     ns = {"__name__": "train_classes"}
     exec(compile(src[:src.index("t_start = time.time()")], "train.py", "exec"), ns)
+    return ns
+
+
+def smoke_gpt(smoke):
+    """train.py's smoke model with random weights: its classes, built as train.py builds them."""
+    ns = train_py_classes()
     tok = smoke.Tokenizer.from_directory()
     cfg = ns["GPTConfig"](sequence_len=smoke.MAX_SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=ns["DEPTH"],
                           n_head=4, n_kv_head=4, n_embd=128, window_pattern=ns["WINDOW_PATTERN"])
@@ -1115,6 +1121,145 @@ def test_operators_off_the_allow_list_are_refused_though_the_deny_list_missed_th
     with pytest.raises(smoke.PrepareError, match=re.escape("which is not on the evaluator's list of operators "
                                                            "(prepare.py, _ALLOWED_OPS): write the forward pass")):
         smoke._decode_graph(nodes, torch.device("cpu"))
+
+
+class ResearchEdits(torch.nn.Module):
+    """The edits research makes to train.py's model, each a term of one forward pass: what the
+    evaluator must run as it is."""
+
+    def __init__(self, V, T, D=32, H=4, E=4):
+        super().__init__()
+        self.H, self.E = H, E
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.wte, self.ve = torch.nn.Embedding(V, D), torch.nn.Embedding(V, D)
+        self.q, self.kv, self.ve_gate = lin(D, D), lin(D, D), lin(8, H)
+        self.rms, self.ln = torch.nn.RMSNorm(D), torch.nn.LayerNorm(D)
+        self.up, self.down = lin(D, 4 * D), lin(2 * D, D)
+        self.router, self.experts = lin(D, E), torch.nn.Parameter(torch.randn(E, D, D) / D ** 0.5)
+        self.conv = torch.nn.Conv1d(D, D, 4, groups=D, bias=False)
+        angles = torch.outer(torch.arange(T).float(), 1e-4 ** (torch.arange(0, D // H, 2) / (D // H)))
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def rotary(self, x):  # x: [B, T, H, hd]; as train.py's halves, and as interleaved pairs
+        d = x.size(-1) // 2
+        x1, x2 = x[..., :d], x[..., d:]
+        halves = torch.cat([x1 * self.cos + x2 * self.sin, x2 * self.cos - x1 * self.sin], -1)
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        pairs = torch.stack([even * self.cos - odd * self.sin, even * self.sin + odd * self.cos], -1).flatten(-2)
+        return halves + pairs
+
+    def gqa(self, h):  # 4 query heads, 2 key/value heads: SDPA's enable_gqa, and repeated heads
+        B, T, D = h.shape
+        q = self.rotary(self.q(h).view(B, T, self.H, -1)).transpose(1, 2)
+        k, v = self.kv(h).view(B, T, self.H // 2, -1).transpose(1, 2).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        v = v[:, :, None].expand(-1, -1, 2, -1, -1).reshape(q.shape)  # Llama's repeat_kv: a copy, reshaped
+        y = y + F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1), v, is_causal=True, scale=0.1)
+        return y.transpose(1, 2).reshape(B, T, D)
+
+    def manual_attention(self, h):  # causal mask by tril, where and masked_fill; ALiBi-like bias
+        T = h.size(1)
+        scores = h @ h.transpose(-1, -2) / h.size(-1) ** 0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+        i = torch.arange(T, device=h.device)
+        bias = -(i[:, None] - i[None, :]).clamp(min=0).float() * 0.1
+        p = torch.where(causal, scores + bias, float("-inf")).softmax(-1) + F.softmax(
+            scores.masked_fill(~causal, float("-inf")), dim=-1)
+        return p @ h
+
+    def norms_and_mlp(self, h):  # RMSNorm, LayerNorm; SwiGLU, GELU, ReLU²
+        h = self.rms(h) + F.rms_norm(h, (h.size(-1),)) + self.ln(h) + h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        a, b = self.up(h).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b + F.gelu(a, approximate="tanh") + F.relu(b).square())
+
+    def moe(self, h):  # top-2 of 4 experts: softmax router, topk; dispatch by scatter, gather, one_hot, index_add
+        B, T, D = h.shape
+        t = h.reshape(-1, D)
+        probs = F.softmax(self.router(t), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, 2, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(t.dtype)
+        out = torch.einsum("nd,edf->nef", t, self.experts)  # [N, E, D]: every expert on every token
+        y = (out * torch.zeros_like(probs).scatter(-1, idx, w).unsqueeze(-1)).sum(1)
+        y = y + (torch.gather(out, 1, idx.unsqueeze(-1).expand(-1, -1, D)) * w.unsqueeze(-1)).sum(1)
+        y = y + torch.einsum("nke,ned,nk->nd", F.one_hot(idx, self.E).to(t.dtype), out, w)
+        tokens = torch.arange(t.size(0), device=t.device).repeat_interleave(2)
+        chosen = torch.bmm(t[tokens].unsqueeze(1), self.experts[idx.reshape(-1)]).squeeze(1)
+        return (y + torch.zeros_like(t).index_add(0, tokens, chosen * w.reshape(-1, 1))).view(B, T, D)
+
+    def token_mixing(self, h):  # causal depthwise conv1d, a one-token shift, cumulative mean
+        c = self.conv(F.pad(h.transpose(1, 2), (3, 0))).transpose(1, 2)
+        shifted = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        n = torch.arange(1, h.size(1) + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+        return c + shifted + h.cumsum(1) / n
+
+    def forward(self, x):
+        h = self.wte(x).to(torch.bfloat16).float()  # a low-precision table, computed in fp32
+        B, T, D = h.shape
+        gate = 2 * torch.sigmoid(self.ve_gate(h[..., :8]))  # value embeddings, gated per head
+        h = h + (gate.unsqueeze(-1) * self.ve(x).view(B, T, self.H, -1)).view(B, T, D)
+        h = h + self.gqa(h) + self.manual_attention(h) + self.norms_and_mlp(h) + self.moe(h) + self.token_mixing(h)
+        logits = F.linear(F.rms_norm(h, (D,)), self.wte.weight).float()  # tied weights
+        return 15 * torch.tanh(logits / 15)  # softcap
+
+
+def _targets(nodes):
+    """The operators an encoded graph calls, its subgraphs' included."""
+    return set().union(*[_targets(n["graph"]) if n["op"] == "get_attr" else {n.get("target")} for n in nodes]) - {None}
+
+
+def test_what_research_edits_export_crosses_over_and_scores_as_in_process(smoke, tmp_path):
+    """The allow-list must not block research: each operator the edits export is allowed, and runs."""
+    tok = smoke.Tokenizer.from_directory()
+    torch.manual_seed(0)
+    model = ResearchEdits(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval()
+    smoke.handover(model, str(tmp_path / "h"))
+    meta = json.loads((tmp_path / "h/model.json").read_text())
+    assert {f"aten.{name}" for name in ("_unsafe_view.default", "repeat_interleave.self_int", "topk.default",
+                                        "scatter.src", "gather.default", "one_hot.default", "index_add.default",
+                                        "index.Tensor", "conv1d.default", "cumsum.default", "layer_norm.default",
+                                        "where.ScalarOther", "tril.default", "einsum.default")} <= _targets(meta["graph"])
+    forward, _ = smoke.load_handover(str(tmp_path / "h"), torch.device("cpu"), compile_model=False)
+    x = torch.from_numpy(next(smoke._eval_rows(tok))[:, :-1].astype(np.int64))
+    with torch.no_grad():
+        assert torch.allclose(forward(x), model(x), atol=1e-5)
+
+
+def test_what_train_py_exports_on_a_gpu_is_allowed(smoke, monkeypatch):
+    """The graph export writes on a GPU, traced here with fake CUDA tensors under bf16 autocast as
+    evaluate_bpb is called there: train.py's model, with GQA, FlexAttention's block masks in the
+    windowed layer and SDPA in the last. Export keeps scaled_dot_product_attention and rms_norm
+    whole on a GPU too: SDPA's backend kernels (_scaled_dot_product_flash_attention, _efficient_,
+    _cudnn_) and _fused_rms_norm never appear. (ResearchEdits exports the same operators on fake
+    CUDA tensors as on the CPU, as found when the list was made: nothing in it depends on the device.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)  # autocast("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    ns, T, mode = train_py_classes(), smoke.MAX_SEQ_LEN, FakeTensorMode()
+    ns["LOW_PRECISION"] = torch.bfloat16  # train.py's on a GPU
+    cfg = ns["GPTConfig"](sequence_len=T, vocab_size=smoke.VOCAB_SIZE, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          window_pattern="SL")
+    with torch.device("meta"):
+        model = ns["GPT"](cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with mode:
+        masks = [ns["build_attn_mask"](w, T, torch.device("cuda")) for w in model.window_sizes]
+        x = torch.zeros((2, T), dtype=torch.long, device="cuda")
+    for m in model.modules():  # the weights as fake CUDA tensors of their shapes and types
+        for tensors in (m._parameters, m._buffers):
+            for k, t in [(k, t) for k, t in tensors.items() if t is not None]:
+                with mode:
+                    f = torch.empty(t.shape, dtype=t.dtype, device="cuda")
+                tensors[k] = torch.nn.Parameter(f, t.requires_grad) if isinstance(t, torch.nn.Parameter) else f
+    model.attn_masks = masks
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        nodes = smoke._encode_graph(smoke._export(model.eval(), x).graph_module)
+    targets = _targets(nodes)
+    assert {"aten.scaled_dot_product_attention.default", "aten.rms_norm.default", "higher_order.flex_attention",
+            "aten._to_copy.default"} <= targets
+    assert not any("_scaled_dot_product" in t or "fused" in t for t in targets)
+    smoke._decode_graph(nodes, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("option", [["BLOCK_M'''\nimport os\n'''", 1],
