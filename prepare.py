@@ -1272,14 +1272,15 @@ _ALLOWED_OPS = {
     "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "flatten", "unflatten", "movedim", "unfold",
     "alias", "detach", "contiguous", "lift_fresh_copy", "view_as_real", "view_as_complex", "repeat",
     "repeat_interleave.self_int", "flip", "roll", "cat", "stack", "pad", "constant_pad_nd", "_to_copy", "type_as",
-    "tril", "triu", "select_scatter", "slice_scatter", "fill",
+    "tril", "triu", "select_scatter", "slice_scatter", "fill", "copy",
     # new tensors from shapes and numbers
     "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones",
     "arange", "linspace", "scalar_tensor", "polar", "outer",
     # products and convolutions
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "conv1d", "convolution",
     # norms, softmax, and activations and masks PyTorch does not tag pointwise
-    "rms_norm", "_fused_rms_norm", "layer_norm", "native_layer_norm", "softmax", "_softmax", "log_softmax",
+    "rms_norm", "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm",
+    "_native_batch_norm_legit_no_training", "softmax", "_softmax", "log_softmax",
     "_log_softmax", "leaky_relu", "hardswish", "glu", "log_sigmoid", "where", "masked_fill", "__and__", "__or__",
     # attention: SDPA whole, and the CPU kernel it becomes (no sequence offsets; dropout 0, _check_arguments)
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -1475,6 +1476,29 @@ def _allowed_op(name):
     return op
 
 
+def _check_operators(nodes):
+    """Every operator the graph names, checked before any is decoded: a model that uses several
+    the evaluator does not run is told of them all in one crash, not one per 5-minute run."""
+    names, graphs = set(), [nodes]
+    while graphs:
+        for n in graphs.pop():
+            if isinstance(n, dict) and n.get("op") == "call_function" and isinstance(n.get("target"), str):
+                names.add(n["target"])
+            elif isinstance(n, dict) and n.get("op") == "get_attr" and isinstance(n.get("graph"), list):
+                graphs.append(n["graph"])
+    refused = []
+    for name in sorted(names):
+        try:
+            _allowed_op(name)
+        except PrepareError as e:
+            refused.append(str(e))
+    if len(refused) > 1:
+        raise PrepareError(f"the model uses {len(refused)} operators the evaluator does not run: " +
+                           "; ".join(refused[:10]) + ("; ..." if len(refused) > 10 else ""))
+    if refused:
+        raise PrepareError(refused[0])
+
+
 def _decode_graph(nodes, device):
     """The FX GraphModule for an encoded graph; every device argument becomes `device`."""
     import torch
@@ -1563,6 +1587,7 @@ def load_handover(directory, device, compile_model):
         if (meta["rows"], meta["seq_len"]) != (EVAL_ROWS, MAX_SEQ_LEN):
             raise PrepareError(f"the model was handed over for {meta['rows']} x {meta['seq_len']} inputs, "
                                f"not {EVAL_ROWS} x {MAX_SEQ_LEN}")
+        _check_operators(meta["graph"])
         gm = _decode_graph(meta["graph"], device)
         raw = np.frombuffer(_read_regular(os.path.join(directory, "model.bin")), dtype=np.uint8)
         size = raw.size

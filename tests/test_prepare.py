@@ -1123,6 +1123,24 @@ def test_operators_off_the_allow_list_are_refused_though_the_deny_list_missed_th
         smoke._decode_graph(nodes, torch.device("cpu"))
 
 
+def test_every_operator_off_the_list_is_named_in_one_crash(smoke, tmp_path):
+    """A model with three operators the evaluator does not run hears of all three at once: one
+    crash and one edit, not three 5-minute runs, each finding the next."""
+    N, n = (lambda i: {"node": i}), smoke.EVAL_ROWS * smoke.MAX_SEQ_LEN
+    body = [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+            _call("aten._reshape_alias.default", N(1), [n], [1]),
+            _call("aten.bucketize.Tensor", N(2), N(2)),
+            _call("aten.native_dropout.default", N(3), 0.5, True)]
+    nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
+    with pytest.raises(smoke.PrepareError) as e:
+        smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+    message = str(e.value)
+    assert message.startswith("the model uses 3 operators the evaluator does not run: "), message
+    for name in ("aten._reshape_alias.default", "aten.bucketize.Tensor", "aten.native_dropout.default"):
+        assert name in message
+    assert "draws random numbers" in message and "not on the evaluator's list" in message
+
+
 class ResearchEdits(torch.nn.Module):
     """The edits research makes to train.py's model, each a term of one forward pass: what the
     evaluator must run as it is."""
@@ -1134,6 +1152,7 @@ class ResearchEdits(torch.nn.Module):
         self.wte, self.ve = torch.nn.Embedding(V, D), torch.nn.Embedding(V, D)
         self.q, self.kv, self.ve_gate = lin(D, D), lin(D, D), lin(8, H)
         self.rms, self.ln = torch.nn.RMSNorm(D), torch.nn.LayerNorm(D)
+        self.bn, self.gn = torch.nn.BatchNorm1d(D), torch.nn.GroupNorm(4, D)
         self.up, self.down = lin(D, 4 * D), lin(2 * D, D)
         self.router, self.experts = lin(D, E), torch.nn.Parameter(torch.randn(E, D, D) / D ** 0.5)
         self.conv = torch.nn.Conv1d(D, D, 4, groups=D, bias=False)
@@ -1168,8 +1187,9 @@ class ResearchEdits(torch.nn.Module):
             scores.masked_fill(~causal, float("-inf")), dim=-1)
         return p @ h
 
-    def norms_and_mlp(self, h):  # RMSNorm, LayerNorm; SwiGLU, GELU, ReLU²
+    def norms_and_mlp(self, h):  # RMSNorm, LayerNorm, batch norm (evaluation mode), GroupNorm; SwiGLU, GELU, ReLU²
         h = self.rms(h) + F.rms_norm(h, (h.size(-1),)) + self.ln(h) + h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = h + self.bn(h.transpose(1, 2)).transpose(1, 2) + self.gn(h.transpose(1, 2)).transpose(1, 2)
         a, b = self.up(h).chunk(2, dim=-1)
         return self.down(F.silu(a) * b + F.gelu(a, approximate="tanh") + F.relu(b).square())
 
@@ -1187,8 +1207,9 @@ class ResearchEdits(torch.nn.Module):
         chosen = torch.bmm(t[tokens].unsqueeze(1), self.experts[idx.reshape(-1)]).squeeze(1)
         return (y + torch.zeros_like(t).index_add(0, tokens, chosen * w.reshape(-1, 1))).view(B, T, D)
 
-    def token_mixing(self, h):  # causal depthwise conv1d, a one-token shift, cumulative mean
-        c = self.conv(F.pad(h.transpose(1, 2), (3, 0))).transpose(1, 2)
+    def token_mixing(self, h):  # causal depthwise conv1d, a one-token shift, cumulative mean, a slice assigned
+        c = self.conv(F.pad(h.transpose(1, 2), (3, 0))).transpose(1, 2).clone()
+        c[:, :, :4] = h[:, :, :4]
         shifted = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
         n = torch.arange(1, h.size(1) + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
         return c + shifted + h.cumsum(1) / n
@@ -1218,7 +1239,9 @@ def test_what_research_edits_export_crosses_over_and_scores_as_in_process(smoke,
     assert {f"aten.{name}" for name in ("_unsafe_view.default", "repeat_interleave.self_int", "topk.default",
                                         "scatter.src", "gather.default", "one_hot.default", "index_add.default",
                                         "index.Tensor", "conv1d.default", "cumsum.default", "layer_norm.default",
-                                        "where.ScalarOther", "tril.default", "einsum.default")} <= _targets(meta["graph"])
+                                        "where.ScalarOther", "tril.default", "einsum.default", "group_norm.default",
+                                        "_native_batch_norm_legit_no_training.default", "slice_scatter.default")
+            } <= _targets(meta["graph"])
     forward, _ = smoke.load_handover(str(tmp_path / "h"), torch.device("cpu"), compile_model=False)
     x = torch.from_numpy(next(smoke._eval_rows(tok))[:, :-1].astype(np.int64))
     with torch.no_grad():
