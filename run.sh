@@ -361,8 +361,8 @@ commit_experiment() {
         die 1 "git commit failed; the next run.sh recovers"
     fi
     tried=$(g rev-parse HEAD)
-    put tried "$tried"
-    g update-ref "refs/autoresearch/tried/$tried" "$tried"   # so that gc never takes it
+    g update-ref "refs/autoresearch/tried/$tried" "$tried"   # so that gc never takes it (first: recover
+    put tried "$tried"                                       # makes it for a commit not journalled)
   fi
   t7=${tried:0:7}
 }
@@ -1397,8 +1397,9 @@ recover() {
   fi
   if [ -z "$(get status)" ]; then
     if [ -z "$tried" ] && [ "$mode" != rerun ] && [ -n "$kept" ] && [ "$head" != "$kept" ]; then
-      tried=$head; put tried "$tried"                      # killed right after its commit
+      tried=$head                                          # killed right after its commit
       g update-ref "refs/autoresearch/tried/$tried" "$tried"
+      put tried "$tried"
     fi
     if [ "$mode" = rerun ] || [ -z "$tried" ]; then
       [ -z "$(get adopt)" ] || g checkout -q "$kept" -- train.py   # an adopted train.py, not committed
