@@ -1405,6 +1405,7 @@ recover() {
       [ -z "$(get adopt)" ] || g checkout -q "$kept" -- train.py   # an adopted train.py, not committed
       rm -rf -- "$state/pending"; say "recover: an interrupted run left nothing to record"; return 0
     fi
+    rm -f -- "$state/pending/heldout"   # of a decision cut short: its row says crash, so no score is recorded
     put row "$(printf '%s\t0.000000\t0.0\tcrash\t%s\t%s\t%s\t-' "${tried:0:7}" "$(tsv_field "${desc:-$(get msg)} [interrupted]")" "$branch" "${saved_profile:-$profile}")"
     put status interrupted   # (last: the decision is whole)
   fi
