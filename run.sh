@@ -845,8 +845,14 @@ g() {
   GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
-# The run's own temporary files, and a promotion's folder in the compile cache if one was cut short.
-clean_tmp() { [ ! -e "$tmp" ] || remove "$tmp"; [ -z "$stage" ] || remove "$stage"; }
+# The run's own temporary files, and a promotion's folder in the compile cache if one was cut short:
+# this run's, or the one $tmp/stage names, of a run killed while promoting (promote_compile_cache).
+clean_tmp() {
+  local left=""
+  [ ! -f "$tmp/stage" ] || left=$(cat -- "$tmp/stage")
+  [[ ${left##*/} != .promote.* || /$left/ == */../* ]] || remove "$left"   # (such a name only: never another folder)
+  [ ! -e "$tmp" ] || remove "$tmp"; [ -z "$stage" ] || remove "$stage"
+}
 # remove PATH...: gone, even where training made a folder read-only (rm -rf alone fails then, but for root)
 remove() { chmod -R u+rwx -- "$@" 2>/dev/null; rm -rf -- "$@"; }
 is_number() { [[ $1 =~ ^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
@@ -1113,6 +1119,8 @@ promote_compile_cache() {
   # a failure is said in a line, and the run stays recorded.
   local err
   stage=$cc/.promote.$run_id
+  # named in $tmp first: if run.sh is killed before it removes the folder, the next one does (clean_tmp)
+  printf '%s' "$stage" >"$tmp/stage" || { say "could not add this run's compile outputs to $cc; the cache stays as it was"; stage=""; return 0; }
   if ! err=$( { mkdir -- "$stage" &&
       (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$stage" --no-same-owner -xf -); } 2>&1 ); then
     say "could not add this run's compile outputs to $cc (${err%%$'\n'*}); the cache stays as it was"
