@@ -197,10 +197,11 @@ class Repo:
             assert p.returncode == rc, f"rc {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
         return p
 
-    def popen(self, *args: str, **env: str) -> subprocess.Popen:
+    def popen(self, *args: str, session: bool = False, **env: str) -> subprocess.Popen:
+        """run.sh started, not waited for; session: in a session (and process group) of its own."""
         return subprocess.Popen(
             ["./run.sh", *args], cwd=self.path, env={**self.env, **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=session,
         )
 
     def write(self, rel: str, text: str) -> None:
@@ -1568,6 +1569,204 @@ def test_recovery_never_appends_a_heldout_row_twice(based: Repo):
     assert "recover" in p.stdout and "nothing to run" in p.stderr
     assert h.read_text() == before
     assert based.rows()[-1] == row.split("\t") and not pending.exists()
+
+
+
+# A stand-in for a command run.sh calls, first on PATH under that command's name: the KILL_NTH
+# call whose command line matches the glob KILL_AT SIGKILLs its process group, run.sh's (started in
+# a session of its own): run.sh, its subshells and what they run outside a sandbox die just before
+# that command would have run. Any other call runs the command.
+KILLER = r"""#!/bin/bash
+dir=${0%/*} name=${0##*/}
+PATH=:$PATH:; PATH=${PATH//:"$dir":/:}; PATH=${PATH#:}; PATH=${PATH%:}
+if [ -n "${KILL_AT:-}" ] && [[ "$name $*" == $KILL_AT ]]; then
+  n=1; until mkdir -- "$dir/hit.$n" 2>/dev/null; do n=$((n + 1)); done
+  [ "$n" != "${KILL_NTH:-1}" ] || kill -KILL 0
+fi
+exec "$name" "$@"
+"""
+G = "git -c core.hooksPath=/dev/null * "
+# Where run.sh is killed, in the order a run reaches them: what the kill interrupts; the command it
+# comes just before (KILLER's glob; "training": once training has printed, from outside) and the
+# how-manyth such command; what the recovery makes of the run: "none" (nothing committed: no row),
+# "interrupted" (committed, not decided: a crash row "[interrupted]") or "decided" (its decision was
+# journalled: its own row); and the runs killed there. Up to the decision every run takes the same
+# steps: they are killed in the discarded run, which takes the most after it (the revert).
+KILL_POINTS = [
+    ("the checks before any change", G + "diff --no-ext-diff --name-only HEAD -- *", 1, "none", "discard"),
+    ("the data check", "timeout *prepare.py --check --quick", 1, "none", "discard"),
+    ("the journal, begun", "mv -f -- */pending/kept.new *", 1, "none", "discard"),
+    ("the commit", G + "commit *", 1, "none", "discard"),
+    ("the commit's gc guard", G + "update-ref refs/autoresearch/tried/*", 1, "interrupted", "discard"),
+    ("the journal of the commit", "mv -f -- */pending/tried.new *", 1, "interrupted", "discard"),
+    ("training's start", "timeout * train.py", 1, "interrupted", "discard"),
+    ("training", "training", 1, "interrupted", "discard"),
+    ("the evaluator", "timeout *prepare.py --evaluate *", 1, "interrupted", "discard"),
+    ("the decision's row", "mv -f -- */pending/row.new *", 1, "interrupted", "discard"),
+    ("the decision's held-out row", "mv -f -- */pending/heldout.new *", 1, "interrupted", "discard"),
+    ("the decision's status", "mv -f -- */pending/status.new *", 1, "interrupted", "keep discard crash"),
+    ("the revert of HEAD", G + "reset -q --soft *", 1, "decided", "discard crash"),
+    ("the revert of train.py", G + "checkout -q * -- train.py", 1, "decided", "discard"),
+    ("the held-out row", "grep -qxF -- *", 1, "decided", "keep discard"),
+    ("the journal's size of results.tsv", "mv -f -- */pending/size.new *", 1, "decided", "keep discard"),
+    ("the row", "tail -c 1 -- results.tsv", 1, "decided", "keep discard crash"),
+    ("the journal's end", "rm -rf -- */pending", 1, "decided", "keep discard"),
+    ("the compile cache's promotion", "mkdir -- */.promote.*", 1, "decided", "keep"),
+    ("the compile outputs' move", "mv -f -T -- */.promote.*", 2, "decided", "keep"),
+    ("the promotion's clean-up", "chmod -R u+rwx -- */.promote.*", 1, "decided", "keep"),
+    ("the clean-up", "chmod -R u+rwx -- */autoresearch/tmp", 1, "decided", "keep discard"),
+]
+# Where the recovery of a run killed at such a point is itself killed before a second one.
+RECOVERY_KILLED = {
+    "the commit's gc guard": G + "update-ref refs/autoresearch/tried/*",  # the commit found, not journalled
+    "the decision's status": "mv -f -- */pending/status.new *",  # its "[interrupted]" decision
+}
+# Compile outputs of a run kept: its promotion has a kernel's directory and files to move.
+COMPILES = """
+c = os.environ["AUTORESEARCH_CACHE"] + "/compile/"
+os.makedirs(c + "inductor/xy", exist_ok=True); open(c + "inductor/xy/c{i}.py", "w").write("# {i}")
+os.makedirs(c + "triton/K{i}", exist_ok=True)
+for f in ("k.cubin", "k.json"): open(c + "triton/K{i}/" + f, "w").write("{i}")
+"""
+
+
+def _still_running(sids: list[int], cache: Path) -> list[str]:
+    """Live processes of the sessions sids (run.sh's), or started with this test's cache (its boxes)."""
+    found, tag = [], f"AUTORESEARCH_CACHE={cache}".encode()
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] != "Z" and (int(stat[4]) in sids or tag in (d / "environ").read_bytes().split(b"\0")):
+                found.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("status", ["keep", "discard", "crash"])
+def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
+    """run.sh SIGKILLed with its process group at every step of a run that is kept, discarded or a
+    crash (KILL_POINTS), then run again: the recovery records the run once, its decision if that was
+    journalled and otherwise a crash "[interrupted]", and leaves the rest as an undisturbed run
+    would: whole rows in results.tsv and heldout.tsv, none twice, a held-out row only beside a scored
+    row; HEAD the tried commit if and only if its row keeps it, and the commit kept from gc; train.py
+    the agent's edit unless a decided revert took it back; no other file changed, no journal or
+    temporary file, no half-promoted compile outputs, nothing running. The recovery is a run.sh
+    that then refuses (its Python missing), so that each kill costs one run; the kills follow one
+    another in one repository, each from the state the last recovery left. In bubblewrap where it
+    starts (the mode of the night, and the only one that promotes compile outputs), else without."""
+    repo = based
+    shims = repo.tmp / "shims"
+    shims.mkdir()
+    (shims / "killer").write_text(KILLER)
+    (shims / "killer").chmod(0o755)
+    for name in {at.split()[0] for _, at, _, _, runs in KILL_POINTS if status in runs.split()} - {"training"}:
+        (shims / name).symlink_to("killer")
+    repo.env["PATH"] = f"{shims}:{repo.env['PATH']}"
+    state, cc = repo.path / ".git/autoresearch", repo.cache / "compile"
+    header = "\t".join(HEADER + ["branch", "profile", "decision"])
+    val = {"keep": 0.99, "discard": 1.5, "crash": 1.5}[status]
+    after, sessions = repo.snapshot(), []
+
+    def killed(*args: str, kill_at: str, nth: int = 1, **env: str) -> tuple[str, bool]:
+        """run.sh killed at kill_at; its output, and whether it was (it ran to its end otherwise)."""
+        for hit in shims.glob("hit.*"):
+            hit.rmdir()
+        proc = repo.popen(*args, session=True, **env, **({} if kill_at == "training" else
+                                                           {"KILL_AT": kill_at, "KILL_NTH": str(nth)}))
+        if kill_at == "training":
+            repo.wait_for_log("started")
+            os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate(timeout=60)[0]
+        sessions.append(proc.pid)
+        return out, proc.returncode == -signal.SIGKILL
+
+    for i, (where, at, nth, outcome, runs) in enumerate(KILL_POINTS):
+        if status not in runs.split() or (".promote." in at and not HAVE_BWRAP):  # (no sandbox: no promotion)
+            continue
+        kept, before = repo.head(), after
+        rows = repo.read("results.tsv").splitlines()
+        held = (repo.path / HELDOUT_TSV).read_text().splitlines()
+        body = f"# the edit of {where}\n"
+        if at == "training":
+            body += 'print("started", flush=True)\ntime.sleep(60)\n'
+        if status == "keep":
+            val -= 0.01
+            body += COMPILES.format(i=i)
+        edit = trainer(f"{val:.2f}", body=body, heldout="0.8", exit_code=int(status == "crash"))
+        repo.write("train.py", edit)
+        desc = f"killed at {where}"
+        out, hit = killed(desc, kill_at=at, nth=nth)
+        assert hit, f"never reached: {where} ({at})\n{out}"
+        journal = (state / "pending").exists()
+        no_python, first = {"AUTORESEARCH_PYTHON": str(repo.tmp / "no-python")}, ""
+        if where in RECOVERY_KILLED:  # (whether it was reached is asserted last: it depends on the run's journal)
+            first, first_hit = killed("the next", kill_at=RECOVERY_KILLED[where], **no_python)
+            out += "the recovery, killed:\n" + first
+        p = repo.run("the next", rc=3, **no_python)  # recovers, then refuses
+        assert ("run.sh: recover:" in first + p.stdout) == journal, (where, first, p.stdout)
+        context = f"killed at {where}\n{out}\nthe recovery:\n{p.stdout}{p.stderr}"
+        after = repo.snapshot()
+
+        # results.tsv: whole rows, the earlier ones as they were, this run's once
+        text = repo.read("results.tsv")
+        lines = text.splitlines()
+        assert lines[0] == header and text.endswith("\n") and lines[:len(rows)] == rows, context
+        assert all(len(line.split("\t")) == 8 for line in lines), context
+        new = [line.split("\t") for line in lines[len(rows):]]
+        refs_before, refs = ({ref: sha for sha, ref in (line.split(" commit\t") for line in snap["refs"].splitlines())}
+                             for snap in (before, after))
+        tried = [sha for ref, sha in refs.items() if ref not in refs_before]  # its gc guard
+        if outcome == "none":
+            assert new == [] and tried == [], context
+        else:
+            assert len(new) == 1 and len(tried) == 1, context
+            row, tried = new[0], tried[0]
+            assert refs == {**refs_before, f"refs/autoresearch/tried/{tried}": tried,
+                            "refs/heads/autoresearch/t1": after["head"]}, context
+            assert repo.git("rev-parse", f"{tried}^") == kept and repo.git("show", f"{tried}:train.py") + "\n" == edit
+            assert row[0] == tried[:7] and row[5:7] == ["autoresearch/t1", "gpu"], context
+            if outcome == "interrupted":
+                assert row[1:5] + row[7:] == ["0.000000", "0.0", "crash", f"{desc} [interrupted]", "-"], context
+            elif status == "crash":
+                assert row[1:5] + row[7:] == ["0.000000", "0.0", "crash", desc, "-"], context
+            else:
+                assert row[1:5] + row[7:] == [f"{val:.6f}", "2.0", status, desc, "single"], context
+
+        # heldout.tsv: the earlier rows as they were, and one more for a run recorded with its score,
+        # matched to its results.tsv row as analysis.py matches them
+        now = (repo.path / HELDOUT_TSV).read_text().splitlines()
+        assert now[:len(held)] == held and len(set(now)) == len(now), context
+        added = [line.split("\t") for line in now[len(held):] if not line.startswith("commit\t")]  # (a header)
+        scored = outcome == "decided" and status != "crash"
+        assert [r[:5] for r in added] == ([[row[0], row[1], row[3], row[5], row[6]]] if scored else []), context
+
+        # git: HEAD the tried commit if and only if kept; nothing staged; train.py the edit unless reverted
+        kept_now = outcome == "decided" and status == "keep"
+        assert repo.head() == (tried if kept_now else kept) and repo.branch() == "autoresearch/t1", context
+        assert repo.git("diff", "--cached", "--name-only") == "", context
+        reverted = outcome == "decided" and status != "keep"
+        assert repo.read("train.py") == (repo.git("show", f"{kept}:train.py") + "\n" if reverted else edit), context
+        others = {"train.py", "results.tsv", "run.log"}
+        assert {k: v for k, v in after["files"].items() if k not in others} == \
+            {k: v for k, v in before["files"].items() if k not in others}, context
+        assert [s for s in after["status"].splitlines() if s.split()[-1] not in others] == \
+            [s for s in before["status"].splitlines() if s.split()[-1] not in others], context
+
+        # no journal, no temporary file, no half-promoted compile outputs, nothing running
+        assert sorted(p.name for p in state.iterdir()) == \
+            ["all.holder", "all.lock", "heldout.tsv", "heldout.tsv.lock", "lock", "lock.holder"], context
+        assert [p.name for p in cc.iterdir() if p.name.startswith(".")] == [], context
+        for d in cc.glob("triton/*"):  # a kernel's directory is whole or not there (a cache: it may be lost)
+            assert sorted(f.name for f in d.iterdir()) == ["k.cubin", "k.json"], context
+        if status == "keep" and where == "the clean-up":
+            assert (cc / f"triton/K{i}").is_dir() and (cc / f"inductor/xy/c{i}.py").is_file(), context
+        assert list((repo.tmp / "host-tmp").iterdir()) == [], context
+        deadline = time.time() + 5
+        while _still_running(sessions, repo.cache) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _still_running(sessions, repo.cache) == [], context
+        assert where not in RECOVERY_KILLED or first_hit, f"the recovery never reached {RECOVERY_KILLED[where]}"
 
 
 # --------------------------------------------------------- results and noise
