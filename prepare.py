@@ -1259,12 +1259,16 @@ CAUSAL_CHECK_SHARE = 0.25       # validation batches whose causality is checked 
 # on a GPU: the same names, for export keeps scaled_dot_product_attention and rms_norm whole on
 # both (tests/test_prepare.py exports them). Refused by omission, among others: torch.Tag.core
 # wholesale (it holds as_strided, empty_strided and rand); SDPA's GPU kernels, which export never
-# writes and which return random-number state beside the output that no input computed;
-# _reshape_alias, a view of any size and strides, unchecked. The indexing operators check each
-# index against its dimension: on a CPU with TORCH_CHECK, in eager CUDA kernels with
-# CUDA_KERNEL_ASSERT (kept in release builds), and in the Triton code Inductor compiles for a GPU
-# with tl.device_assert, which Triton keeps because Inductor compiles with debug on while
-# config.assert_indirect_indexing is True, its default (torch/_inductor/runtime/triton_heuristics.py).
+# writes and which return random-number state beside the output that no input computed; its CPU
+# kernel, which export never writes either and which trusts the key's batch and head counts (a
+# query of 3 heads read the heap past a key of 2); _reshape_alias, a view of any size and strides,
+# unchecked. The indexing operators check each index against its dimension: on a CPU with
+# TORCH_CHECK, in eager CUDA kernels with CUDA_KERNEL_ASSERT (kept in release builds), and in the
+# Triton code Inductor compiles for a GPU with tl.device_assert, which Triton keeps because
+# Inductor compiles with debug on while config.assert_indirect_indexing is True, its default
+# (torch/_inductor/runtime/triton_heuristics.py); but not inside FlexAttention's kernel, whose
+# score_mod and mask_mod get indices bounded in the graph instead (_bound_flex_attention). Kernels
+# on the list that trust one operand's shape for another's get shapes that fit (_check_shapes).
 _ALLOWED_TAGS = {"pointwise", "reduction"}
 _ALLOWED_OPS = {
     # views, shapes and copies of the inputs
@@ -1282,8 +1286,8 @@ _ALLOWED_OPS = {
     "rms_norm", "_fused_rms_norm", "layer_norm", "native_layer_norm", "group_norm", "native_group_norm",
     "_native_batch_norm_legit_no_training", "softmax", "_softmax", "log_softmax",
     "_log_softmax", "leaky_relu", "hardswish", "glu", "log_sigmoid", "where", "masked_fill", "__and__", "__or__",
-    # attention: SDPA whole, and the CPU kernel it becomes (no sequence offsets; dropout 0, _check_arguments)
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    # attention: SDPA whole (dropout 0, _check_arguments; key and value of one shape, _check_shapes)
+    "scaled_dot_product_attention",
     # indexing, each index checked (above)
     "embedding", "index_select", "gather", "take_along_dim", "index.Tensor", "one_hot", "scatter", "scatter_add",
     "scatter_reduce", "index_add", "index_put",
@@ -1577,11 +1581,20 @@ def _check_arguments(name, op, args, kwargs):
         if arg.name in ("dropout_p", "dropout", "train") and value not in (None, 0, 0.0, False):
             raise PrepareError(f"the hand-over asks {name} for {arg.name}={value}: the scored function draws "
                                f"no random numbers (no dropout at evaluation)")
+    given = {arg.name: value for arg, value in bound}
+    if op is torch.ops.aten.pad.default and given.get("mode", "constant") != "constant" and not all(
+            type(p) is int and p >= 0 for p in given.get("pad") or []):
+        raise PrepareError(f"the hand-over asks {name} for {given['mode']} padding with a negative side: its kernel "
+                           f"leaves part of the output unwritten, memory that no input computed (pad with mode "
+                           f"'constant' to crop)")
 
 
 def load_handover(directory, device, compile_model):
     """(forward(x) -> logits for EVAL_ROWS rows, its size in bytes) from a hand-over directory."""
     import torch
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the graph's device arguments name the device its
+        device = torch.device("cuda", torch.cuda.current_device())  # tensors are on: cuda:0, not cuda
     try:
         meta = json.loads(_read_regular(os.path.join(directory, "model.json")))
         if (meta["rows"], meta["seq_len"]) != (EVAL_ROWS, MAX_SEQ_LEN):
@@ -1613,11 +1626,13 @@ def load_handover(directory, device, compile_model):
     except Exception as e:
         raise PrepareError(f"the hand-over in {directory} is not readable ({type(e).__name__}: {e})") from e
     at = args.index(None)
-    _bound_block_masks(gm, args[:at] + [torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)] + args[at + 1:])
+    example = args[:at] + [torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)] + args[at + 1:]
+    values = _fake_values(gm, example)
+    _check_shapes(gm, values)
+    _bound_flex_attention(gm, values)
     run = gm
     if compile_model:  # Inductor straight from the graph: it is already ATen (Dynamo would re-trace it)
-        x = torch.zeros((EVAL_ROWS, MAX_SEQ_LEN), dtype=torch.long, device=device)
-        run = torch._inductor.compile(gm, args[:at] + [x] + args[at + 1:])
+        run = torch._inductor.compile(gm, example)
 
     def forward(x):
         with torch.no_grad():
@@ -1630,26 +1645,102 @@ def load_handover(directory, device, compile_model):
     return forward, size
 
 
-def _bound_block_masks(gm, args):
-    """FlexAttention's compiled kernel (Inductor's, on a GPU) reads the blocks its block mask names
-    without a bounds check: a mask naming block 5000 of a 2-block key read memory past it (on a
-    CPU, a crash). Its eager form ignores the block lists and applies mask_mod everywhere. So each
-    mask must fit its query and key, and its block counts and indices are clamped in the graph to
-    the blocks there are: a true mask is unchanged, a forged one reads nothing but its key."""
+def _fake_values(gm, args, mode=None):
+    """{node: its value as a tensor without data}: the graph run on its inputs' shapes through
+    PyTorch's shape checks, with nothing computed. A graph they refuse is refused. mode: the
+    FakeTensorMode of args that are tensors without data already."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.shape_prop import ShapeProp
+    values = {}
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with torch.no_grad(), mode:
+            Shapes(gm).run(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) and getattr(a, "fake_mode", None)
+                             is not mode else a for a in args])
+    except PrepareError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PrepareError(f"the hand-over's graph does not run on inputs of its shape ({type(e).__name__}: {first})") from e
+    return values
+
+
+def _named_args(n):
+    """A node's arguments by the names its operator's schema gives them."""
+    return {**dict(zip((a.name for a in n.target._schema.arguments), n.args)), **n.kwargs}
+
+
+def _check_shapes(gm, values):
+    """Operands that fit each other where a kernel takes one's shape for another's. Found reading
+    memory that is neither the inputs nor the weights: batch norm's CPU kernel, given statistics
+    shorter than the channels, read past them; SDPA's CPU kernel, given a key shorter than its value,
+    read past the key (the heap: other logits each call)."""
+    import torch
+    aten, _val = torch.ops.aten, lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None
+    for n in gm.graph.nodes:
+        if n.target is aten._native_batch_norm_legit_no_training.default:
+            a = _named_args(n)
+            x = _val(a["input"])
+            channels = (x.shape[1],) if x is not None and x.dim() >= 2 else None
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if a.get(name) is not None and (channels is None or _val(a[name]) is None
+                                                or tuple(_val(a[name]).shape) != channels):
+                    raise PrepareError(f"the hand-over gives batch norm a {name} that does not fit its input's "
+                                       f"channels: its kernel reads past it")
+        elif n.target is aten.scaled_dot_product_attention.default:
+            a = _named_args(n)
+            q, k, v = (_val(a.get(name)) for name in ("query", "key", "value"))
+            if q is None or k is None or v is None or not q.dim() == k.dim() == v.dim() \
+                    or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+                raise PrepareError("the hand-over gives scaled_dot_product_attention a key and value of other "
+                                   "batches, heads or lengths, or a query and key of other widths: its kernel "
+                                   "reads past the key")
+
+
+# What FlexAttention's score_mod and mask_mod may use: elementwise operations (PyTorch's tag
+# pointwise), these, and views, all inlined into its compiled kernel; and tensor[index]
+# (aten.index.Tensor), whose indices _bound_flex_attention bounds. Gathers and the rest are not.
+_FLEX_MOD_OPS = {"index.Tensor", "_to_copy", "where", "masked_fill", "__and__", "__or__", "full", "scalar_tensor",
+                 "full_like", "zeros_like", "ones_like", "view", "reshape", "_unsafe_view", "unsqueeze", "squeeze",
+                 "expand", "select", "slice", "permute", "transpose", "t", "alias", "detach", "clone",
+                 "lift_fresh_copy"}
+
+
+def _bound_flex_attention(gm, values):
+    """FlexAttention's compiled kernel (Inductor's, on a GPU) trusts what it is given; its eager form
+    (the CPU evaluator's) checks, and ignores the block lists, applying mask_mod everywhere. So:
+    - query, key and value must fit each other: the kernel takes the batch and length from the key
+      and the heads from the value, and reads both with them (flex_attention.py.jinja: a value of
+      batch 1 beside a key of 8 is read 7 batches past its end);
+    - each block mask must fit its query and key, and its block counts and indices are clamped in the
+      graph to the blocks there are (block 5000 of a 2-block key read past the key): a true mask is
+      unchanged, a forged one reads nothing but its key;
+    - score_mod and mask_mod are inlined into the kernel, where a load at a computed index has no
+      bounds check and no wrap of a negative index (pytorch/pytorch#150321): they may use the
+      operations _FLEX_MOD_OPS allows only, and each index they use is wrapped into its dimension
+      in the graph (a true one is unchanged);
+    - the logsumexp and row maxima it returns beside the attention are uninitialised memory unless
+      the options OUTPUT_LOGSUMEXP and OUTPUT_MAX ask for them: a graph that reads them asks."""
+    import operator
+    import torch
+    _val = lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None  # noqa: E731
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
-    if not calls:
-        return
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        ShapeProp(gm).propagate(*[mode.from_tensor(a) for a in args])
-    meta = lambda n: n.meta["tensor_meta"] if isinstance(n, torch.fx.Node) and "tensor_meta" in n.meta else None  # noqa: E731
     for call in calls:
-        q, k, mask = meta(call.args[0]), meta(call.args[1]), list(call.args[4])
+        q, k, v = (_val(a) for a in call.args[:3])
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and 0 not in t.shape for t in (q, k, v)) \
+                or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3] or k.shape[0] not in (1, q.shape[0]) \
+                or q.shape[1] % k.shape[1]:
+            raise PrepareError("the hand-over's FlexAttention query, key and value do not fit: key and value of one "
+                               "batch, heads and length, query and key of one width, the query's heads a multiple "
+                               "of the key's")
+        mask = list(call.args[4])
         bad = PrepareError("the hand-over's FlexAttention block mask does not fit its query and key")
-        if len(mask) != 13 or q is None or k is None:
+        if len(mask) != 13:
             raise bad
         q_len, kv_len, q_bs, kv_bs = q.shape[-2], k.shape[-2], mask[10], mask[11]
         if mask[:2] != [q_len, kv_len] or not all(type(b) is int and b > 0 for b in (q_bs, kv_bs)) \
@@ -1660,7 +1751,7 @@ def _bound_block_masks(gm, args):
         for i, blocks, rows in ((2, n_kv, n_q), (4, n_kv, n_q), (6, n_q, n_kv), (8, n_q, n_kv)):
             if mask[i] is None and mask[i + 1] is None and i in (4, 8):
                 continue  # no full blocks
-            num, idx = meta(mask[i]), meta(mask[i + 1])
+            num, idx = _val(mask[i]), _val(mask[i + 1])
             if num is None or idx is None or num.dtype != torch.int32 or idx.dtype != torch.int32 \
                     or len(num.shape) != 3 or len(idx.shape) != 4 or num.shape != idx.shape[:3] \
                     or num.shape[2] < rows or idx.shape[3] < 1 or (lead or num.shape[:2]) != num.shape[:2]:
@@ -1669,8 +1760,55 @@ def _bound_block_masks(gm, args):
             with gm.graph.inserting_before(call):
                 mask[i] = gm.graph.call_function(torch.ops.aten.clamp.default, (mask[i], 0, min(blocks, idx.shape[3])))
                 mask[i + 1] = gm.graph.call_function(torch.ops.aten.clamp.default, (mask[i + 1], 0, blocks - 1))
-        call.args = (*call.args[:4], tuple(mask), *call.args[5:])
+        scalar = [q.new_zeros((), dtype=torch.float32)] + [q.new_zeros((), dtype=torch.int32)] * 4
+        _bound_flex_mod(gm, call.args[3], scalar, call.args[7], _val)  # score_mod(score, b, h, q_idx, kv_idx, *buffers)
+        _bound_flex_mod(gm, mask[12], scalar[1:], call.args[8], _val)  # mask_mod(b, h, q_idx, kv_idx, *buffers)
+        options = dict(call.args[6])
+        for use in call.users:
+            i = use.args[1] if use.target is operator.getitem and len(use.args) == 2 and not use.kwargs else None
+            if i != 0:
+                options["OUTPUT_LOGSUMEXP"] = options.get("OUTPUT_LOGSUMEXP") is True or i != 2
+                options["OUTPUT_MAX"] = options.get("OUTPUT_MAX") is True or i != 1
+        call.args = (*call.args[:4], tuple(mask), call.args[5], options, *call.args[7:])
     gm.recompile()
+
+
+def _bound_flex_mod(gm, node, scalars, buffers, value_of):
+    """A FlexAttention score_mod or mask_mod (the subgraph `node` names) checked, and each index it
+    uses wrapped into its dimension (see _bound_flex_attention). scalars, buffers: its arguments,
+    as tensors without data and as graph nodes; value_of: a node's tensor without data."""
+    import torch
+    mod = getattr(gm, node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+    buffers = list(buffers) if isinstance(buffers, (list, tuple)) else None
+    if mod is None or buffers is None or len([n for n in mod.graph.nodes if n.op == "placeholder"]) != len(scalars) + len(buffers):
+        raise PrepareError("the hand-over's FlexAttention score_mod or mask_mod is not a graph of its arguments")
+    for n in mod.graph.nodes:
+        op = n.target
+        if n.op in ("placeholder", "output"):
+            continue
+        if n.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or not (
+                {op._opname, f"{op._opname}.{op._overloadname}"} & _FLEX_MOD_OPS or torch.Tag.pointwise in op.tags):
+            raise PrepareError(f"FlexAttention's score_mod and mask_mod may use elementwise operations, views and "
+                               f"tensor[index] only, not {getattr(op, '__name__', op)}: its compiled kernel reads "
+                               f"what they index unchecked")
+    values = _fake_values(mod, scalars + [value_of(b) if isinstance(b, torch.fx.Node) else b for b in buffers],
+                          scalars[0].fake_mode)
+    _val = lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None  # noqa: E731
+    for n in list(mod.graph.nodes):
+        if n.target is torch.ops.aten.index.Tensor:
+            a = _named_args(n)
+            src, indices = a["self"], list(a["indices"])
+            for d, i in enumerate(indices):
+                if i is None:
+                    continue
+                t, size = _val(i), _val(src).shape[d]
+                if t is None or t.dtype not in (torch.int32, torch.int64) or size == 0:
+                    raise PrepareError("the hand-over's FlexAttention score_mod or mask_mod indexes with other than "
+                                       "integers")
+                with mod.graph.inserting_before(n):
+                    indices[d] = mod.graph.call_function(torch.ops.aten.remainder.Scalar, (i, size))
+            n.args, n.kwargs = (src, indices), {}
+    mod.recompile()
 
 
 def _read_regular(path):

@@ -1106,6 +1106,12 @@ def test_a_graph_cannot_read_past_its_inputs_through_indices_a_kernel_trusts(smo
                                _call("aten._grouped_mm.default", N(1), N(1), N(2))], id="_grouped_mm"),
     # state beyond the graph: the GPU's FFT plan cache
     pytest.param(lambda N, n: [_call("aten._cufft_clear_plan_cache.default", 0)], id="_cufft_clear_plan_cache"),
+    # SDPA's CPU kernel, which export never writes either: it trusts the key's and value's batch
+    # and head counts (a query of 3 heads read the heap past a key and value of 2: 12.4, 1.6e32...)
+    pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
+                               _call("aten.view.default", N(1), [1, 1, n, 1]),
+                               _call("aten._scaled_dot_product_flash_attention_for_cpu.default", N(2), N(2), N(2),
+                                     0.0, False)], id="_scaled_dot_product_flash_attention_for_cpu"),
     # SDPA's GPU kernel, which export never writes: random-number state beside the output
     pytest.param(lambda N, n: [_call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}),
                                _call("aten.view.default", N(1), [1, 1, n, 1]),
@@ -1114,7 +1120,8 @@ def test_a_graph_cannot_read_past_its_inputs_through_indices_a_kernel_trusts(smo
 ])
 def test_operators_off_the_allow_list_are_refused_though_the_deny_list_missed_them(smoke, body):
     """The evaluator runs listed operators only. Each of these passed the deny-list before (found
-    while the list was built), and each trusts indices or reaches past the graph."""
+    while the list was built; the CPU SDPA kernel by the fourth adversarial review, while it was on
+    the list), and each trusts indices or reaches past the graph."""
     N = lambda i: {"node": i}  # noqa: E731
     body = body(N, smoke.EVAL_ROWS * smoke.MAX_SEQ_LEN)
     nodes = [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
@@ -1248,41 +1255,88 @@ def test_what_research_edits_export_crosses_over_and_scores_as_in_process(smoke,
         assert torch.allclose(forward(x), model(x), atol=1e-5)
 
 
-def test_what_train_py_exports_on_a_gpu_is_allowed(smoke, monkeypatch):
-    """The graph export writes on a GPU, traced here with fake CUDA tensors under bf16 autocast as
-    evaluate_bpb is called there: train.py's model, with GQA, FlexAttention's block masks in the
-    windowed layer and SDPA in the last. Export keeps scaled_dot_product_attention and rms_norm
-    whole on a GPU too: SDPA's backend kernels (_scaled_dot_product_flash_attention, _efficient_,
-    _cudnn_) and _fused_rms_norm never appear. (ResearchEdits exports the same operators on fake
-    CUDA tensors as on the CPU, as found when the list was made: nothing in it depends on the device.)"""
+def _on_a_fake_gpu(smoke, monkeypatch, model_of):
+    """The operators of the graph export writes for model_of(mode) on a GPU, traced with fake CUDA
+    tensors under bf16 autocast as evaluate_bpb is called there; the graph must pass what
+    load_handover checks before it runs anything."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)  # autocast("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    ns, T, mode = train_py_classes(), smoke.MAX_SEQ_LEN, FakeTensorMode()
-    ns["LOW_PRECISION"] = torch.bfloat16  # train.py's on a GPU
-    cfg = ns["GPTConfig"](sequence_len=T, vocab_size=smoke.VOCAB_SIZE, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                          window_pattern="SL")
-    with torch.device("meta"):
-        model = ns["GPT"](cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    mode = FakeTensorMode()
+    model = model_of(mode)
     with mode:
-        masks = [ns["build_attn_mask"](w, T, torch.device("cuda")) for w in model.window_sizes]
-        x = torch.zeros((2, T), dtype=torch.long, device="cuda")
+        x = torch.zeros((2, smoke.MAX_SEQ_LEN), dtype=torch.long, device="cuda")
     for m in model.modules():  # the weights as fake CUDA tensors of their shapes and types
         for tensors in (m._parameters, m._buffers):
             for k, t in [(k, t) for k, t in tensors.items() if t is not None]:
                 with mode:
                     f = torch.empty(t.shape, dtype=t.dtype, device="cuda")
                 tensors[k] = torch.nn.Parameter(f, t.requires_grad) if isinstance(t, torch.nn.Parameter) else f
-    model.attn_masks = masks
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        nodes = smoke._encode_graph(smoke._export(model.eval(), x).graph_module)
-    targets = _targets(nodes)
+        ep = smoke._export(model.eval(), x)
+    nodes = smoke._encode_graph(ep.graph_module)
+    smoke._check_operators(nodes)
+    gm = smoke._decode_graph(nodes, torch.device("cuda", 0))
+    args = [x if spec.kind.name == "USER_INPUT" else {**ep.state_dict, **ep.constants}[spec.target]
+            for spec in ep.graph_signature.input_specs]
+    values = smoke._fake_values(gm, args, mode)
+    smoke._check_shapes(gm, values)
+    smoke._bound_flex_attention(gm, values)
+    return _targets(nodes)
+
+
+def test_what_train_py_exports_on_a_gpu_is_allowed(smoke, monkeypatch):
+    """The graph export writes on a GPU: train.py's model, with GQA, FlexAttention's block masks in
+    the windowed layer and SDPA in the last. Export keeps scaled_dot_product_attention and rms_norm
+    whole on a GPU too: SDPA's backend kernels (_scaled_dot_product_flash_attention, _efficient_,
+    _cudnn_) and _fused_rms_norm never appear. (ResearchEdits exports the same operators on fake
+    CUDA tensors as on the CPU, as found when the list was made: nothing in it depends on the device.)"""
+    ns, T = train_py_classes(), smoke.MAX_SEQ_LEN
+    ns["LOW_PRECISION"] = torch.bfloat16  # train.py's on a GPU
+
+    def model_of(mode):
+        cfg = ns["GPTConfig"](sequence_len=T, vocab_size=smoke.VOCAB_SIZE, n_layer=2, n_head=4, n_kv_head=2,
+                              n_embd=64, window_pattern="SL")
+        with torch.device("meta"):
+            model = ns["GPT"](cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        with mode:
+            model.attn_masks = [ns["build_attn_mask"](w, T, torch.device("cuda")) for w in model.window_sizes]
+        return model
+    targets = _on_a_fake_gpu(smoke, monkeypatch, model_of)
     assert {"aten.scaled_dot_product_attention.default", "aten.rms_norm.default", "higher_order.flex_attention",
             "aten._to_copy.default"} <= targets
     assert not any("_scaled_dot_product" in t or "fused" in t for t in targets)
-    smoke._decode_graph(nodes, torch.device("cuda"))
+
+
+REFERENCE = os.path.join(ROOT, ".devdata", "reference_train.py")
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="no .devdata/reference_train.py (tests/gpu_check.sh says how to get it)")
+def test_what_the_reference_train_py_exports_on_a_gpu_is_allowed(smoke, monkeypatch, tmp_path):
+    """tests/gpu_check.sh runs the reference's train.py (karpathy/autoresearch), its FA3 download
+    replaced by SDPA and FlexAttention (tests/gpu_check.py reference), through our evaluator on a
+    GPU: its graph, traced as on a GPU, is allowed whole (checked when the list was reviewed:
+    nothing was missing)."""
+    patched = tmp_path / "reference_train.py"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"), "reference", REFERENCE, str(patched)],
+                   check=True)
+    src = patched.read_text()
+
+    def model_of(mode):
+        ns = {"__name__": "reference_classes"}
+        with mode:  # its FlexAttention mask is made on "cuda" as the class is defined
+            exec(compile(src[:src.index("t_start = time.time()")], str(patched), "exec"), ns)
+        cfg = ns["GPTConfig"](sequence_len=smoke.MAX_SEQ_LEN, vocab_size=smoke.VOCAB_SIZE, n_layer=4, n_head=4,
+                              n_kv_head=4, n_embd=128, window_pattern="SSSL")
+        with torch.device("meta"):
+            model = ns["GPT"](cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        return model
+    targets = _on_a_fake_gpu(smoke, monkeypatch, model_of)
+    assert {"aten.scaled_dot_product_attention.default", "higher_order.flex_attention"} <= targets
 
 
 @pytest.mark.parametrize("option", [["BLOCK_M'''\nimport os\n'''", 1],
@@ -1327,6 +1381,176 @@ def test_a_forged_flex_block_mask_reads_nothing_past_the_key(smoke, tmp_path):
     (d / "model.json").write_text(json.dumps(meta))
     with pytest.raises(smoke.PrepareError, match="block mask does not fit"):
         smoke.load_handover(str(d), torch.device("cpu"), compile_model=False)
+
+
+def _body(N, R, T, V, nodes_of):
+    body = nodes_of(N, R, T, V)
+    return [{"op": "placeholder"}] + body + [{"op": "output", "args": [{"tuple": [N(len(body))]}]}]
+
+
+@pytest.mark.parametrize("nodes_of, why", [
+    # batch norm's statistics of 1 element for T channels: the CPU kernel read T - 1 values past
+    # each, a different value each call (logits 5.8e21, nan, 0.001 at one channel)
+    pytest.param(lambda N, R, T, V: [
+        _call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.view.default", N(1), [R, T, 1]),
+        _call("aten.full.default", [1], 0.0, dtype={"dtype": "float32"}, device={"device": "cpu"}),
+        _call("aten.full.default", [1], 1.0, dtype={"dtype": "float32"}, device={"device": "cpu"}),
+        _call("aten._native_batch_norm_legit_no_training.default", N(2), None, None, N(3), N(4), 0.1, 1e-5),
+        _call("getitem", N(5), 0), _call("aten.expand.default", N(6), [R, T, V])],
+        "batch norm", id="batch-norm-statistics-shorter-than-its-channels"),
+    # SDPA with a key shorter than its value: the CPU kernel took the value's length and read the
+    # key's rows past its end (the heap beyond a tensor of its own: other logits each call)
+    pytest.param(lambda N, R, T, V: [
+        _call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.view.default", N(1), [R, 1, T, 1]),
+        _call("aten.slice.Tensor", N(2), 2, 0, T // 2), _call("aten.clone.default", N(3)),
+        _call("aten.scaled_dot_product_attention.default", N(2), N(4), N(2)),
+        _call("aten.view.default", N(5), [R, T, 1]), _call("aten.expand.default", N(6), [R, T, V])],
+        "key and value", id="sdpa-key-shorter-than-its-value"),
+    # circular padding, negative on one side: the output's regions the kernel never writes held
+    # what the allocator left there (7.7e34, 0.0, 1.8e-20 on three calls; nan on the compiled path,
+    # which on a GPU is memory freed by earlier batches)
+    pytest.param(lambda N, R, T, V: [
+        _call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.view.default", N(1), [R, 1, T]),
+        _call("aten.pad.default", N(2), [T - 2, 2 - T], "circular"),
+        _call("aten.view.default", N(3), [R, T, 1]), _call("aten.expand.default", N(4), [R, T, V])],
+        "negative", id="circular-padding-negative-on-one-side"),
+])
+def test_kernels_that_trust_their_operands_shapes_get_shapes_that_fit(smoke, tmp_path, nodes_of, why):
+    """Found by the fourth adversarial review, through operators on the allow-list: each kernel takes
+    one operand's size for another's, or leaves part of its output unwritten, and the logits read
+    memory that is neither the inputs nor the weights. The evaluator now checks the shapes, on
+    tensors without data, before anything runs."""
+    nodes = _body(lambda i: {"node": i}, smoke.EVAL_ROWS, smoke.MAX_SEQ_LEN, smoke.VOCAB_SIZE, nodes_of)
+    with pytest.raises(smoke.PrepareError, match=why):
+        smoke.evaluate_handover(_graph(smoke, tmp_path, nodes))
+
+
+class FlexBias(torch.nn.Module):
+    """FlexAttention with a score_mod that reads a buffer of its own: a bias per key position."""
+
+    def __init__(self, V, T):
+        super().__init__()
+        from torch.nn.attention.flex_attention import create_block_mask
+        self.emb, self.out = torch.nn.Embedding(V, 64), torch.nn.Linear(64, V, bias=False)
+        self.register_buffer("bias", torch.randn(T))
+        self.shift = 0  # the score_mod reads bias[(key + shift) % T]
+        self.mask = create_block_mask(lambda b, h, q, k: k <= q, None, None, T, T, device="cpu")
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+        T, bias = x.size(1), self.bias
+        h = self.emb(x).view(x.size(0), T, 4, 16).transpose(1, 2)
+        y = flex_attention(h, h.flip(-1), h * 0.5, block_mask=self.mask,
+                           score_mod=lambda s, b, hh, q, k: s + bias[(k + self.shift) % T])
+        return self.out(y.transpose(1, 2).reshape(x.size(0), T, 64)).float()
+
+
+def _edit_graph(smoke, d, edit):
+    """A hand-over's graph, changed by edit(gm, flex_node) as FX graph code, written back."""
+    meta = json.loads((d / "model.json").read_text())
+    gm = smoke._decode_graph(meta["graph"], torch.device("cpu"))
+    edit(gm, next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention))
+    meta["graph"] = smoke._encode_graph(gm)
+    (d / "model.json").write_text(json.dumps(meta))
+
+
+def test_flex_attention_score_and_mask_mods_read_their_buffers_within_bounds(smoke, tmp_path):
+    """Found by the fourth adversarial review, in Inductor's source (no GPU to watch it): on a GPU,
+    Inductor inlines score_mod and mask_mod into FlexAttention's Triton kernel, where a load from a
+    buffer they read at a computed index has no bounds check and no wrap of a negative index
+    (select_algorithm.py's ModificationWrapper drops both; pytorch/pytorch#150321): bias[key + 10**6]
+    loads GPU memory 4 MB past the buffer, whatever an earlier batch left there (the CPU evaluator
+    raised IndexError, a crash). Now every index a mod uses is wrapped into its dimension in the graph
+    (a true one is unchanged), and the mods may use elementwise operations, views and tensor[index]
+    alone: no gather, embedding, index_select..."""
+    tok = smoke.Tokenizer.from_directory()
+    torch.manual_seed(0)
+    model, d = FlexBias(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval(), tmp_path / "h"
+    smoke.handover(model, str(d))
+
+    def past_the_buffer(gm, flex):  # bias[(key + shift) % T] becomes bias[key + 10**6]
+        sub = getattr(gm, flex.args[3].target)
+        index = next(n for n in sub.graph.nodes if n.target is torch.ops.aten.index.Tensor)
+        kv = [n for n in sub.graph.nodes if n.op == "placeholder"][4]
+        with sub.graph.inserting_before(index):
+            index.args = (index.args[0], [sub.graph.call_function(torch.ops.aten.add.Tensor, (kv, 10 ** 6))])
+        sub.graph.eliminate_dead_code()
+        sub.recompile()
+    _edit_graph(smoke, d, past_the_buffer)
+    forward, _ = smoke.load_handover(str(d), torch.device("cpu"), compile_model=False)
+    x = torch.from_numpy(next(smoke._eval_rows(tok))[:, :-1].astype(np.int64))
+    model.shift = 10 ** 6
+    with torch.no_grad():
+        assert torch.allclose(forward(x), model(x), atol=1e-5)  # wrapped: key + 10**6 mod T
+
+    def gather(gm, flex):  # the same read through index_select, which the mods may not use
+        sub = getattr(gm, flex.args[3].target)
+        index = next(n for n in sub.graph.nodes if n.target is torch.ops.aten.index.Tensor)
+        with sub.graph.inserting_before(index):
+            i = sub.graph.call_function(torch.ops.aten.unsqueeze.default, (index.args[1][0], 0))
+            picked = sub.graph.call_function(torch.ops.aten.index_select.default, (index.args[0], 0, i))
+            index.replace_all_uses_with(sub.graph.call_function(torch.ops.aten.squeeze.dim, (picked, 0)))
+        sub.graph.erase_node(index)
+        sub.recompile()
+    smoke.handover(model, str(d))
+    _edit_graph(smoke, d, gather)
+    with pytest.raises(smoke.PrepareError, match="score_mod and mask_mod may use"):
+        smoke.load_handover(str(d), torch.device("cpu"), compile_model=False)
+
+
+def test_flex_attention_gets_a_key_and_value_that_fit_each_other(smoke, tmp_path):
+    """Found by the fourth adversarial review, in Inductor's source (no GPU to watch it): its
+    FlexAttention kernel for a GPU takes the batch and the length from the key and the heads from the
+    value, and reads both with them (flex_attention.py.jinja: v_offset = off_zkv * stride_vz, off_zkv
+    from the key's batch), while eager FlexAttention, the CPU evaluator's, broadcasts a value of batch
+    1: the kernel reads 8 batches of it, 7 past its end. Now query, key and value must fit: 4-D, key
+    and value of the same batch, heads and length, query and key of the same width, the query's
+    heads a multiple of the key's."""
+    tok = smoke.Tokenizer.from_directory()
+    d = tmp_path / "h"
+    smoke.handover(FlexModel(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval(), str(d))
+
+    def value_of_batch_1(gm, flex):
+        with gm.graph.inserting_before(flex):
+            v = gm.graph.call_function(torch.ops.aten.slice.Tensor, (flex.args[2], 0, 0, 1))
+            v = gm.graph.call_function(torch.ops.aten.clone.default, (v,))
+        flex.args = (*flex.args[:2], v, *flex.args[3:])
+        gm.recompile()
+    _edit_graph(smoke, d, value_of_batch_1)
+    with pytest.raises(smoke.PrepareError, match="query, key and value do not fit"):
+        smoke.load_handover(str(d), torch.device("cpu"), compile_model=False)
+
+
+def test_flex_attention_outputs_beside_the_attention_are_written_before_they_are_read(smoke, tmp_path, monkeypatch):
+    """Found by the fourth adversarial review, in Inductor's source (no GPU to watch it): on a GPU,
+    Inductor's FlexAttention returns its logsumexp and its row maxima in buffers it allocates
+    uninitialised (empty_strided) and writes only when the kernel options OUTPUT_LOGSUMEXP and
+    OUTPUT_MAX say so, and export writes both False under no_grad: a graph that reads them reads
+    whatever the allocator left there, freed logits or inputs of an earlier call included (on the
+    CPU, eager FlexAttention computes them). Now a graph that reads them gets them written: what
+    the compiler is given says so."""
+    import operator
+    tok = smoke.Tokenizer.from_directory()
+    d = tmp_path / "h"
+    smoke.handover(FlexModel(tok.get_vocab_size(), smoke.MAX_SEQ_LEN).eval(), str(d))
+
+    def read_lse_and_max(gm, flex):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        logits = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            extra = [gm.graph.call_function(torch.ops.aten.sum.default, (gm.graph.call_function(operator.getitem, (flex, i)),))
+                     for i in (1, 2)]
+            total = gm.graph.call_function(torch.ops.aten.add.Tensor, tuple(extra))
+            logits = gm.graph.call_function(torch.ops.aten.add.Tensor, (logits, gm.graph.call_function(
+                torch.ops.aten.mul.Tensor, (total, 0.0))))
+        out.args = ((logits,),)
+        gm.recompile()
+    _edit_graph(smoke, d, read_lse_and_max)
+    given = []
+    monkeypatch.setattr(torch._inductor, "compile", lambda gm, args: given.append(gm) or gm)
+    smoke.load_handover(str(d), torch.device("cpu"), compile_model=True)
+    flex = next(n for n in given[0].graph.nodes if n.target is torch.ops.higher_order.flex_attention)
+    assert flex.args[6]["OUTPUT_LOGSUMEXP"] is True and flex.args[6]["OUTPUT_MAX"] is True
 
 
 class SparseLookahead(torch.nn.Module):
