@@ -1886,8 +1886,8 @@ def _score(forward, batches, token_bytes, check=0.0):
         logits = forward(_inputs(rows, device))
         if first is None:
             first = logits.double().sum().item()
-        if rng.random() < check:
-            check_causal(forward, rows, logits.size(-1), logits, rng)
+        if rng.random() < check:  # continuations from the tokenizer's vocabulary, not one the logits' shape says
+            check_causal(forward, rows, token_bytes.numel(), logits, rng)
         y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64)).to(device).reshape(-1)
         nats = F.cross_entropy(logits.reshape(y.numel(), -1).float(), y, reduction="none")
         nbytes = token_bytes[y]

@@ -1553,6 +1553,20 @@ def test_flex_attention_outputs_beside_the_attention_are_written_before_they_are
     assert flex.args[6]["OUTPUT_LOGSUMEXP"] is True and flex.args[6]["OUTPUT_MAX"] is True
 
 
+def test_the_causality_checks_continuations_come_from_the_whole_vocabulary(smoke, monkeypatch):
+    """Found by the fourth adversarial review: the scored batches' check drew its random tokens from
+    range(logits.size(-1)), which the model chooses: logits shaped [rows, T, V/2, 2] score the same
+    and made every continuation tokens 0 and 1, easy to tell from text. Now the vocabulary is the
+    tokenizer's."""
+    import itertools
+    tok = smoke.Tokenizer.from_directory()
+    V, drawn = tok.get_vocab_size(), []
+    monkeypatch.setattr(smoke, "check_causal", lambda forward, rows, vocab_size, logits, rng: drawn.append(vocab_size))
+    token_bytes = torch.from_numpy(tok.token_byte_lengths())
+    smoke._score(lambda x: torch.zeros(*x.shape, V // 2, 2), itertools.islice(smoke._eval_rows(tok), 2), token_bytes, 1.0)
+    assert drawn == [V, V]
+
+
 class SparseLookahead(torch.nn.Module):
     """Looks at the next token only where the current token is 0 mod 5: a pure function that no
     single cut per row is sure to catch."""
