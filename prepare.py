@@ -1692,6 +1692,13 @@ def _check_shapes(gm, values):
                                                 or tuple(_val(a[name]).shape) != channels):
                     raise PrepareError(f"the hand-over gives batch norm a {name} that does not fit its input's "
                                        f"channels: its kernel reads past it")
+        elif n.target is aten._fused_rms_norm.default:  # the kernel rms_norm becomes (export keeps rms_norm)
+            a = _named_args(n)
+            x, w, shape = _val(a["input"]), _val(a.get("weight")), list(a["normalized_shape"])
+            if x is None or list(x.shape[x.dim() - len(shape):]) != shape or (
+                    a.get("weight") is not None and (w is None or list(w.shape) != shape)):
+                raise PrepareError("the hand-over gives _fused_rms_norm a weight or input that does not fit its "
+                                   "normalized shape")
         elif n.target is aten.scaled_dot_product_attention.default:
             a = _named_args(n)
             q, k, v = (_val(a.get(name)) for name in ("query", "key", "value"))
@@ -1731,6 +1738,8 @@ def _bound_flex_attention(gm, values):
     _val = lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None  # noqa: E731
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
     for call in calls:
+        if len(call.args) != 9:
+            raise PrepareError("the hand-over's FlexAttention call does not take the arguments FlexAttention takes")
         q, k, v = (_val(a) for a in call.args[:3])
         if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and 0 not in t.shape for t in (q, k, v)) \
                 or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3] or k.shape[0] not in (1, q.shape[0]) \

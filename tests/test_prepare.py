@@ -1414,6 +1414,14 @@ def _body(N, R, T, V, nodes_of):
         _call("aten.pad.default", N(2), [T - 2, 2 - T], "circular"),
         _call("aten.view.default", N(3), [R, T, 1]), _call("aten.expand.default", N(4), [R, T, V])],
         "negative", id="circular-padding-negative-on-one-side"),
+    # defence in depth, not a finding: _fused_rms_norm's CPU form broadcasts a weight of 1 element
+    # (its CUDA kernel, which no test here watches, gets the weight's shape checked all the same)
+    pytest.param(lambda N, R, T, V: [
+        _call("aten._to_copy.default", N(0), dtype={"dtype": "float32"}), _call("aten.view.default", N(1), [R, 1, T]),
+        _call("aten.full.default", [1], 2.0, dtype={"dtype": "float32"}, device={"device": "cpu"}),
+        _call("aten._fused_rms_norm.default", N(2), [T], N(3), 1e-5), _call("getitem", N(4), 0),
+        _call("aten.view.default", N(5), [R, T, 1]), _call("aten.expand.default", N(6), [R, T, V])],
+        "normalized shape", id="fused-rms-norm-weight-shorter-than-its-shape"),
 ])
 def test_kernels_that_trust_their_operands_shapes_get_shapes_that_fit(smoke, tmp_path, nodes_of, why):
     """Found by the fourth adversarial review, through operators on the allow-list: each kernel takes
