@@ -36,6 +36,7 @@ main() {
   enter_checkout                                   # the lock, the run's tmp, the git identity
   if [ "$doctor" = 1 ]; then on_gpu doctor; return; fi   # checks only: no recovery, no branch, no commit
   if [ "$night" = 1 ]; then show_night; return; fi        # reads only: every branch's results tonight
+  stale_git_locks                                  # what a git killed mid-write (SIGKILL) left
   if [ -d "$state/pending" ]; then recover || exit $?; fi
 
   # Refusals (exit 3): up to "changes start here" everything only reads.
@@ -172,6 +173,21 @@ read_settings() {
 }
 
 # ------------------------------------------------------------ the checkout
+# git's own lock files (index.lock, HEAD.lock, a ref's .lock): git removes them on any signal but
+# SIGKILL, and one left behind fails every later git that writes, so a night would stall. This
+# run.sh holds the checkout's lock, so none of its gits runs: a lock file no process holds open is
+# removed, and said. (A user who is not root sees only their own processes' files.)
+stale_git_locks() {
+  local f
+  while IFS= read -r -d '' f; do
+    f=$(realpath -e -- "$f" 2>/dev/null) || continue     # as /proc names the files processes hold
+    case $f in *[][*?\\]*) continue ;; esac                # (a name find -lname would read as a pattern)
+    [ -z "$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$f" -print -quit 2>/dev/null)" ] || continue
+    rm -f -- "$f" && say "removed $f: a git killed while it wrote left it, and no process holds it"
+  done < <(find "$git_dir" "$common" -maxdepth 1 -name '*.lock' -type f -print0 2>/dev/null
+           find "$common/refs" -name '*.lock' -type f -print0 2>/dev/null)
+}
+
 enter_checkout() {
   cd -- "$(dirname -- "${BASH_SOURCE[0]}")" || die 1 "cannot cd to the script's directory"
   root=$(g rev-parse --show-toplevel 2>/dev/null) || die 3 "refused: $(pwd) is not a git checkout"

@@ -1462,6 +1462,35 @@ def test_sigkill_mid_training_then_the_next_run_recovers(based: Repo, box):
     assert list((based.tmp / "host-tmp").iterdir()) == []  # nothing in $TMPDIR, ever
 
 
+def test_git_locks_a_killed_git_left_are_removed_and_held_ones_kept(based: Repo):
+    """git removes its lock files on any signal but SIGKILL: a git killed while it wrote left
+    index.lock (or a ref's .lock), and every later run.sh stopped at its first git write ("git
+    reset failed" in a recovery), a night stalled until someone removed it. Now a lock no process
+    holds open is removed, and said; one a live git holds is left alone."""
+    kept = based.head()
+    stale = [based.path / ".git/index.lock", based.path / f".git/refs/heads/{based.branch()}.lock"]
+    for lock in stale:
+        lock.write_text("")
+    based.write("train.py", trainer("0.9"))
+    out = based.run("after a killed git").stdout
+    assert "status:       keep" in out and based.git("rev-parse", "HEAD^") == kept
+    for lock in stale:
+        assert not lock.exists() and f"removed {lock.resolve()}: a git killed while it wrote left it" in out
+
+    held = based.path / ".git/index.lock"
+    with open(held, "w") as f:  # a live git's: a process holds it open
+        holder = subprocess.Popen(["sleep", "60"], stdout=f)
+    try:
+        based.write("train.py", trainer("0.8"))
+        before = based.head()
+        p = based.run("while a git writes", rc=None)
+        assert p.returncode != 0 and "index.lock" in p.stdout + p.stderr and "removed" not in p.stdout
+        assert held.exists() and based.head() == before and based.read("train.py") == trainer("0.8")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_sigterm_records_a_crash_and_stops_training(based: Repo):
     kept = based.head()
     marker = f"term-grandchild-{os.getpid()}"
