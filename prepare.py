@@ -1670,6 +1670,12 @@ def _fake_values(gm, args, mode=None):
     return values
 
 
+def _value_of(values):
+    """a -> the tensor without data that `values` (_fake_values) holds for a graph node; None for others."""
+    import torch
+    return lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None
+
+
 def _named_args(n):
     """A node's arguments by the names its operator's schema gives them."""
     return {**dict(zip((a.name for a in n.target._schema.arguments), n.args)), **n.kwargs}
@@ -1681,7 +1687,7 @@ def _check_shapes(gm, values):
     shorter than the channels, read past them; SDPA's CPU kernel, given a key shorter than its value,
     read past the key (the heap: other logits each call)."""
     import torch
-    aten, _val = torch.ops.aten, lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None
+    aten, _val = torch.ops.aten, _value_of(values)
     for n in gm.graph.nodes:
         if n.target is aten._native_batch_norm_legit_no_training.default:
             a = _named_args(n)
@@ -1735,7 +1741,7 @@ def _bound_flex_attention(gm, values):
       the options OUTPUT_LOGSUMEXP and OUTPUT_MAX ask for them: a graph that reads them asks."""
     import operator
     import torch
-    _val = lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None  # noqa: E731
+    _val = _value_of(values)
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
     for call in calls:
         if len(call.args) != 9:
@@ -1802,7 +1808,7 @@ def _bound_flex_mod(gm, node, scalars, buffers, value_of):
                                f"what they index unchecked")
     values = _fake_values(mod, scalars + [value_of(b) if isinstance(b, torch.fx.Node) else b for b in buffers],
                           scalars[0].fake_mode)
-    _val = lambda a: values.get(a) if isinstance(a, torch.fx.Node) else None  # noqa: E731
+    _val = _value_of(values)
     for n in list(mod.graph.nodes):
         if n.target is torch.ops.aten.index.Tensor:
             a = _named_args(n)

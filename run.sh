@@ -80,7 +80,6 @@ t_run="" t_exit="" t_iter="" t_ev0="" t_ev1=""        # train_and_verify: run.sh
 rc=0 verdict=0 secs=0 wall=0 touched="" reason=""     # ... the last run's outcome ...
 val="" mem="" heldout="" runs=() held_runs=() peak=0  # ... and the measurements
 status="" decision=-                                  # decide
-stage=""                                              # promote_compile_cache: its folder in the cache
 # heldout.tsv's columns: what analysis.py matches to results.tsv, the scores, and which checkout ran it
 held_header=$'commit\tval_bpb\tstatus\tbranch\tprofile\theldout_bpb\theldout_runs\tcheckout\ttime'
 slurm="" slurm_args=() job="" node=0 slurm_where=""   # slurm_settings; slurm_job (AUTORESEARCH_SLURM)
@@ -861,13 +860,13 @@ g() {
   GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
     -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
 }
-# The run's own temporary files, and a promotion's folder in the compile cache if one was cut short:
-# this run's, or the one $tmp/stage names, of a run killed while promoting (promote_compile_cache).
+# The run's own temporary files, and a promotion's folder in the compile cache if one was cut short
+# (the one $tmp/stage names: this run's, stopped by a signal, or a killed run's; promote_compile_cache).
 clean_tmp() {
   local left=""
   [ ! -f "$tmp/stage" ] || left=$(cat -- "$tmp/stage")
   [[ ${left##*/} != .promote.* || /$left/ == */../* ]] || remove "$left"   # (such a name only: never another folder)
-  [ ! -e "$tmp" ] || remove "$tmp"; [ -z "$stage" ] || remove "$stage"
+  [ ! -e "$tmp" ] || remove "$tmp"
 }
 # remove PATH...: gone, even where training made a folder read-only (rm -rf alone fails then, but for root)
 remove() { chmod -R u+rwx -- "$@" 2>/dev/null; rm -rf -- "$@"; }
@@ -1133,17 +1132,16 @@ promote_compile_cache() {
   # Whole or not at all where the disk fills (Triton would load a partial kernel directory): the
   # files are copied into a folder in the cache, then moved into place by renames. It is a cache:
   # a failure is said in a line, and the run stays recorded.
-  local err
-  stage=$cc/.promote.$run_id
-  # named in $tmp first: if run.sh is killed before it removes the folder, the next one does (clean_tmp)
-  printf '%s' "$stage" >"$tmp/stage" || { say "could not add this run's compile outputs to $cc; the cache stays as it was"; stage=""; return 0; }
+  local err stage=$cc/.promote.$run_id
+  # named in $tmp first: if run.sh is stopped before it removes the folder, clean_tmp does (or the next run.sh)
+  printf '%s' "$stage" >"$tmp/stage" || { say "could not add this run's compile outputs to $cc; the cache stays as it was"; return 0; }
   if ! err=$( { mkdir -- "$stage" &&
       (cd "$tmp/up" && tar --null --no-recursion --mode=a-st,go-w -T "$tmp/promote" -cf - | tar -C "$stage" --no-same-owner -xf -); } 2>&1 ); then
     say "could not add this run's compile outputs to $cc (${err%%$'\n'*}); the cache stays as it was"
   elif ! err=$(move_into "$stage" "$cc" 2>&1); then
     say "could not move all of this run's compile outputs into $cc (${err%%$'\n'*}); each file and kernel directory that moved is whole"
   fi
-  remove "$stage"; stage=""
+  remove "$stage"
 }
 
 # move_into FROM TO: FROM's files join TO, each by one rename, so whole or not at all: what TO lacks
