@@ -14,11 +14,13 @@ agents do, "never stop" or not), it is started again, in a fresh session, with a
 prompt to go on from scratchpad.md and results.tsv (RESTART), until the deadline or
 until the stop file appears. Everything goes to .agents/night.log.
 
-An experiment is never cut short or repeated by this script: before a restart it
-waits until no run.sh holds the checkout's lock, and to stop it takes that lock
-itself (so the running experiment finishes and no new one can start), then ends
-the agent. Ctrl-C or SIGTERM ends the agent at once instead (run.sh then records
-the running experiment as an interrupted crash).
+An experiment is never cut short or repeated by this script: when a session ends or
+is stopped, it takes run.sh's lock of the checkout (so the running experiment finishes
+and no new one can start), then ends the agent and every process it started, its shell
+tools included though they run in sessions of their own (all carry a mark in their
+environment), and only then releases the lock: nothing of a session outlives it.
+Ctrl-C or SIGTERM ends them all at once instead (run.sh then records the running
+experiment as an interrupted crash).
 
 With --gpus (a list of GPU indices, or all that nvidia-smi lists) there is one agent
 per GPU, each in a git worktree beside the repository (<repo>-gpu<N>, made from main
@@ -47,7 +49,7 @@ a worktree's trust under its main checkout), so the worktrees need nothing more 
 this script writes no trust of its own. See the README, "Running the agent".
 
 Python's standard library only (system python3): it watches a deadline, a stop
-file, the agent's stderr and its process group, and takes an flock, which is
+file, the agent's stderr and the processes it started, and takes an flock, which is
 clearer here than in bash.
 """
 
@@ -116,21 +118,39 @@ def git(where, *args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def end(procs):
-    """End the agents' whole process groups (their shell tools included): TERM, then KILL."""
+def started_by(mark):
+    """This user's processes whose environment carries MARK (NAME=VALUE): an agent and all it started.
+    Found by their environment, not their process group: an agent's shell tools may run in sessions of
+    their own (Claude Code's do), and they outlive the agent, reparented, when it ends."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if mark in environ.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+def end(agents):
+    """End the agents and every process they started: TERM, then KILL; return once none is left."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        live = [p for p in procs if p is not None and p.poll() is None]
-        for p in live:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-        until = time.time() + wait
-        for p in live:
-            try:
-                p.wait(timeout=max(0.0, until - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
+        until, signalled = time.time() + wait, set()
+        while time.time() < until:
+            for a in agents:
+                if a.proc is not None:
+                    a.proc.poll()  # reaps it once ended (a zombie shows no environment)
+            pids = [pid for a in agents for pid in started_by(a.mark)]
+            if not pids:
+                return
+            for pid in set(pids) - signalled:  # once each: run.sh's trap must not fire twice
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                signalled.add(pid)
+            time.sleep(0.1)
 
 
 class Refused(Exception):
@@ -248,7 +268,7 @@ class Night:
                     t.join(timeout=1)
         except BaseException:  # Ctrl-C or SIGTERM: every agent ends at once
             self.fail(130, "interrupted")
-            end([a.proc for a in agents])
+            end(agents)
             raise
         if len(agents) > 1:
             self.say(f"night over for all {len(agents)} agents" + (f" ({self.failed[1]})" if self.failed else ""))
@@ -260,8 +280,11 @@ class Agent:
 
     def __init__(self, night, root, tag="", env=()):
         self.night, self.root, self.tag = night, root, tag
+        # Every process of this agent carries the mark in its environment (end, started_by).
+        mark = f"AUTORESEARCH_NIGHT_AGENT={os.getpid()}.{tag or 'agent'}"
+        self.mark = mark.encode()
         self.env = dict(os.environ, CLAUDE_CODE_DISABLE_BACKGROUND_TASKS="1",  # experiments in the foreground
-                        PWD=str(root), **dict(env))
+                        PWD=str(root), **dict(env), **dict([mark.split("=", 1)]))
         # run.sh's per-checkout lock (an flock, held while an experiment runs).
         self.lock_path = Path(git(root, "rev-parse", "--absolute-git-dir")) / "autoresearch" / "lock"
         self.untrusted = None
@@ -306,19 +329,23 @@ class Agent:
                    for stream in (proc.stdout, proc.stderr)]
         for t in copiers:
             t.start()
+        reason = None
         try:
-            while proc.poll() is None:
-                reason = self.night.stop_reason()
-                if reason:
-                    self.say(f"{reason}: stopping the agent once no experiment is running")
-                    with self.take_lock():  # held: a new ./run.sh is refused meanwhile
-                        end([proc])
-                    return reason
+            while proc.poll() is None and not (reason := self.night.stop_reason()):
                 time.sleep(1)
+            if reason:
+                self.say(f"{reason}: stopping the agent once no experiment is running")
+            # Stopped or ended, the agent and all it started end once no experiment runs (never
+            # cut short), the lock held meanwhile: a ./run.sh it starts now is refused, and none
+            # outlives the session to start later.
+            with self.take_lock():
+                end([self])
         finally:
-            end([proc])
+            end([self])  # at once, on an error here
             for t in copiers:
                 t.join(timeout=5)
+        if reason:
+            return reason
         return "untrusted" if self.untrusted else f"ended (exit status {proc.returncode})"
 
     def supervise(self):
@@ -355,7 +382,6 @@ class Agent:
                 self.say(f"night over ({why}) after {n} session(s)")
                 return 0, why
             self.say(f"session {n} {why} after {time.time() - t0:.0f}s")
-            self.take_lock().close()  # never restart while an experiment runs
             # A session that ends at once (an API error, a broken set-up) must not spin all night.
             pause = min(pause * 2, 600) if time.time() - t0 < 60 else args.pause
             until = time.time() + pause

@@ -183,6 +183,43 @@ def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(work
         assert "README" not in prompt and "./run.sh" not in prompt and "baseline" not in prompt
 
 
+def stop_once_running(repo):
+    """The person's `touch .agents/stop`, once the run.sh the agent just started holds its lock
+    (its lock.holder names a new process): the stop then comes while an experiment runs."""
+    holder = repo / ".git" / "autoresearch" / "lock.holder"
+    before = holder.read_text() if holder.exists() else None
+
+    def touch():
+        until = time.monotonic() + 60
+        while time.monotonic() < until and (holder.read_text() if holder.exists() else None) == before:
+            time.sleep(0.01)
+        (repo / ".agents" / "stop").touch()
+    threading.Thread(target=touch, daemon=True).start()
+
+
+# A run that lasts until the supervisor has seen the stop (its log, read from the sandbox),
+# as a real run of minutes does: the stop then comes while the experiment holds its lock. (The
+# words are joined at run time: the log holds this edit, as the agent's stream, too.)
+WAIT_FOR_THE_STOP = """deadline = time.time() + 60
+while "stopping " + "the agent" not in open(".agents/night.log").read() and time.time() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def left_running(repo):
+    """The processes still running in the repository (their working directory in it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd == str(repo) or cwd.startswith(str(repo) + "/"):
+            found.append(f"{pid} {cmd}")
+    return found
+
+
 def test_a_short_night_under_the_supervisor(workspace, tmp_path):
     """No baseline yet: the agent runs program.md's set-up (the baseline, kept, and a noise rerun)
     and ends its turn; restarted, it tries a change, during which the person asks to stop: the
@@ -198,7 +235,7 @@ def test_a_short_night_under_the_supervisor(workspace, tmp_path):
         return edit(pad, "## Dead ends", f"- {text}\n\n## Dead ends")
 
     stop = Call("Bash", {"command": './run.sh "a worse model"', "description": "run it"},
-                on_play=lambda: (repo / ".agents" / "stop").touch())
+                on_play=lambda: stop_once_running(repo))
     too_late = bash('./run.sh "another"')
     server = ModelServer("anthropic")
     server.add(
@@ -215,6 +252,7 @@ def test_a_short_night_under_the_supervisor(workspace, tmp_path):
         Call("Read", {"file_path": str(train)}),
         note("trying a worse model"),
         edit(train, "float('1.0')", "float('1.5')"),  # the stand-in evaluator's val_bpb
+        edit(train, 'print("step 1', WAIT_FOR_THE_STOP + 'print("step 1'),
         stop,  # the person creates .agents/stop while this runs
         Call("Read", {"file_path": str(train)}),
         edit(train, "loss 3.0", "loss 2.9"),
@@ -245,6 +283,9 @@ def test_a_short_night_under_the_supervisor(workspace, tmp_path):
     assert "float('1.0')" in train.read_text()  # the worse model was reverted
     log = (repo / ".agents" / "night.log").read_text()
     assert "session 2 starts" in log and '"type":"result"' in log  # the agent's stream-json, logged
+    assert left_running(repo) == []  # nothing the agent started outlives the night
+    time.sleep(2)
+    assert results(repo)[-1] == ("discard", "a worse model")  # and nothing runs later
 
 
 def test_a_night_after_the_person_ran_the_baseline(workspace, tmp_path):

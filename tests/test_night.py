@@ -2,7 +2,8 @@
 agent starts with (its worktree, branch, GPU and CPU threads).
 
 A stand-in `claude` on PATH writes its environment and exits; when every agent has written its
-own it creates the stop file, so a night takes a second or two. The real CLI, its sessions and
+own it creates the stop file, so a night takes a second or two (another stand-in leaves a process
+behind, as a shell tool may). The real CLI, its sessions and
 run.sh under the supervisor are tests/test_agent_claude.py's (--gpus, and --agents through Slurm).
 """
 
@@ -10,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -116,3 +118,29 @@ def test_agents_on_one_machine_share_its_cpus(clone):
     proc = night(c, "--gpus", "1")
     assert proc.returncode == 0, proc.stderr
     assert "OMP_NUM_THREADS" not in agent_env(c, "gpu1")
+
+
+# A stand-in claude whose shell tool, like Claude Code's, runs in a session of its own (setsid): it
+# leaves a process that would write "late" after 3 s, then asks to stop and waits, or ends its turn.
+LEAVES_A_PROCESS = """#!/bin/sh
+setsid sh -c 'sleep 3; touch "$FAKE_OUT/late"' </dev/null >/dev/null 2>&1 &
+if [ -n "$FAKE_STOP_NOW" ]; then touch "$FAKE_STOP"; sleep 30; fi
+"""
+
+
+@pytest.mark.parametrize("how", ["stopped", "ended its turn"])
+def test_nothing_an_agent_started_outlives_its_session(clone, how):
+    """A stopped agent, or one that ended its turn, is ended with all it started, though that runs
+    in a session of its own (an agent's process group alone missed it: a ./run.sh started then
+    could run after the night, or beside the next session)."""
+    c = clone
+    (c.tmp / "bin" / "claude").write_text(LEAVES_A_PROCESS)
+    if how == "stopped":
+        proc = night(c, FAKE_STOP_NOW="1")
+        assert "night over (stop file .agents/stop found) after 1 session(s)" in proc.stderr, proc.stderr
+    else:
+        proc = night(c, "--for", "2s")  # one session (the pause is 60 s), then the deadline
+        assert "session 1 ended (exit status 0)" in proc.stderr and "night over (deadline reached)" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(4)
+    assert not (c.out / "late").exists()
