@@ -422,6 +422,10 @@ train_once() {
   # a fresh hand-over: a first run's, made read-only by its train.py, must not be scored again
   : >"$tmp/record"; remove "$tmp/handover"
   mkdir -- "$tmp/handover" || die 1 "cannot empty the hand-over directory $tmp/handover; the next run.sh recovers"
+  # and a fresh overlay layer: a confirmation's second run must not find what the first wrote into
+  # the compile cache (its weights, unfiltered: promote_compile_cache reads the last run's layer alone)
+  remove "$tmp/up" "$tmp/work"
+  mkdir -- "$tmp/up" "$tmp/work" || die 1 "cannot empty the compile cache's overlay layer in $tmp; the next run.sh recovers"
   rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
   run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
   local srv_pid=$!

@@ -2060,6 +2060,38 @@ def test_confirm_reruns_a_gain_within_the_noise_and_decides_on_the_mean(based: R
     assert based.rows()[-1][7] == "single"
 
 
+# A train.py that, finding weights a first run left in the compile cache, trains on from them:
+# its val_bpb is then far better than one run's (here: 0.5), and a confirmation's mean with it.
+CARRY = """import json, os
+c = os.path.join(os.environ["AUTORESEARCH_CACHE"], "compile")
+carried = os.path.exists(os.path.join(c, "weights.bin"))
+open(os.path.join(c, "weights.bin"), "w").write("the first run's weights")
+v = 0.5 if carried else float(open(".git/v").read())
+with open(os.path.join(os.environ["AUTORESEARCH_HANDOVER"], "model.json"), "w") as f:
+    json.dump({"val_bpb": v, "peak_vram_mb": 1024}, f)
+print("---")
+print("carried:", carried)
+"""
+
+
+@needs_bwrap
+def test_a_confirmation_run_starts_from_the_compile_cache_the_first_run_found(based: Repo):
+    """The two runs of a confirmation measure the same commit independently: the second sees
+    nothing the first wrote into the compile cache's overlay layer (there, weights to train on)."""
+    based.write("train.py", CARRY)
+    (based.path / ".git/v").write_text("0.99")
+    based.run("carry", AUTORESEARCH_CONFIRM="1")
+    (based.path / ".git/v").write_text("0.98")
+    based.run("--rerun", "noise", AUTORESEARCH_CONFIRM="1")   # a spread of 0.01 for the best, 0.99
+    based.write("train.py", CARRY + "# small gain\n")
+    (based.path / ".git/v").write_text("0.985")
+    out = based.run("small gain", AUTORESEARCH_CONFIRM="1").stdout
+    assert "confirmation run 2 of 2" in based.read("run.log"), out
+    assert based.read("run.log").count("carried: False") == 2, based.read("run.log")
+    assert "decision:     mean of 2 (0.985000, 0.985000; spread 0.000000)" in out, out
+    assert not (based.cache / "compile/weights.bin").exists()
+
+
 def test_smoke_rows_are_marked(repo: Repo):
     out = repo.run("baseline", AUTORESEARCH_SMOKE="1").stdout
     assert "smoke profile" in out
