@@ -2229,6 +2229,9 @@ Nothing is pickled: every file is plain data that cannot execute code when read.
                   f"{'quick' if args.quick else 'every file by sha256'})")
             print(f"time_budget: {TIME_BUDGET}")
             print(f"training_limit: {TRAINING_LIMIT:.0f}")
+            for f in m["files"]:  # those here: run.sh refuses one that training's sandbox would show
+                if isinstance(f.get("source"), str) and os.path.isfile(f["source"]):
+                    print(f"source: {f['source']}")
         elif args.evaluate:
             try:
                 if args.launched is not None:

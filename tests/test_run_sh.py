@@ -81,6 +81,8 @@ if "--check" in sys.argv:
     print("prepared data ok")
     print("time_budget: 1")
     print("training_limit: 30")
+    if os.path.exists(os.path.join(cache, "sources")):  # the corpus's files, as prepare.py names them
+        print(open(os.path.join(cache, "sources")).read(), end="")
 if "--serve-batches" in sys.argv:
     sys.stdin.read()  # a stand-in train.py asks for no batches
     print('served: {"batches": 0}', file=sys.stderr)
@@ -930,6 +932,22 @@ def test_refuses_a_sandbox_that_would_show_the_prepared_data_to_training(repo: R
     err = _refuses(repo, ["x"], AUTORESEARCH_CACHE="cache")
     assert f"the prepared data in {inside}" in err and "AUTORESEARCH_CACHE" in err, err
     assert not (repo.path / "run.log").exists()
+
+
+@needs_bwrap
+def test_refuses_a_sandbox_that_would_show_the_corpus_to_training(repo: Repo):
+    """--data files in the checkout: manifest.json, which training reads, names them, and their
+    validation documents are found by their hash. One outside what the box shows is fine."""
+    inside, outside = repo.path / "corpus.jsonl", repo.tmp / "srv" / "corpus.jsonl"
+    outside.parent.mkdir()
+    for f in (inside, outside):
+        f.write_text('{"text": "a validation document"}\n')
+    (repo.cache / "sources").write_text(f"source: {outside}\nsource: {inside}\n")
+    err = _refuses(repo, ["x"])
+    assert f"the sandbox would show {repo.path} to training, and with it {inside}, a source" in err, err
+    assert not (repo.path / "run.log").exists()
+    (repo.cache / "sources").write_text(f"source: {outside}\n")
+    assert "status:       keep" in repo.run("baseline").stdout
 
 
 @needs_bwrap
