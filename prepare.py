@@ -1296,6 +1296,11 @@ _ALLOWED_OPS = {
     # export's own check of the output's dtype and device
     "_assert_tensor_metadata",
 }
+# The tensor types the evaluator reads, in model.bin and in the graph's arguments: PyTorch's real,
+# complex and 8-bit float types. Quantized, bit-packed and sub-byte types (qint8, bits8, float4_e2m1fn_x2,
+# ...) have few kernels, less watched than these: some accept them (cat, clone) without knowing their size.
+_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
+           "int64", "int32", "int16", "int8", "uint8", "bool"}
 # The deny-list, a second layer under the allow-list. aten operators with a string argument are
 # refused unless the string is one of these harmless options, and a short word at that
 # (_SAFE_STR): the others read files (from_file), print, or belong to TorchScript's string
@@ -1523,6 +1528,9 @@ def _decode_graph(nodes, device):
             return {k: dec(x) for k, x in v}
         if key == "device":
             return device
+        if key == "dtype" and v not in _DTYPES:
+            raise PrepareError(f"the graph asks for tensors of type {v}, which the evaluator does not read: "
+                               f"use one of {', '.join(sorted(_DTYPES))}")
         if key in kinds and isinstance(getattr(torch, v, None), kinds[key]) and (key != "layout" or v == "strided"):
             return getattr(torch, v)  # dense tensors only: a sparse layout brings index tensors kernels trust
         raise PrepareError(f"the hand-over holds an argument the evaluator does not read ({key})")
@@ -1608,9 +1616,10 @@ def load_handover(directory, device, compile_model):
             raise PrepareError(f"model.bin holds {size:,} bytes, not what model.json describes")
         tensors = []
         for t in meta["tensors"]:
-            dtype = getattr(torch, t["dtype"], None)
+            dtype = getattr(torch, t["dtype"], None) if t["dtype"] in _DTYPES else None
             if not isinstance(dtype, torch.dtype):
-                raise PrepareError(f"a tensor of unknown type {t['dtype']!r}")
+                raise PrepareError(f"a weight of type {t['dtype']!r}, which the evaluator does not read: "
+                                   f"use one of {', '.join(sorted(_DTYPES))}")
             data = torch.from_numpy(raw[t["offset"]:t["offset"] + t["bytes"]].copy())
             tensors.append(data.view(dtype).reshape(t["shape"]).to(device))
         args = [None if i == "x" else tensors[i] for i in meta["inputs"]]

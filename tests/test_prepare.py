@@ -411,6 +411,21 @@ def test_the_evaluator_runs_allowed_operations_only(smoke, tmp_path, target, why
         smoke.evaluate_handover(_crafted(smoke, tmp_path, mutate))
 
 
+@pytest.mark.parametrize("where", ["weight", "argument"])
+def test_the_evaluator_reads_ordinary_tensor_types_only(smoke, tmp_path, where):
+    """A quantized or bit-packed type, which few kernels know the size of, is refused by name."""
+    def mutate(meta):
+        if where == "weight":
+            meta["tensors"][0]["dtype"] = "quint4x2"
+        else:
+            call = next(n for n in meta["graph"] if n["op"] == "call_function")
+            call.update(target="aten._to_copy.default", args=[{"node": 0}],
+                        kwargs={"dict": [["dtype", {"dtype": "qint8"}]]})
+    with pytest.raises(smoke.PrepareError, match="quint4x2|qint8") as e:
+        smoke.evaluate_handover(_crafted(smoke, tmp_path, mutate))
+    assert "which the evaluator does not read: use one of bfloat16, bool" in str(e.value)
+
+
 def test_a_missing_or_unreadable_hand_over_is_a_clear_error(smoke, tmp_path):
     with pytest.raises(smoke.PrepareError, match="handed no model over"):
         smoke.evaluate_handover(str(tmp_path / "nothing"))
