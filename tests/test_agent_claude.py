@@ -96,6 +96,10 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
     ]
     refusals = [
         Call("Read", {"file_path": str(heldout)}),
+        # Grep and Glob (absent from Claude Code 2.1.197 in this mode): refused, if a version has them
+        Call("Grep", {"pattern": "heldout_bpb", "path": str(heldout.parent), "output_mode": "content"}),
+        Call("Grep", {"pattern": "heldout_bpb", "path": str(repo / ".git"), "output_mode": "content"}),
+        Call("Glob", {"pattern": "**/heldout*", "path": str(repo / ".git")}),
         edit(repo / "prepare.py", "MAX_SEQ_LEN = 2048", "MAX_SEQ_LEN = 1024"),
         edit(repo / "run.sh", "set -", "set +"),
         edit(repo / "program.md", "# autoresearch", "# anything goes"),
