@@ -1018,10 +1018,12 @@ choose_sandbox() {
 }
 
 # shown_whole PATH: the folder holding PATH that every box shows whole, read-only (box_args); false if none.
+# PATH as the box's binds see it: without .. (repo/../cache is beside the checkout) and links resolved.
 shown_whole() {
-  local p
+  local p f
+  f=$(realpath -m -- "$1") || return 1
   for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" /usr /etc /opt /bin /sbin /lib /lib32 /lib64 /libx32 /sys; do
-    case $1/ in "${p%/}"/*) printf '%s' "$p"; return 0 ;; esac
+    case $f/ in "${p%/}"/*) printf '%s' "$p"; return 0 ;; esac
   done
   return 1
 }

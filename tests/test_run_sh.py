@@ -931,6 +931,10 @@ def test_refuses_a_sandbox_that_would_show_the_prepared_data_to_training(repo: R
     repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "reads the data")
     err = _refuses(repo, ["x"], AUTORESEARCH_CACHE="cache")
     assert f"the prepared data in {inside}" in err and "AUTORESEARCH_CACHE" in err, err
+    link = repo.tmp / "link"  # outside by its name, inside where it leads
+    link.symlink_to(inside)
+    err = _refuses(repo, ["x"], AUTORESEARCH_CACHE=str(link))
+    assert f"the sandbox would show {repo.path} to training" in err, err
     assert not (repo.path / "run.log").exists()
 
 
