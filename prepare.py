@@ -951,8 +951,8 @@ def write_manifest(source_desc, sources, source_shas):
 def check_prepared(full=False, training=False):
     """Raise PrepareError unless the prepared data matches manifest.json; return the manifest.
     Always: the tokenizer, the validation and the held-out tokens by sha256, and the set of token files.
-    training (make_dataloader): the tokenizer and the training files only, which is all that the
-    sandbox shows train.py.
+    training (make_dataloader without the batch server, outside run.sh): the tokenizer and the
+    training files only. (Under run.sh the sandbox shows train.py the tokenizer and manifest.json.)
     Quick (the default; the evaluator and `prepare.py --check --quick` for run.sh): each
     training token file by the size and mtime recorded, so a rewritten or replaced file is
     caught without reading gigabytes. Full (`prepare.py --check`): every token file by sha256, and
@@ -1299,8 +1299,9 @@ _ALLOWED_OPS = {
 # The tensor types the evaluator reads, in model.bin and in the graph's arguments: PyTorch's real,
 # complex and 8-bit float types. Quantized, bit-packed and sub-byte types (qint8, bits8, float4_e2m1fn_x2,
 # ...) have few kernels, less watched than these: some accept them (cat, clone) without knowing their size.
-_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
-           "int64", "int32", "int16", "int8", "uint8", "bool"}
+_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+           "float8_e5m2fnuz", "float8_e8m0fnu", "complex32", "complex64", "complex128", "int64", "int32", "int16",
+           "int8", "uint8", "bool"}
 # The deny-list, a second layer under the allow-list. aten operators with a string argument are
 # refused unless the string is one of these harmless options, and a short word at that
 # (_SAFE_STR): the others read files (from_file), print, or belong to TorchScript's string

@@ -339,12 +339,13 @@ refuse_unready_machine() {
   is_number "$limit" || die 3 "refused: prepare.py --check did not report its training limit; is prepare.py this project's?"
   # The corpus's files (--data; manifest.json, which training reads, names them): one in a folder the
   # box shows whole holds the validation and held-out documents, which training could find by their hash
-  local src where
-  while IFS= read -r src; do
-    if [ "$box_kind" != bwrap ] || ! where=$(shown_whole "$src"); then continue; fi
-    die 3 "refused: the sandbox would show $where to training, and with it $src, a source of the prepared corpus (its validation and held-out documents included)" \
+  # (by folder: a corpus of thousands of files is a few folders)
+  local dir where
+  while IFS= read -r dir; do
+    if [ "$box_kind" != bwrap ] || ! where=$(shown_whole "${dir:-/}"); then continue; fi
+    die 3 "refused: the sandbox would show $where to training, and with it ${dir:-/}, which holds files of the prepared corpus (its validation and held-out documents included)" \
       "move the corpus out of $where: the prepared data stays valid"
-  done < <(sed -n 's/^source: //p' "$tmp/check.out")
+  done < <(sed -n 's|^source: \(.*\)/[^/]*$|\1|p' "$tmp/check.out" | sort -u)
   [ -z "$slurm" ] || slurm_ready
 }
 
@@ -1018,12 +1019,20 @@ choose_sandbox() {
 }
 
 # shown_whole PATH: the folder holding PATH that every box shows whole, read-only (box_args); false if none.
-# PATH as the box's binds see it: without .. (repo/../cache is beside the checkout) and links resolved.
+# As the binds see it (no .., links resolved), in their order: the checkout, git's directory, the
+# Python's and the driver's folders are bound over the empty /tmp, /dev/shm and $HOME, which hide
+# what they hold of /usr, /etc, /opt ... (a home under /opt).
 shown_whole() {
   local p f
-  f=$(realpath -m -- "$1") || return 1
-  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" /usr /etc /opt /bin /sbin /lib /lib32 /lib64 /libx32 /sys; do
-    case $f/ in "${p%/}"/*) printf '%s' "$p"; return 0 ;; esac
+  f=$(realpath -m -- "$1")/
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do
+    case $f in "$(realpath -m -- "$p")"/*) printf '%s' "$p"; return 0 ;; esac
+  done
+  for p in /tmp /dev/shm "${HOME:-/}"; do
+    [ "$p" = / ] || case $f in "$(realpath -m -- "$p")"/*) return 1 ;; esac
+  done
+  for p in /usr /etc /opt /bin /sbin /lib /lib32 /lib64 /libx32 /sys; do
+    case $f in "$(realpath -m -- "$p")"/*) printf '%s' "$p"; return 0 ;; esac
   done
   return 1
 }

@@ -58,6 +58,7 @@ import datetime as dt
 import fcntl
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -118,36 +119,53 @@ def git(where, *args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def started_by(mark):
-    """This user's processes whose environment carries MARK (NAME=VALUE): an agent and all it started.
+def started_at(pid):
+    """When process PID started, in clock ticks after boot (/proc/PID/stat's 22nd field)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def started_by(marks):
+    """The processes whose environment carries one of MARKS (NAME=VALUE): agents and all they started.
     Found by their environment, not their process group: an agent's shell tools may run in sessions of
-    their own (Claude Code's do), and they outlive the agent, reparented, when it ends."""
-    found = []
+    their own (Claude Code's do), and they outlive the agent, reparented, when it ends. Only this user's
+    processes started after this one are read: reading an environment waits on the process's memory,
+    and one stuck in the kernel elsewhere (a wedged GPU, NFS) must not stop the night."""
+    found, uid, since = [], os.getuid(), started_at(os.getpid())
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:  # gone, or another user's
+            if os.stat(f"/proc/{pid}").st_uid != uid or started_at(pid) < since:
+                continue
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):  # gone
             continue
-        if mark in environ.split(b"\0"):
+        if any(m in environ for m in marks):
             found.append(int(pid))
     return found
 
 
 def end(agents):
-    """End the agents and every process they started: TERM, then KILL; return once none is left."""
+    """End the agents and every process they started: TERM, then KILL, each once; return when none is
+    left, or after 15 s (what KILL leaves is stuck in the kernel)."""
+    marks = [a.mark for a in agents]
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for a in agents:  # the group too: a process there may have scrubbed its environment
+            if a.proc is not None and a.proc.returncode is None:  # (not reaped: its group id is its own)
+                try:
+                    os.killpg(a.proc.pid, sig)
+                except OSError:
+                    pass
         until, signalled = time.time() + wait, set()
         while time.time() < until:
             for a in agents:
                 if a.proc is not None:
                     a.proc.poll()  # reaps it once ended (a zombie shows no environment)
-            pids = [pid for a in agents for pid in started_by(a.mark)]
+            pids = set(started_by(marks))
             if not pids:
                 return
-            for pid in set(pids) - signalled:  # once each: run.sh's trap must not fire twice
+            for pid in pids - signalled:  # once each: run.sh's trap must not fire twice
                 try:
                     os.kill(pid, sig)
-                except ProcessLookupError:
+                except OSError:  # gone
                     pass
                 signalled.add(pid)
             time.sleep(0.1)
@@ -166,6 +184,7 @@ class Night:
         self.log = open(HERE / "night.log", "a", buffering=1, encoding="utf-8")
         self.log_lock = threading.Lock()
         self.failed = None  # (exit status, why): an agent that cannot go on stops the others
+        self.starting = threading.Lock()  # held to start an agent, and to interrupt the night (run)
 
     def write(self, text):
         with self.log_lock:
@@ -266,8 +285,9 @@ class Night:
             for t in threads:
                 while t.is_alive():
                     t.join(timeout=1)
-        except BaseException:  # Ctrl-C or SIGTERM: every agent ends at once
-            self.fail(130, "interrupted")
+        except BaseException:  # Ctrl-C or SIGTERM: every agent ends at once, and none starts after
+            with self.starting:
+                self.fail(130, "interrupted")
             end(agents)
             raise
         if len(agents) > 1:
@@ -281,7 +301,7 @@ class Agent:
     def __init__(self, night, root, tag="", env=()):
         self.night, self.root, self.tag = night, root, tag
         # Every process of this agent carries the mark in its environment (end, started_by).
-        mark = f"AUTORESEARCH_NIGHT_AGENT={os.getpid()}.{tag or 'agent'}"
+        mark = f"AUTORESEARCH_NIGHT_AGENT={os.getpid()}.{secrets.token_hex(4)}.{tag or 'agent'}"
         self.mark = mark.encode()
         self.env = dict(os.environ, CLAUDE_CODE_DISABLE_BACKGROUND_TASKS="1",  # experiments in the foreground
                         PWD=str(root), **dict(env), **dict([mark.split("=", 1)]))
@@ -318,13 +338,16 @@ class Agent:
 
     def session(self, prompt):
         """One agent session; returns why it ended: 'ended (...)', 'untrusted', 'missing' or a stop reason."""
-        try:
-            self.proc = proc = subprocess.Popen(
-                command(self.night.args.agent, prompt, self.night.args.extra), cwd=self.root, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                errors="replace", start_new_session=True)
-        except FileNotFoundError:
-            return "missing"
+        with self.night.starting:  # none starts once the night is interrupted (Night.run ends them all)
+            if self.night.failed:
+                return self.night.failed[1]
+            try:
+                self.proc = proc = subprocess.Popen(
+                    command(self.night.args.agent, prompt, self.night.args.extra), cwd=self.root, env=self.env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    errors="replace", start_new_session=True)
+            except FileNotFoundError:
+                return "missing"
         copiers = [threading.Thread(target=self.copy, args=(stream, stream is proc.stderr), daemon=True)
                    for stream in (proc.stdout, proc.stderr)]
         for t in copiers:

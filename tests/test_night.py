@@ -9,6 +9,7 @@ run.sh under the supervisor are tests/test_agent_claude.py's (--gpus, and --agen
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -121,26 +122,38 @@ def test_agents_on_one_machine_share_its_cpus(clone):
 
 
 # A stand-in claude whose shell tool, like Claude Code's, runs in a session of its own (setsid): it
-# leaves a process that would write "late" after 3 s, then asks to stop and waits, or ends its turn.
+# leaves a process that would write "late" after 3 s, then asks to stop, or ends its turn, or waits.
 LEAVES_A_PROCESS = """#!/bin/sh
 setsid sh -c 'sleep 3; touch "$FAKE_OUT/late"' </dev/null >/dev/null 2>&1 &
-if [ -n "$FAKE_STOP_NOW" ]; then touch "$FAKE_STOP"; sleep 30; fi
+touch "$FAKE_OUT/started"
+[ -z "$FAKE_STOP_NOW" ] || touch "$FAKE_STOP"
+sleep "${FAKE_SLEEP:-0}"
 """
 
 
-@pytest.mark.parametrize("how", ["stopped", "ended its turn"])
+@pytest.mark.parametrize("how", ["stopped", "ended its turn", "interrupted"])
 def test_nothing_an_agent_started_outlives_its_session(clone, how):
-    """A stopped agent, or one that ended its turn, is ended with all it started, though that runs
-    in a session of its own (an agent's process group alone missed it: a ./run.sh started then
-    could run after the night, or beside the next session)."""
+    """A stopped agent, one that ended its turn, or a night interrupted (SIGTERM, as Ctrl-C): the
+    agent is ended with all it started, though that runs in a session of its own (an agent's process
+    group alone missed it: a ./run.sh started then could run after the night, or beside the next
+    session)."""
     c = clone
     (c.tmp / "bin" / "claude").write_text(LEAVES_A_PROCESS)
     if how == "stopped":
-        proc = night(c, FAKE_STOP_NOW="1")
+        proc = night(c, FAKE_STOP_NOW="1", FAKE_SLEEP="30")
         assert "night over (stop file .agents/stop found) after 1 session(s)" in proc.stderr, proc.stderr
-    else:
+        assert proc.returncode == 0, proc.stderr
+    elif how == "ended its turn":
         proc = night(c, "--for", "2s")  # one session (the pause is 60 s), then the deadline
         assert "session 1 ended (exit status 0)" in proc.stderr and "night over (deadline reached)" in proc.stderr
-    assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 0, proc.stderr
+    else:
+        p = subprocess.Popen([sys.executable, str(c.repo / ".agents" / "night.py")], cwd=c.repo,
+                             env=dict(c.env, FAKE_AGENTS="1", FAKE_SLEEP="30"), stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not (c.out / "started").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 130, p.stderr.read()
     time.sleep(4)
-    assert not (c.out / "late").exists()
+    assert (c.out / "started").exists() and not (c.out / "late").exists()

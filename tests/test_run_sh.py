@@ -948,7 +948,7 @@ def test_refuses_a_sandbox_that_would_show_the_corpus_to_training(repo: Repo):
         f.write_text('{"text": "a validation document"}\n')
     (repo.cache / "sources").write_text(f"source: {outside}\nsource: {inside}\n")
     err = _refuses(repo, ["x"])
-    assert f"the sandbox would show {repo.path} to training, and with it {inside}, a source" in err, err
+    assert f"the sandbox would show {repo.path} to training, and with it {repo.path}, which holds files of the prepared corpus" in err, err
     assert not (repo.path / "run.log").exists()
     (repo.cache / "sources").write_text(f"source: {outside}\n")
     assert "status:       keep" in repo.run("baseline").stdout
