@@ -1509,6 +1509,15 @@ def _check_operators(nodes):
         raise PrepareError(refused[0])
 
 
+def _dtype(name, what):
+    """The torch dtype NAME, if the evaluator reads it (_DTYPES)."""
+    import torch
+    if name not in _DTYPES:
+        raise PrepareError(f"{what} of type {name!r}, which the evaluator does not read: "
+                           f"use one of {', '.join(sorted(_DTYPES))}")
+    return getattr(torch, name)
+
+
 def _decode_graph(nodes, device):
     """The FX GraphModule for an encoded graph; every device argument becomes `device`."""
     import torch
@@ -1529,9 +1538,8 @@ def _decode_graph(nodes, device):
             return {k: dec(x) for k, x in v}
         if key == "device":
             return device
-        if key == "dtype" and v not in _DTYPES:
-            raise PrepareError(f"the graph asks for tensors of type {v}, which the evaluator does not read: "
-                               f"use one of {', '.join(sorted(_DTYPES))}")
+        if key == "dtype":
+            return _dtype(v, "the graph asks for tensors")
         if key in kinds and isinstance(getattr(torch, v, None), kinds[key]) and (key != "layout" or v == "strided"):
             return getattr(torch, v)  # dense tensors only: a sparse layout brings index tensors kernels trust
         raise PrepareError(f"the hand-over holds an argument the evaluator does not read ({key})")
@@ -1617,12 +1625,8 @@ def load_handover(directory, device, compile_model):
             raise PrepareError(f"model.bin holds {size:,} bytes, not what model.json describes")
         tensors = []
         for t in meta["tensors"]:
-            dtype = getattr(torch, t["dtype"], None) if t["dtype"] in _DTYPES else None
-            if not isinstance(dtype, torch.dtype):
-                raise PrepareError(f"a weight of type {t['dtype']!r}, which the evaluator does not read: "
-                                   f"use one of {', '.join(sorted(_DTYPES))}")
             data = torch.from_numpy(raw[t["offset"]:t["offset"] + t["bytes"]].copy())
-            tensors.append(data.view(dtype).reshape(t["shape"]).to(device))
+            tensors.append(data.view(_dtype(t["dtype"], "a weight")).reshape(t["shape"]).to(device))
         args = [None if i == "x" else tensors[i] for i in meta["inputs"]]
         if args.count(None) != 1:
             raise PrepareError("the graph does not take exactly one input, the tokens")

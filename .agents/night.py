@@ -301,10 +301,10 @@ class Agent:
     def __init__(self, night, root, tag="", env=()):
         self.night, self.root, self.tag = night, root, tag
         # Every process of this agent carries the mark in its environment (end, started_by).
-        mark = f"AUTORESEARCH_NIGHT_AGENT={os.getpid()}.{secrets.token_hex(4)}.{tag or 'agent'}"
-        self.mark = mark.encode()
+        mark = f"{os.getpid()}.{secrets.token_hex(4)}.{tag or 'agent'}"
+        self.mark = f"AUTORESEARCH_NIGHT_AGENT={mark}".encode()
         self.env = dict(os.environ, CLAUDE_CODE_DISABLE_BACKGROUND_TASKS="1",  # experiments in the foreground
-                        PWD=str(root), **dict(env), **dict([mark.split("=", 1)]))
+                        PWD=str(root), **dict(env), AUTORESEARCH_NIGHT_AGENT=mark)
         # run.sh's per-checkout lock (an flock, held while an experiment runs).
         self.lock_path = Path(git(root, "rev-parse", "--absolute-git-dir")) / "autoresearch" / "lock"
         self.untrusted = None
@@ -363,8 +363,10 @@ class Agent:
             # outlives the session to start later.
             with self.take_lock():
                 end([self])
-        finally:
+        except BaseException:
             end([self])  # at once, on an error here
+            raise
+        finally:
             for t in copiers:
                 t.join(timeout=5)
         if reason:
