@@ -1471,9 +1471,11 @@ recover() {
   if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
     die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"
   fi
-  if [ "$(get status)" = keep ]; then say "recover: the run of ${tried:0:7} was kept; recording it"
-  else say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}"
-  fi
+  case $(get status) in
+    keep) say "recover: the run of ${tried:0:7} was kept; recording it" ;;
+    rerun) say "recover: the rerun of ${kept:0:7} was decided; recording it" ;;
+    *) say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}" ;;
+  esac
   [ "$(get status)" != interrupted ] || say "recover: train.py keeps the interrupted change; run it again to measure it"
   finish_pending
 }

@@ -1658,30 +1658,31 @@ G = "git -c core.hooksPath=/dev/null * "
 # how-manyth such command; what the recovery makes of the run: "none" (nothing committed: no row),
 # "interrupted" (committed, not decided: a crash row "[interrupted]") or "decided" (its decision was
 # journalled: its own row); and the runs killed there. Up to the decision every run takes the same
-# steps: they are killed in the discarded run, which takes the most after it (the revert).
+# steps: they are killed in the discarded run, which takes the most after it (the revert). A rerun
+# commits nothing: interrupted, it leaves no row (its train.py is the best, committed already).
 KILL_POINTS = [
-    ("the checks before any change", G + "diff --no-ext-diff --name-only HEAD -- *", 1, "none", "discard"),
-    ("the data check", "timeout *prepare.py --check --quick", 1, "none", "discard"),
-    ("the journal, begun", "mv -f -- */pending/kept.new *", 1, "none", "discard"),
+    ("the checks before any change", G + "diff --no-ext-diff --name-only HEAD -- *", 1, "none", "discard rerun"),
+    ("the data check", "timeout *prepare.py --check --quick", 1, "none", "discard rerun"),
+    ("the journal, begun", "mv -f -- */pending/kept.new *", 1, "none", "discard rerun"),
     ("the commit", G + "commit *", 1, "none", "discard"),
     ("the commit's gc guard", G + "update-ref refs/autoresearch/tried/*", 1, "interrupted", "discard"),
     ("the journal of the commit", "mv -f -- */pending/tried.new *", 1, "interrupted", "discard"),
-    ("training's start", "timeout * train.py", 1, "interrupted", "discard"),
+    ("training's start", "timeout * train.py", 1, "interrupted", "discard rerun"),
     ("training", "training", 1, "interrupted", "discard"),
-    ("the evaluator", "timeout *prepare.py --evaluate *", 1, "interrupted", "discard"),
-    ("the decision's row", "mv -f -- */pending/row.new *", 1, "interrupted", "discard"),
-    ("the decision's held-out row", "mv -f -- */pending/heldout.new *", 1, "interrupted", "discard"),
-    ("the decision's status", "mv -f -- */pending/status.new *", 1, "interrupted", "keep discard crash"),
+    ("the evaluator", "timeout *prepare.py --evaluate *", 1, "interrupted", "discard rerun"),
+    ("the decision's row", "mv -f -- */pending/row.new *", 1, "interrupted", "discard rerun"),
+    ("the decision's held-out row", "mv -f -- */pending/heldout.new *", 1, "interrupted", "discard rerun"),
+    ("the decision's status", "mv -f -- */pending/status.new *", 1, "interrupted", "keep discard crash rerun"),
     ("the revert of HEAD", G + "reset -q --soft *", 1, "decided", "discard crash"),
     ("the revert of train.py", G + "checkout -q * -- train.py", 1, "decided", "discard"),
-    ("the held-out row", "grep -qxF -- *", 1, "decided", "keep discard"),
-    ("the journal's size of results.tsv", "mv -f -- */pending/size.new *", 1, "decided", "keep discard"),
-    ("the row", "tail -c 1 -- results.tsv", 1, "decided", "keep discard crash"),
-    ("the journal's end", "rm -rf -- */pending", 1, "decided", "keep discard"),
+    ("the held-out row", "grep -qxF -- *", 1, "decided", "keep discard rerun"),
+    ("the journal's size of results.tsv", "mv -f -- */pending/size.new *", 1, "decided", "keep discard rerun"),
+    ("the row", "tail -c 1 -- results.tsv", 1, "decided", "keep discard crash rerun"),
+    ("the journal's end", "rm -rf -- */pending", 1, "decided", "keep discard rerun"),
     ("the compile cache's promotion", "mkdir -- */.promote.*", 1, "decided", "keep"),
     ("the compile outputs' move", "mv -f -T -- */.promote.*", 2, "decided", "keep"),
     ("the promotion's clean-up", "chmod -R u+rwx -- */.promote.*", 1, "decided", "keep"),
-    ("the clean-up", "chmod -R u+rwx -- */autoresearch/tmp", 1, "decided", "keep discard"),
+    ("the clean-up", "chmod -R u+rwx -- */autoresearch/tmp", 1, "decided", "keep discard rerun"),
 ]
 # Where the recovery of a run killed at such a point is itself killed before a second one.
 RECOVERY_KILLED = {
@@ -1710,10 +1711,10 @@ def _still_running(sids: list[int], cache: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("status", ["keep", "discard", "crash"])
+@pytest.mark.parametrize("status", ["keep", "discard", "crash", "rerun"])
 def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
-    """run.sh SIGKILLed with its process group at every step of a run that is kept, discarded or a
-    crash (KILL_POINTS), then run again: the recovery records the run once, its decision if that was
+    """run.sh SIGKILLed with its process group at every step of a run that is kept, discarded, a
+    crash or a rerun (KILL_POINTS), then run again: the recovery records the run once, its decision if that was
     journalled and otherwise a crash "[interrupted]", and leaves the rest as an undisturbed run
     would: whole rows in results.tsv and heldout.tsv, none twice, a held-out row only beside a scored
     row; HEAD the tried commit if and only if its row keeps it, and the commit kept from gc; train.py
@@ -1732,7 +1733,10 @@ def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
     repo.env["PATH"] = f"{shims}:{repo.env['PATH']}"
     state, cc = repo.path / ".git/autoresearch", repo.cache / "compile"
     header = "\t".join(HEADER + ["branch", "profile", "decision"])
-    val = {"keep": 0.99, "discard": 1.5, "crash": 1.5}[status]
+    val = {"keep": 0.99, "discard": 1.5, "crash": 1.5, "rerun": 0.9}[status]
+    if status == "rerun":  # the best, with a held-out score: what each rerun trains again
+        repo.write("train.py", trainer(f"{val:.2f}", heldout="0.8"))
+        repo.run("the best")
     after, sessions = repo.snapshot(), []
 
     def killed(*args: str, kill_at: str, nth: int = 1, **env: str) -> tuple[str, bool]:
@@ -1760,18 +1764,26 @@ def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
         if status == "keep":
             val -= 0.01
             body += COMPILES.format(i=i)
-        edit = trainer(f"{val:.2f}", body=body, heldout="0.8", exit_code=int(status == "crash"))
-        repo.write("train.py", edit)
+        if status == "rerun":
+            outcome = "none" if outcome == "interrupted" else outcome
+            edit = repo.read("train.py")
+            if outcome == "decided":  # a held-out row names its run by the second of its decision:
+                time.sleep(1 - time.time() % 1)  # reruns of one commit decided a second apart
+        else:
+            edit = trainer(f"{val:.2f}", body=body, heldout="0.8", exit_code=int(status == "crash"))
+            repo.write("train.py", edit)
         desc = f"killed at {where}"
-        out, hit = killed(desc, kill_at=at, nth=nth)
+        out, hit = killed(*(["--rerun"] if status == "rerun" else []), desc, kill_at=at, nth=nth)
         assert hit, f"never reached: {where} ({at})\n{out}"
         journal = (state / "pending").exists()
         no_python, first = {"AUTORESEARCH_PYTHON": str(repo.tmp / "no-python")}, ""
-        if where in RECOVERY_KILLED:  # (whether it was reached is asserted last: it depends on the run's journal)
+        recovery_killed = where in RECOVERY_KILLED and status != "rerun"  # (a rerun's recovery decides nothing)
+        if recovery_killed:  # (whether it was reached is asserted last: it depends on the run's journal)
             first, first_hit = killed("the next", kill_at=RECOVERY_KILLED[where], **no_python)
             out += "the recovery, killed:\n" + first
         p = repo.run("the next", rc=3, **no_python)  # recovers, then refuses
         assert ("run.sh: recover:" in first + p.stdout) == journal, (where, first, p.stdout)
+        assert "run of  " not in first + p.stdout, (where, first, p.stdout)  # it names the commit
         context = f"killed at {where}\n{out}\nthe recovery:\n{p.stdout}{p.stderr}"
         after = repo.snapshot()
 
@@ -1786,6 +1798,10 @@ def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
         tried = [sha for ref, sha in refs.items() if ref not in refs_before]  # its gc guard
         if outcome == "none":
             assert new == [] and tried == [], context
+        elif status == "rerun":  # its row; no commit, so no gc guard
+            assert len(new) == 1 and tried == [] and refs == refs_before, context
+            row, tried = new[0], kept
+            assert row == [kept[:7], f"{val:.6f}", "2.0", "rerun", desc, "autoresearch/t1", "gpu", "-"], context
         else:
             assert len(new) == 1 and len(tried) == 1, context
             row, tried = new[0], tried[0]
@@ -1812,7 +1828,7 @@ def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
         kept_now = outcome == "decided" and status == "keep"
         assert repo.head() == (tried if kept_now else kept) and repo.branch() == "autoresearch/t1", context
         assert repo.git("diff", "--cached", "--name-only") == "", context
-        reverted = outcome == "decided" and status != "keep"
+        reverted = outcome == "decided" and status not in ("keep", "rerun")
         assert repo.read("train.py") == (repo.git("show", f"{kept}:train.py") + "\n" if reverted else edit), context
         others = {"train.py", "results.tsv", "run.log"}
         assert {k: v for k, v in after["files"].items() if k not in others} == \
@@ -1833,7 +1849,7 @@ def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
         while _still_running(sessions, repo.cache) and time.time() < deadline:
             time.sleep(0.05)
         assert _still_running(sessions, repo.cache) == [], context
-        assert where not in RECOVERY_KILLED or first_hit, f"the recovery never reached {RECOVERY_KILLED[where]}"
+        assert not recovery_killed or first_hit, f"the recovery never reached {RECOVERY_KILLED[where]}"
 
 
 # --------------------------------------------------------- results and noise
