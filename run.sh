@@ -195,7 +195,9 @@ enter_checkout() {
   git_dir=$(g rev-parse --absolute-git-dir)
   common=$(cd "$(g rev-parse --git-common-dir)" && pwd -P)
   state=$git_dir/autoresearch       # per worktree: lock and the pending-run journal
-  mkdir -p "$state" "$common/autoresearch"
+  # (and git's folder of worktrees, there before any sandbox starts, so that training's hides the
+  # state of every worktree, those made while it trains too: box_args)
+  mkdir -p "$state" "$common/autoresearch" "$common/worktrees"
   # One file for all worktrees (held_append, check_heldout); there before any sandbox
   # starts, so that every sandbox hides it and its lock.
   held_tsv=$common/autoresearch/heldout.tsv
@@ -1080,9 +1082,11 @@ box_args() {
   case $3 in
     train)
       # run.sh's state of every worktree (its locks, which training could hold to stop another
-      # run.sh; the journal; the guard copies and pipes in $tmp) is hidden: only the hand-over shows
+      # run.sh; the journal; the guard copies and pipes in $tmp; another run's copy of the held-out
+      # scores and its hand-over) is hidden: only the hand-over shows. All of git's worktrees folder,
+      # not each worktree's state: one made, or first run, while training runs would show in $common.
       local hide=("$tmp")
-      for p in "$common/autoresearch" "$common"/worktrees/*/autoresearch; do [ ! -d "$p" ] || hide=("$p" "${hide[@]}"); done
+      for p in "$common/autoresearch" "$common/worktrees"; do [ ! -d "$p" ] || hide=("$p" "${hide[@]}"); done
       box+=(--ro-bind-try "$prep/tokenizer" "$prep/tokenizer" --ro-bind-try "$prep/manifest.json" "$prep/manifest.json")
       for p in "${hide[@]}"; do box+=(--tmpfs "$p"); done
       box+=(--bind "$tmp/handover" "$tmp/handover")

@@ -2263,6 +2263,33 @@ def test_tags_from_option_and_date_and_suffix(repo: Repo):
     assert repo.git("rev-parse", f"refs/autoresearch/base/{dated[13:]}b") == repo.git("rev-parse", "main")
 
 
+@needs_bwrap
+def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_started(based: Repo):
+    """night.py makes the worktrees, then starts the agents: a worktree's .git/worktrees/<name>/autoresearch
+    appears at its first run.sh, which may be while another worktree trains. Its run's files (the copy of
+    heldout.tsv that check_heldout compares, the evaluator's output, the model it hands over) must stay
+    out of the training box all the same, as the state of the worktrees that existed when the box started."""
+    body = WAIT_FOR_NOTE + """
+    import glob
+    for p in sorted(glob.glob(".git/worktrees/*/autoresearch/**", recursive=True)):
+        print("SAW", p, open(p).read() if os.path.isfile(p) else "")
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    first = based.popen("reads the other worktree", AUTORESEARCH_SANDBOX="bwrap")
+    try:
+        based.wait_for_log("started")
+        based.git("worktree", "add", "-q", "--detach", str(based.tmp / "wt"), "main")  # and its run.sh starts:
+        tmp = based.path / ".git/worktrees/wt/autoresearch/tmp"
+        tmp.mkdir(parents=True)
+        (tmp / "heldout.before").write_text("abcdef0\t0.9\tkeep\tautoresearch/t2\tgpu\t0.8765432\n")
+    finally:
+        based.write("scratchpad.md", "# notes\ngo on\n")
+        out = first.communicate(timeout=60)[0]
+    log = based.read("run.log")
+    assert first.returncode == 0 and "status:       keep" in out, out
+    assert "SAW" not in log and "0.8765432" not in log, log
+
+
 def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Repo):
     """Two agents, one worktree each: no train.py runs twice on any branch, --night shows both
     branches, and --adopt trains the other branch's best as an experiment of this one."""
