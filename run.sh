@@ -866,6 +866,9 @@ end_job() {
 # words: its state and reason (scontrol; sacct once the controller has forgotten the job), and the
 # line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh's, else the last
 # that is not srun's own (e.g. bash's, when the node does not see the checkout), else srun's last.
+# slurm_killed only where Slurm ended it (or it never started): a job that ended by its own exit
+# status (FAILED, COMPLETED) or ran out of its memory is the run's own crash, as on one machine (a
+# train.py that filled the disk left the node no room for its results).
 slurm_ended() {
   local id st="" host="" line
   id=$(squeue -h -t all --name="$1" --user="$(id -un)" -o %i 2>/dev/null | head -n 1)
@@ -880,7 +883,7 @@ slurm_ended() {
     line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
   [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
   reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
-  slurm_killed=1
+  case $st in FAILED*|COMPLETED*|OUT_OF_MEMORY*) ;; *) slurm_killed=1 ;; esac
   slurm_where="job ${id:-$1}${host:+ on $host}, ${st:-not started}"
 }
 

@@ -2692,6 +2692,29 @@ def test_a_cancelled_slurm_job_is_a_crash_and_a_killed_run_sh_leaves_no_job(slur
 
 
 @needs_bwrap
+def test_a_train_py_that_fills_the_disk_on_the_node_is_no_slurm_interruption(slurm, based: Repo):
+    """On the node the hand-over is not freed before the node's results are written (the login node
+    frees it, after the job): a train.py that fills the shared disk leaves the node no room for them,
+    and the job ends without results, FAILED by its own exit status, not ended by Slurm. That is the
+    code's crash, as on one machine: not `[interrupted by Slurm]`, which would let the same train.py
+    run again."""
+    disk = based.tmp / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here (the node must see it: not in a namespace of its own)")
+    try:
+        shutil.copytree(based.path, disk / "repo", symlinks=True)
+        based.path = disk / "repo"
+        based.write("train.py", FILLS_THE_DISK.format(where='os.path.join(d, "filler")'))
+        out = based.run("fills the disk", AUTORESEARCH_SLURM="--gres=none", **slurm).stdout
+        assert re.search(r"^reason: +the Slurm job \d+ ended FAILED", out, re.M), out
+        assert based.rows()[-1][3:5] == ["crash", "fills the disk"], out
+        assert based.git("status", "--porcelain") == "" and not (based.path / ".git/autoresearch/pending").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@needs_bwrap
 def test_the_real_harness_through_slurm(slurm, harness: Repo):
     """The smoke profile's real prepare.py and train.py through Slurm (AUTORESEARCH_SLURM=1: no options;
     the smoke profile asks for no GPU): a run is scored on the node, its held-out score stored."""
