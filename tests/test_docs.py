@@ -89,3 +89,43 @@ def test_the_interactive_prompt_in_the_readme_is_the_supervisors():
     night = supervisor()
     block = read("README.md").split("**Interactive instead.**", 1)[1].split("```text\n", 1)[1]
     assert " ".join(block.split("```", 1)[0].split()) == " ".join(night.START.split())
+
+
+def constant(name, file):
+    """The first value of a constant (the GPU profile's: the smoke profile's come after)."""
+    return int(re.search(rf"^\s*{name} = (\d+)", read(file), re.M)[1])
+
+
+@pytest.mark.parametrize("name", ["program.md", "README.md"])
+def test_the_example_reports_add_up(name):
+    """An example report's figures are one run's, as run.sh computes them: the training process's
+    seconds are start-up + compile and warm-up + the harness's training clock, the whole is run.sh
+    before + those seconds + the evaluator's three parts + run.sh after, outside is the whole less
+    training; the tokens are the batches of the default train.py; the counts, the change and the
+    sandbox line are as run.sh prints them."""
+    (block,) = re.findall(r"^```\n(---\nstatus: .*?)^```", read(name), re.S | re.M)
+    r = dict(re.findall(r"^([a-z_]+):\s+(.*)$", block, re.M))
+    f = lambda s: float(s)  # noqa: E731
+    train, budget, batches, hand, tokens, ev = re.fullmatch(
+        r"([0-9.]+)s by the harness's clock \(budget (\d+)s; from training batch \d+ of (\d+) to the exit, "
+        r"hand-over ([0-9.]+)s\), (\d+) tokens; evaluation ([0-9.]+)s", r["training"]).groups()
+    assert int(budget) == constant("TIME_BUDGET", "prepare.py")
+    per_batch = constant("DEVICE_BATCH_SIZE", "train.py") * constant("MAX_SEQ_LEN", "prepare.py")
+    assert int(tokens) == int(batches) * per_batch, (tokens, batches, per_batch)
+    out, total, before, up, warm, ev0, ev1, held, after = map(f, re.fullmatch(
+        r"([0-9.]+)s of ([0-9.]+)s outside the budget: run.sh before ([0-9.]+), start-up ([0-9.]+), compile and "
+        r"warm-up ([0-9.]+), evaluator start-up ([0-9.]+), evaluation ([0-9.]+), held-out evaluation ([0-9.]+), "
+        r"run.sh after ([0-9.]+)", r["outside"]).groups())
+    assert ev1 == f(ev)
+    assert abs(f(r["seconds"]) - (up + warm + f(train))) < 0.15, "seconds: start-up + warm-up + training"
+    assert abs(total - (before + f(r["seconds"]) + ev0 + ev1 + held + after)) < 0.35, "the whole, by phase"
+    assert abs(out - (total - f(train))) < 0.15, "outside: the whole less training"
+    n, keep, discard, crash, rerun = map(int, re.match(
+        r"(\d+) on \S+ \((\d+) keep, (\d+) discard, (\d+) crash, (\d+) rerun\)", r["experiments"]).groups())
+    assert n == keep + discard + crash + rerun
+    change, spread = f(r["change"].split()[0]), f(re.match(r"val_bpb spread ([0-9.]+)", r["noise"])[1])
+    if r["status"] == "discard":
+        assert abs(change - (f(r["val_bpb"]) - f(r["best"].split()[0]))) < 1e-9
+    assert r["change"].endswith("(within the rerun spread: may be noise)" if abs(change) <= spread
+                               else "(beyond the rerun spread)")
+    assert re.fullmatch(r"bubblewrap [0-9.]+ \(/\S+/bwrap\)", r["sandbox"]), r["sandbox"]
