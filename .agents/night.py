@@ -210,7 +210,7 @@ class Night:
 
     def agents(self):
         """One agent in this checkout; with --gpus one per GPU, with --agents N (Slurm) N, each in its worktree."""
-        args, slurm = self.args, bool(os.environ.get("AUTORESEARCH_SLURM"))
+        args, slurm = self.args, os.environ.get("AUTORESEARCH_SLURM", "") not in ("", "0")  # as run.sh reads it
         if args.gpus and slurm:
             raise Refused("--gpus pins each agent to a GPU of this machine, but AUTORESEARCH_SLURM is set: "
                           "the GPUs are on the nodes and Slurm gives each experiment its own; use --agents N "

@@ -62,6 +62,7 @@ def test_gpus_under_slurm_and_agents_without_it_are_refused(clone):
             (["--gpus", "all"], {"AUTORESEARCH_SLURM": "--partition=gpu"}, "use --agents N"),
             (["--agents", "2"], {}, "give each agent a GPU of its own with --gpus"),
             (["--agents", "2"], {"AUTORESEARCH_SLURM": ""}, "give each agent a GPU of its own with --gpus"),
+            (["--agents", "2"], {"AUTORESEARCH_SLURM": "0"}, "give each agent a GPU of its own with --gpus"),
             (["--agents", "0"], {"AUTORESEARCH_SLURM": "1"}, "--agents wants a number of agents, 1 or more, not '0'"),
             (["--agents", "two"], {"AUTORESEARCH_SLURM": "1"}, "--agents wants a number of agents")):
         proc = night(c, *args, **env)
