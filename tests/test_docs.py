@@ -129,3 +129,22 @@ def test_the_example_reports_add_up(name):
     assert r["change"].endswith("(within the rerun spread: may be noise)" if abs(change) <= spread
                                else "(beyond the rerun spread)")
     assert re.fullmatch(r"bubblewrap [0-9.]+ \(/\S+/bwrap\)", r["sandbox"]), r["sandbox"]
+
+
+def test_the_readme_quotes_the_agent_kit_as_it_is():
+    """What the README quotes of the shipped kit: the count of allow rules in Claude Code's warning
+    on an untrusted checkout, the Bash time-outs, and the CLI versions tested (tests/package.json)."""
+    import json
+    readme = " ".join(read("README.md").split())
+    settings = json.loads(read(".claude/settings.json"))
+    (n,) = set(re.findall(r"Ignoring (\d+) permissions\.allow entries", readme))
+    assert int(n) == len(settings["permissions"]["allow"])
+    (ms,) = set(re.findall(r"BASH_DEFAULT_TIMEOUT_MS, BASH_MAX_TIMEOUT_MS = (\d+)", readme))
+    assert set(settings["env"].values()) == {ms}
+    pinned = json.loads(read("tests/package.json"))["dependencies"]
+    texts = {"README.md": readme, ".agents/night.py": " ".join(read(".agents/night.py").split()),
+             ".codex/config.toml": " ".join(read(".codex/config.toml").split())}
+    for cli, package in (("Claude Code", "@anthropic-ai/claude-code"), ("Codex", "@openai/codex")):
+        said = {(name, v) for name, text in texts.items() for v in re.findall(rf"\b{cli} (\d+\.\d+(?:\.\d+)?)\b", text)}
+        assert said and all(pinned[package] == v or pinned[package].startswith(v + ".") for _, v in said), \
+            (cli, pinned[package], said)
