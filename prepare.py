@@ -2197,7 +2197,7 @@ usage examples:
   uv run prepare.py --data saved_dir/   # a dataset saved with datasets' save_to_disk (offline)
   uv run prepare.py --data roneneldan/TinyStories  # a Hugging Face dataset by name (load_dataset)
   uv run prepare.py --check             # exit 0 if the prepared data matches manifest.json (reads every file)
-  uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation: sha256)
+  uv run prepare.py --check --quick     # the same by sizes and mtimes (tokenizer, validation, held-out: sha256)
   uv run prepare.py --quiet             # no progress lines (for logs)
   AUTORESEARCH_SMOKE=1 uv run prepare.py  # tiny CPU profile built from Python's own sources
 run.sh alone uses --serve-batches, --evaluate and --doctor.
@@ -2218,7 +2218,7 @@ Nothing is pickled: every file is plain data that cannot execute code when read.
                         "a directory saved with datasets' save_to_disk, or a Hugging Face dataset name (owner/name)")
     parser.add_argument("--check", action="store_true", help="only check the prepared data: every token file by sha256")
     parser.add_argument("--quick", action="store_true", help="with --check: token files by size and mtime "
-                        "(the tokenizer and validation tokens still by sha256); what run.sh uses")
+                        "(the tokenizer, validation and held-out tokens still by sha256); what run.sh uses")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only each stage's summary and errors")
     parser.add_argument("--evaluate", metavar="DIR", help="(run.sh, evaluate_bpb) score the model handed over in DIR")
     parser.add_argument("--no-heldout", action="store_true", help="(with --evaluate) the validation split only")
