@@ -148,3 +148,15 @@ def test_the_readme_quotes_the_agent_kit_as_it_is():
         said = {(name, v) for name, text in texts.items() for v in re.findall(rf"\b{cli} (\d+\.\d+(?:\.\d+)?)\b", text)}
         assert said and all(pinned[package] == v or pinned[package].startswith(v + ".") for _, v in said), \
             (cli, pinned[package], said)
+
+
+def test_every_setting_run_sh_reads_is_in_the_readme_table():
+    """The environment variables run.sh reads as settings (${NAME:-default}) are the README's table's."""
+    read_by_run_sh = set(re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):?-", read("run.sh")))
+    table = read("README.md").split("| variable | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M))
+    assert read_by_run_sh and read_by_run_sh <= rows, sorted(read_by_run_sh - rows)
+    assert rows - read_by_run_sh == {"CUDA_VISIBLE_DEVICES"}, sorted(rows - read_by_run_sh)
+    defaults = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]*) \|", table, re.M))
+    for name, default in re.findall(r"\$\{(AUTORESEARCH_[A-Z_]+):-([a-z0-9]+)\}", read("run.sh")):
+        assert defaults[name].strip() == f"`{default}`", (name, default, defaults[name])
