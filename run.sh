@@ -891,10 +891,13 @@ slurm_ended() {
 say() { printf 'run.sh: %s\n' "$*"; }
 die() { local code=$1; shift; printf 'run.sh: %s\n' "$1" >&2; shift; [ $# -eq 0 ] || printf '%s\n' "$@" >&2; exit "$code"; }
 # Git reads no configuration but the repository's own (guarded, and put back before
-# any other git command runs), and never runs hooks, filters or other configured programs.
+# any other git command runs), and never runs hooks, filters or other configured programs,
+# nor its automatic gc after a commit (in the background, during the timed run; it also
+# prunes an empty .git/worktrees, which training's box hides: box_args).
 g() {
   GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null git -c core.hooksPath=/dev/null -c core.fsmonitor=false \
-    -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null "$@"
+    -c commit.gpgSign=false -c core.attributesFile=/dev/null -c core.excludesFile=/dev/null \
+    -c maintenance.auto=false -c gc.auto=0 "$@"
 }
 # The run's own temporary files, and a promotion's folder in the compile cache if one was cut short
 # (the one $tmp/stage names: this run's, stopped by a signal, or a killed run's; promote_compile_cache).

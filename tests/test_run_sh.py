@@ -2290,6 +2290,17 @@ def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_star
     assert "SAW" not in log and "0.8765432" not in log, log
 
 
+def test_run_sh_starts_no_git_gc(based: Repo):
+    """git commit starts `git maintenance run --auto`, which may gc in the background while training
+    runs (noise in a timed run) and prune .git/worktrees, which training's box hides: run.sh asks for none."""
+    events = based.tmp / "git.trace"
+    based.write("train.py", trainer("0.9"))
+    based.run("commits", GIT_TRACE2_EVENT=str(events))
+    argv = [e["argv"] for e in map(json.loads, events.read_text().splitlines()) if e.get("event") == "start"]
+    assert any("commit" in a for a in argv), argv  # (the trace saw run.sh's git)
+    assert not [a for a in argv if {"gc", "maintenance"} & set(a)], argv
+
+
 def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Repo):
     """Two agents, one worktree each: no train.py runs twice on any branch, --night shows both
     branches, and --adopt trains the other branch's best as an experiment of this one."""
