@@ -123,6 +123,9 @@ def test_allowed_calls_run_and_refused_calls_change_nothing(workspace):
         bash("bash -c 'touch f'"),
         bash("cp train.py prepare.py"),
         bash("env ./run.sh x"),
+        bash("AUTORESEARCH_SANDBOX=none ./run.sh x"),  # run.sh's settings are the person's, not the agent's
+        bash("AUTORESEARCH_TIMEOUT=9999 AUTORESEARCH_CACHE=/tmp ./run.sh x"),
+        bash("export AUTORESEARCH_SANDBOX=none && ./run.sh x"),
         bash("cd .. && ./run.sh x"),
         bash("uv run prepare.py"),
         bash(".agents/night.py"),

@@ -93,6 +93,9 @@ def test_allowed_calls_run_and_the_rest_is_refused_or_contained(workspace):
         sh("bash -c 'echo >> prepare.py'"),
         sh("curl -sS http://127.0.0.1:9/"),
         sh(".agents/night.py"),
+        # ... and so is a run.sh with settings of the agent's (they are the person's)
+        sh("AUTORESEARCH_SANDBOX=none ./run.sh x"),
+        sh("env AUTORESEARCH_TIMEOUT=9999 ./run.sh x"),
         # ... and so is every command Codex cannot split into plain commands (a redirection,
         # a substitution): it is matched as `bash -lc '...'`, and `bash` is forbidden.
         sh("echo > prepare.py"),
@@ -134,9 +137,9 @@ def test_allowed_calls_run_and_the_rest_is_refused_or_contained(workspace):
     assert ran(allowed[1]) == 0
     assert "Success" in allowed[2].output and "Success" in allowed[3].output
     assert ran(allowed[4]) == 3 and "needs a branch with a kept result" in allowed[4].output
-    for call in refused[:11]:
+    for call in refused[:13]:
         assert "policy forbids" in call.output, call
-    for call in refused[11:-3]:
+    for call in refused[13:-3]:
         assert ran(call), call  # failed: read-only file system, or no network
     for call in refused[-3:]:
         assert "patch rejected" in call.output, call
