@@ -1081,14 +1081,13 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  # of the checkout, training sees the files git tracks, and nothing put beside them (an agent that
-  # can make files could leave a copy of the data there, or a module for train.py to import): an
-  # empty folder (read-only at the end) that holds them
-  local shown=("$root")
-  if [ "$3" = train ]; then
-    shown=() box+=(--size 1048576 --tmpfs "$root")
-    while IFS= read -r -d '' p; do shown+=("$root/$p"); done < <(g -C "$root" ls-files -z)
-  fi
+  # Of the checkout, a box shows the files git tracks, and nothing put beside them: an agent that
+  # can make files could leave a copy of the data there for train.py to read, or a module for it to
+  # import, or one named like a package prepare.py imports (python -I puts the script's folder first
+  # on sys.path before 3.11). An empty folder, read-only at the end, holds them.
+  local shown=()
+  box+=(--size 1048576 --tmpfs "$root")
+  while IFS= read -r -d '' p; do shown+=("$root/$p"); done < <(g -C "$root" ls-files -z)
   for p in "${shown[@]}" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
   # the held-out scores are not for train.py's eyes (it could print them to run.log), and
   # their lock not for its hands (held, it would stop the other worktrees' run.sh)
@@ -1111,7 +1110,7 @@ box_args() {
     eval) box+=(--ro-bind "$cache" "$cache" --bind "$prep/evaluator" "$prep/evaluator") ;;
     *) box+=(--ro-bind-try "$cache" "$cache") ;;
   esac
-  [ "$3" != train ] || box+=(--remount-ro "$root")
+  box+=(--remount-ro "$root")
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
 }

@@ -2300,6 +2300,21 @@ def test_training_sees_of_the_checkout_the_tracked_files_alone(based: Repo):
     assert not seen & {"copy_of_val.bin", "__pycache__", "helper_module.py", "late.bin", "results.tsv", "run.log"}, log
 
 
+@needs_bwrap
+def test_the_data_check_and_the_evaluator_see_of_the_checkout_the_tracked_files_alone(repo: Repo):
+    """A module an agent left in the checkout, named like a package prepare.py imports, would run in the
+    evaluator where python -I puts the script's folder first on sys.path (before Python 3.11): the data
+    check's and the evaluator's boxes show the tracked files alone, as training's does."""
+    spy = ("import os, sys\n"
+           "if os.path.exists('numpy.py'):\n"
+           "    print('reason: this box shows numpy.py, which an agent left'); sys.exit(1)\n")
+    repo.write("prepare.py", spy + PREPARE)
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "a prepare.py that looks")
+    (repo.path / "numpy.py").write_text("raise SystemExit('imported')\n")
+    out = repo.run("baseline").stdout
+    assert "status:       keep" in out and "numpy.py" not in out, out
+
+
 def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_started(based: Repo):
     """night.py makes the worktrees, then starts the agents: a worktree's .git/worktrees/<name>/autoresearch
     appears at its first run.sh, which may be while another worktree trains. Its run's files (the copy of
