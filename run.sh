@@ -1025,7 +1025,7 @@ choose_sandbox() {
         box_args "$b" "$how" check; box_check=("${box[@]}")
         box_args "$b" "$how" eval; box_eval=("${box[@]}")
         box_short="$("$b" --version 2>/dev/null) ($b)"
-        box_on="$box_short: no network, no host sockets or processes; read-only: the repository's tracked files, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
+        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
         else
           box_why=$err   # why the overlay failed: ./run.sh --doctor says it
@@ -1081,14 +1081,7 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  # Of the checkout, a box shows the files git tracks, and nothing put beside them: an agent that
-  # can make files could leave a copy of the data there for train.py to read, or a module for it to
-  # import, or one named like a package prepare.py imports (python -I puts the script's folder first
-  # on sys.path before 3.11). An empty folder, read-only at the end, holds them.
-  local shown=()
-  box+=(--size 1048576 --tmpfs "$root")
-  while IFS= read -r -d '' p; do shown+=("$root/$p"); done < <(g -C "$root" ls-files -z)
-  for p in "${shown[@]}" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
   # the held-out scores are not for train.py's eyes (it could print them to run.log), and
   # their lock not for its hands (held, it would stop the other worktrees' run.sh)
   for p in "$held_tsv" "$held_tsv.lock"; do [ ! -e "$p" ] || box+=(--ro-bind /dev/null "$p"); done
@@ -1110,7 +1103,6 @@ box_args() {
     eval) box+=(--ro-bind "$cache" "$cache" --bind "$prep/evaluator" "$prep/evaluator") ;;
     *) box+=(--ro-bind-try "$cache" "$cache") ;;
   esac
-  box+=(--remount-ro "$root")
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
 }

@@ -2264,57 +2264,6 @@ def test_tags_from_option_and_date_and_suffix(repo: Repo):
 
 
 @needs_bwrap
-@needs_bwrap
-def test_training_sees_of_the_checkout_the_tracked_files_alone(based: Repo):
-    """An agent that can make files (Codex leaves the repository's root writable; Cursor with --force)
-    could leave a copy of the validation tokens beside train.py, or a module for it to import, in a
-    path git ignores too, before the run or while it trains: training's box shows none of them."""
-    (based.path / "copy_of_val.bin").write_text("SECRET-untracked")
-    (based.path / "__pycache__").mkdir()
-    (based.path / "__pycache__" / "v.bin").write_text("SECRET-ignored")
-    (based.path / "helper_module.py").write_text("print('SECRET-imported')\n")
-    body = WAIT_FOR_NOTE + """
-    for name in sorted(os.listdir(".")):
-        print("SEES", name)
-    for p in ("copy_of_val.bin", "__pycache__/v.bin", "late.bin"):
-        print("READ", p, open(p).read() if os.path.exists(p) else "-")
-    try:
-        import helper_module
-    except ImportError as e:
-        print("IMPORT", e)
-    """
-    based.write("train.py", trainer("0.9", body=body))
-    first = based.popen("reads what an agent left", AUTORESEARCH_SANDBOX="bwrap")
-    try:
-        based.wait_for_log("started")
-        (based.path / "late.bin").write_text("SECRET-late")  # made while training runs
-    finally:
-        based.write("scratchpad.md", "# notes\ngo on\n")
-        out = first.communicate(timeout=60)[0]
-    log = based.read("run.log")
-    # (a file made in the checkout during a run is put back, and the run is no result: run.sh's rule)
-    assert first.returncode == 0 and "reason:       training touched: late.bin (put back)" in out, out
-    assert "SECRET" not in log and "IMPORT No module named 'helper_module'" in log, log
-    seen = {line.split()[1] for line in log.splitlines() if line.startswith("SEES ")}
-    assert {"train.py", "prepare.py", "scratchpad.md", "run.sh"} <= seen, log
-    assert not seen & {"copy_of_val.bin", "__pycache__", "helper_module.py", "late.bin", "results.tsv", "run.log"}, log
-
-
-@needs_bwrap
-def test_the_data_check_and_the_evaluator_see_of_the_checkout_the_tracked_files_alone(repo: Repo):
-    """A module an agent left in the checkout, named like a package prepare.py imports, would run in the
-    evaluator where python -I puts the script's folder first on sys.path (before Python 3.11): the data
-    check's and the evaluator's boxes show the tracked files alone, as training's does."""
-    spy = ("import os, sys\n"
-           "if os.path.exists('numpy.py'):\n"
-           "    print('reason: this box shows numpy.py, which an agent left'); sys.exit(1)\n")
-    repo.write("prepare.py", spy + PREPARE)
-    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "a prepare.py that looks")
-    (repo.path / "numpy.py").write_text("raise SystemExit('imported')\n")
-    out = repo.run("baseline").stdout
-    assert "status:       keep" in out and "numpy.py" not in out, out
-
-
 def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_started(based: Repo):
     """night.py makes the worktrees, then starts the agents: a worktree's .git/worktrees/<name>/autoresearch
     appears at its first run.sh, which may be while another worktree trains. Its run's files (the copy of
