@@ -1499,9 +1499,9 @@ recover() {
   if [ "$head" != "$kept" ] && [ "$head" != "${tried:-$kept}" ]; then
     die 4 "cannot recover: HEAD moved since the interrupted run; its journal is $state/pending"
   fi
-  case $(get status) in
-    keep) say "recover: the run of ${tried:0:7} was kept; recording it" ;;
-    rerun) say "recover: the rerun of ${kept:0:7} was decided; recording it" ;;
+  case $mode:$(get status) in
+    rerun:*) say "recover: the rerun of ${kept:0:7} was decided ($(get status)); recording it" ;;
+    *:keep) say "recover: the run of ${tried:0:7} was kept; recording it" ;;
     *) say "recover: the run of ${tried:0:7} did not finish; recording it and putting HEAD back to ${kept:0:7}" ;;
   esac
   [ "$(get status)" != interrupted ] || say "recover: train.py keeps the interrupted change; run it again to measure it"

@@ -1639,6 +1639,23 @@ def test_recovery_completes_a_decided_run_and_repairs_a_torn_row(based: Repo):
     assert based.rows()[-1] == row.split("\t")
 
 
+@pytest.mark.parametrize("status", ["rerun", "crash"])
+def test_recovery_of_a_decided_rerun_names_its_commit(based: Repo, status):
+    """A rerun commits nothing (no tried commit in its journal): decided, a rerun or a crash, its
+    recovery records its row and says so, naming the commit it trained, with HEAD where it was."""
+    kept = based.head()
+    val = "1.000000\t2.0" if status == "rerun" else "0.000000\t0.0"
+    row = f"{kept[:7]}\t{val}\t{status}\tnoise\tautoresearch/t1\tgpu\t-"
+    pending = based.path / ".git/autoresearch/pending"
+    pending.mkdir()
+    for k, v in {"kept": kept, "mode": "rerun", "branch": "autoresearch/t1", "msg": "noise", "desc": "noise",
+                 "row": row, "status": status}.items():
+        (pending / k).write_text(v)
+    p = based.run("nothing new", rc=3)  # recovered, then refused: train.py is the kept one
+    assert f"recover: the rerun of {kept[:7]} was decided ({status}); recording it" in p.stdout, p.stdout
+    assert based.rows()[-1] == row.split("\t") and based.head() == kept and not pending.exists()
+
+
 def test_recovery_never_appends_a_heldout_row_twice(based: Repo):
     """State as if run.sh appended a decided run's held-out row and then died, or could not write
     its journal's next entry (a full disk), before its results.tsv row; another checkout has
