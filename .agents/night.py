@@ -34,7 +34,7 @@ one machine share its CPUs: each gets OMP_NUM_THREADS = max(1, CPUs // agents) (
 this process may use), unless OMP_NUM_THREADS is set already (torchrun, too, sets it for
 several processes: torch would start a thread per core in each).
 
-Under Slurm (AUTORESEARCH_SLURM set, as run.sh reads it) the GPUs are on the nodes and
+Under Slurm (AUTORESEARCH_SLURM set and not 0, as run.sh reads it) the GPUs are on the nodes and
 Slurm gives each experiment its own, so --gpus is refused and --agents N takes its place:
 N agents in the worktrees <repo>-agent1 ... <repo>-agentN on the branches <date>-agent<i>,
 the same in every other way, none pinned to a GPU and none given OMP_NUM_THREADS (each
