@@ -826,6 +826,7 @@ on_node() {
   say "Slurm: $slurm_where"
   if [ "$1" = doctor ]; then doctor; return; fi
   choose_sandbox >/dev/null
+  : >"$tmp/node.started"   # from here on a job that ends without results is the run's own crash (slurm_ended)
   "$1"
   local v
   for v in "${node_results[@]}"; do
@@ -866,9 +867,11 @@ end_job() {
 # words: its state and reason (scontrol; sacct once the controller has forgotten the job), and the
 # line that says why: Slurm's "*** ... CANCELLED ... ***", else the node's run.sh's, else the last
 # that is not srun's own (e.g. bash's, when the node does not see the checkout), else srun's last.
-# slurm_killed only where Slurm ended it (or it never started): a job that ended by its own exit
-# status (FAILED, COMPLETED) or ran out of its memory is the run's own crash, as on one machine (a
-# train.py that filled the disk left the node no room for its results).
+# slurm_killed where Slurm ended it (or it never started), or where the node's run.sh stopped before
+# training started (no node.started: the node does not see the checkout, bubblewrap cannot start
+# there): says nothing of the code. A job that ended by its own exit status (FAILED, COMPLETED) or ran
+# out of its memory once training started is the run's own crash, as on one machine (a train.py that
+# filled the disk left the node no room for its results).
 slurm_ended() {
   local id st="" host="" line
   id=$(squeue -h -t all --name="$1" --user="$(id -un)" -o %i 2>/dev/null | head -n 1)
@@ -883,7 +886,10 @@ slurm_ended() {
     line=$(grep -v '^srun: ' "$tmp/srun.err" | tail -n 1)
   [ -n "$line" ] || line=$(tail -n 1 "$tmp/srun.err")
   reason="the Slurm job ${id:-$1} ended ${st:-before it started} (srun exit $2)${line:+: $line}"
-  case $st in FAILED*|COMPLETED*|OUT_OF_MEMORY*) ;; *) slurm_killed=1 ;; esac
+  case $st in
+    FAILED*|COMPLETED*|OUT_OF_MEMORY*) [ -e "$tmp/node.started" ] || slurm_killed=1 ;;   # the node, not the code
+    *) slurm_killed=1 ;;
+  esac
   slurm_where="job ${id:-$1}${host:+ on $host}, ${st:-not started}"
 }
 

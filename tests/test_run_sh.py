@@ -2748,6 +2748,27 @@ def test_a_train_py_that_fills_the_disk_on_the_node_is_no_slurm_interruption(slu
 
 
 @needs_bwrap
+def test_a_node_that_cannot_start_the_run_is_a_slurm_interruption(slurm, based: Repo):
+    """The node's run.sh stops before training starts (here bubblewrap cannot start on the node; or
+    the node does not see the checkout): the job ends FAILED, but that says nothing of the code, so
+    the crash is Slurm's, `[interrupted by Slurm]`, and the same train.py may run again."""
+    real, shims, venv = shutil.which("bwrap") or _bundled_bwrap(), based.tmp / "shims", based.tmp / "venv"
+    shims.mkdir()
+    (shims / "bwrap").write_text('#!/bin/sh\n[ -z "$SLURM_JOB_ID" ] || { echo "bwrap: no user namespaces on this node" >&2; '
+                                 f'exit 1; }}\nexec {real} "$@"\n')
+    (shims / "bwrap").chmod(0o755)
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)  # (no bundled bwrap: the shim alone)
+    node = {"PATH": f"{shims}:{based.env['PATH']}", "AUTORESEARCH_PYTHON": str(venv / "bin/python")}
+    based.write("train.py", trainer("0.9"))
+    out = based.run("on a broken node", AUTORESEARCH_SLURM="--gres=none", **node, **slurm).stdout
+    assert re.search(r"^reason: +the Slurm job \d+ ended FAILED", out, re.M), out
+    assert based.rows()[-1][3:5] == ["crash", "on a broken node [interrupted by Slurm]"], out
+    based.write("train.py", trainer("0.9"))  # (put back after the crash) the same train.py, not refused
+    out = based.run("on a good node", AUTORESEARCH_SLURM="--gres=none", **slurm).stdout
+    assert "status:       keep" in out, out
+
+
+@needs_bwrap
 def test_the_real_harness_through_slurm(slurm, harness: Repo):
     """The smoke profile's real prepare.py and train.py through Slurm (AUTORESEARCH_SLURM=1: no options;
     the smoke profile asks for no GPU): a run is scored on the node, its held-out score stored."""
