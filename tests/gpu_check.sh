@@ -80,7 +80,8 @@ machine() {
   done
   git --version >/dev/null 2>&1 && return
   for deb in "$src"/.devdata/git_*.deb; do   # no git (CUDA images often have none): Debian's, carried
-    [ -f "$deb" ] && "$py" "$src/tests/gpu_check.py" unpack "$deb" "$work/git" || continue
+    [ -f "$deb" ] || continue
+    "$py" "$src/tests/gpu_check.py" unpack "$deb" "$work/git" || continue
     export PATH=$work/git/usr/bin:$PATH GIT_EXEC_PATH=$work/git/usr/lib/git-core \
       GIT_TEMPLATE_DIR=$work/git/usr/share/git-core/templates
     put machine.note "no git on the machine: $(git --version 2>&1) from $(basename "$deb")"
@@ -126,7 +127,7 @@ direct() {
   note "no git on this machine: run.sh cannot run; train.py directly (no sandbox, no run.sh figures)"
   put cold.note "no git: train.py ran directly, outside run.sh"
   (cd "$repo" && timeout -s INT "$(left)" "$py" train.py) >"$repo/run.log" 2>&1
-  printf 'sandbox:      none (train.py run directly: no git)\n' >"$work/cold.report"
+  printf 'status:       ran directly: train.py alone, no run.sh (no git), so no evaluator figures\nsandbox:      none (train.py run directly: no git)\n' >"$work/cold.report"
   cp "$repo/run.log" "$out/cold.txt"
   "$py" "$src/tests/gpu_check.py" run cold "$work/cold.report" "$repo/run.log" "$prep/compile" >>"$results"
 }

@@ -2381,7 +2381,8 @@ def test_detached_worktree_starts_its_own_branch_and_shares_the_night(based: Rep
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
-    p = subprocess.run(["shellcheck", str(RUN_SH), str(RUN_SH.parent / "tests/slurm/start.sh")], capture_output=True, text=True)
+    p = subprocess.run(["shellcheck", str(RUN_SH), str(RUN_SH.parent / "tests/slurm/start.sh"),
+                        str(RUN_SH.parent / "tests/gpu_check.sh")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout
 
 
