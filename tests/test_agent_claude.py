@@ -27,7 +27,7 @@ import pytest
 
 from conftest import NPM_BIN, changed, git, results, slurm_jobs, snapshot, stand_ins
 from model_server import Call, End, ModelServer
-from test_run_sh import HELDOUT_TSV, WAIT_FOR_NOTE, trainer
+from test_run_sh import HELDOUT_TSV, WAIT_FOR_GO, go_on, trainer
 
 CLAUDE = NPM_BIN / "claude"
 pytestmark = pytest.mark.skipif(
@@ -345,13 +345,13 @@ def test_one_agent_per_gpu(workspace, tmp_path):
     this repository, a worktree on another branch. With the main checkout untrusted, its worktrees are
     too: exit 2, naming the main checkout. Trusted, the night: a worktree (made by the first try,
     reused), a branch and an agent per GPU, supervised together. Both agents run their baseline at once
-    (the stand-in train.py waits for a note); the stop file appears while both train; GPU 0's run is
+    (the stand-in train.py waits for the test's go); the stop file appears while both train; GPU 0's run is
     recorded while GPU 1's still trains, then GPU 1's: both rows and both held-out scores stay, and
     both agents are stopped after their experiment. Each training had its agent's GPU and half the CPUs
     (OMP_NUM_THREADS; tests/test_night.py has the rest of what each agent starts with)."""
     ws, repo = workspace, workspace.repo
     stand_ins(ws, tmp_path, trainer("1.0", heldout="0.9", body="print('cuda', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
-                                    "print('omp', os.environ.get('OMP_NUM_THREADS'))\n" + WAIT_FOR_NOTE))
+                                    "print('omp', os.environ.get('OMP_NUM_THREADS'))\n" + WAIT_FOR_GO))
     wts = [tmp_path / f"repo-gpu{n}" for n in (0, 1)]
     server = ModelServer("anthropic")
     proc = night(ws, server, "--gpus", "0,x")
@@ -389,8 +389,7 @@ def test_one_agent_per_gpu(workspace, tmp_path):
                      f"{wt.name} trains")
         (repo / ".agents" / "stop").touch()
         for wt in wts:  # one after the other: GPU 0's row is recorded while GPU 1 trains
-            with open(wt / "scratchpad.md", "a") as f:
-                f.write("go on\n")
+            go_on(wt)
             wait_for(lambda: results(wt), f"{wt.name} records its run")
         err = proc.communicate(timeout=120)[1]
     finally:

@@ -1461,13 +1461,23 @@ def test_two_runs_at_once_one_refuses(based: Repo):
     assert [r[4] for r in based.rows()] == ["baseline", "slow one"]
 
 
-# train.py that waits (up to 60 s) for a note in scratchpad.md, which the test writes from outside
-WAIT_FOR_NOTE = """
+# train.py that waits (up to 60 s) for the test's go (go_on): a file in the hand-over directory, the
+# one folder both training and the test write. It takes the file away: the evaluator never sees it.
+WAIT_FOR_GO = """
 print("started", flush=True)
-deadline = time.time() + 60
-while "go on" not in open("scratchpad.md").read() and time.time() < deadline:
+go, deadline = os.path.join(os.environ["AUTORESEARCH_HANDOVER"], "go"), time.time() + 60
+while not os.path.exists(go) and time.time() < deadline:
     time.sleep(0.05)
+if os.path.exists(go):
+    os.remove(go)
 """
+
+
+def go_on(checkout: Path) -> None:
+    """The go that WAIT_FOR_GO waits for, in the checkout's running training's hand-over directory."""
+    git_dir = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--absolute-git-dir"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(git_dir) / "autoresearch/tmp/handover/go").write_text("")
 
 
 @pytest.mark.parametrize("box", SANDBOXES)
@@ -1478,7 +1488,7 @@ def test_worktrees_share_a_gpu_lock_but_not_other_gpus_and_keep_each_others_held
     other = based.tmp / "wt"
     based.git("worktree", "add", "-q", "--detach", str(other), "main")
     wt = Repo(based.tmp, "wt")
-    based.write("train.py", trainer("0.9", body=WAIT_FOR_NOTE, heldout="0.8765"))
+    based.write("train.py", trainer("0.9", body=WAIT_FOR_GO, heldout="0.8765"))
     first = based.popen("gpu 0", CUDA_VISIBLE_DEVICES="0", AUTORESEARCH_SANDBOX=box)
     try:
         based.wait_for_log("started")
@@ -1491,7 +1501,7 @@ def test_worktrees_share_a_gpu_lock_but_not_other_gpus_and_keep_each_others_held
         out = wt.run("gpu 1", CUDA_VISIBLE_DEVICES="1", AUTORESEARCH_TAG="t2", AUTORESEARCH_SANDBOX=box).stdout
         assert "status:       keep" in out and wt.branch() == "autoresearch/t2"
     finally:
-        based.write("scratchpad.md", "# notes\ngo on\n")
+        go_on(based.path)
         out = first.communicate(timeout=60)[0]
     assert first.returncode == 0 and "status:       keep" in out and "touched" not in out, out
     assert based.rows()[-1][3] == "keep" and wt.rows()[-1][5] == "autoresearch/t2"
@@ -2286,12 +2296,70 @@ def test_tags_from_option_and_date_and_suffix(repo: Repo):
 
 
 @needs_bwrap
+def test_training_sees_of_the_checkout_the_committed_files_alone(based: Repo):
+    """An agent that can make files (Codex leaves the repository's root writable; Cursor with --force)
+    could leave a copy of the validation tokens beside train.py, or a module for it to import, in a
+    path git ignores too, before the run or while it trains, or make scratchpad.md a link to a folder
+    of the host: training's box shows HEAD's files (train.py as committed), without scratchpad.md."""
+    (based.path / "copy_of_val.bin").write_text("SECRET-untracked")
+    (based.path / "__pycache__").mkdir()
+    (based.path / "__pycache__" / "v.bin").write_text("SECRET-ignored")
+    (based.path / "helper_module.py").write_text("print('SECRET-imported')\n")
+    host = based.tmp / "host-folder"
+    host.mkdir()
+    (host / "notes").write_text("SECRET-host")
+    body = WAIT_FOR_GO + """
+    for name in sorted(os.listdir(".")):
+        print("SEES", name)
+    for p in ("copy_of_val.bin", "__pycache__/v.bin", "late.bin", "scratchpad.md/notes", "scratchpad.md"):
+        print("READ", p, open(p).read() if os.path.isfile(p) else "-")
+    try:
+        import helper_module
+    except ImportError as e:
+        print("IMPORT", e)
+    """
+    based.write("train.py", trainer("0.9", body=body))
+    (based.path / "scratchpad.md").unlink()
+    (based.path / "scratchpad.md").symlink_to(host)
+    first = based.popen("reads what an agent left", AUTORESEARCH_SANDBOX="bwrap")
+    try:
+        based.wait_for_log("started")
+        (based.path / "late.bin").write_text("SECRET-late")  # made while training runs
+    finally:
+        go_on(based.path)
+        out = first.communicate(timeout=60)[0]
+    log = based.read("run.log")
+    # (a file made in the checkout during a run is put back, and the run is no result: run.sh's rule)
+    assert first.returncode == 0 and "training touched: late.bin (put back)" in out, out
+    assert "SECRET" not in log and "IMPORT No module named 'helper_module'" in log, log
+    seen = {line.split()[1] for line in log.splitlines() if line.startswith("SEES ")}
+    assert {"train.py", "prepare.py", "run.sh"} <= seen, log
+    assert not seen & {"copy_of_val.bin", "__pycache__", "helper_module.py", "late.bin", "results.tsv", "run.log",
+                       "scratchpad.md"}, log
+
+
+@needs_bwrap
+def test_the_data_check_and_the_evaluator_see_of_the_checkout_the_committed_files_alone(repo: Repo):
+    """A module an agent left in the checkout, named like a package prepare.py imports, is no business of
+    the harness's boxes (python -I keeps the script's folder off sys.path, 3.10 too; the box does not
+    rely on it): the data check's, the batch server's and the evaluator's boxes show HEAD's files alone."""
+    spy = ("import os, sys\n"
+           "if os.path.exists('numpy.py') or os.path.exists('scratchpad.md'):\n"
+           "    print('reason: this box shows numpy.py or scratchpad.md'); sys.exit(1)\n")
+    repo.write("prepare.py", spy + PREPARE)
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qam", "a prepare.py that looks")
+    (repo.path / "numpy.py").write_text("raise SystemExit('imported')\n")
+    out = repo.run("baseline").stdout
+    assert "status:       keep" in out and "numpy.py" not in out, out
+
+
+@needs_bwrap
 def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_started(based: Repo):
     """night.py makes the worktrees, then starts the agents: a worktree's .git/worktrees/<name>/autoresearch
     appears at its first run.sh, which may be while another worktree trains. Its run's files (the copy of
     heldout.tsv that check_heldout compares, the evaluator's output, the model it hands over) must stay
     out of the training box all the same, as the state of the worktrees that existed when the box started."""
-    body = WAIT_FOR_NOTE + """
+    body = WAIT_FOR_GO + """
     import glob
     for p in sorted(glob.glob(".git/worktrees/*/autoresearch/**", recursive=True)):
         print("SAW", p, open(p).read() if os.path.isfile(p) else "")
@@ -2305,7 +2373,7 @@ def test_training_cannot_read_a_worktree_whose_state_appeared_after_its_box_star
         tmp.mkdir(parents=True)
         (tmp / "heldout.before").write_text("abcdef0\t0.9\tkeep\tautoresearch/t2\tgpu\t0.8765432\n")
     finally:
-        based.write("scratchpad.md", "# notes\ngo on\n")
+        go_on(based.path)
         out = first.communicate(timeout=60)[0]
     log = based.read("run.log")
     assert first.returncode == 0 and "status:       keep" in out, out
@@ -2439,19 +2507,15 @@ def test_scratchpad_edited_while_training_runs_is_kept(based: Repo, box):
     note = "# notes\nwritten while training ran\n"
     if box == "none":
         body = f"open('scratchpad.md', 'a').write({note[8:]!r})\n"
-    else:  # the repository is read-only in the box: the edit comes from outside
-        body = f"""
-        print("waiting for the note", flush=True)
-        deadline = time.time() + 20
-        while {note[8:]!r} not in open("scratchpad.md").read() and time.time() < deadline:
-            time.sleep(0.05)
-        """
+    else:  # the box shows no scratchpad.md: the edit comes from outside, then the go
+        body = WAIT_FOR_GO
     based.write("train.py", trainer("0.9", body=body))
     p = based.popen("writes notes meanwhile", AUTORESEARCH_SANDBOX=box)
     if box != "none":
-        based.wait_for_log("waiting for the note")
+        based.wait_for_log("started")
         with open(based.path / "scratchpad.md", "a") as f:
             f.write(note[8:])
+        go_on(based.path)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 0, out
     assert "status:       keep" in out and "touched" not in out
