@@ -192,25 +192,24 @@ def test_supervisor_restarts_an_agent_that_ends_its_turn_until_the_deadline(work
 
 def stop_once_running(repo):
     """The person's `touch .agents/stop`, once the run.sh the agent just started holds its lock
-    (its lock.holder names a new process): the stop then comes while an experiment runs."""
+    (its lock.holder names a new process): the stop then comes while an experiment runs. Its
+    training (WAIT_FOR_GO) goes on once the supervisor has seen the stop, as a run of minutes would."""
     holder = repo / ".git" / "autoresearch" / "lock.holder"
     before = holder.read_text() if holder.exists() else None
+
+    def seen(path, text):
+        return path.exists() and text in path.read_text()
 
     def touch():
         until = time.monotonic() + 60
         while time.monotonic() < until and (holder.read_text() if holder.exists() else None) == before:
             time.sleep(0.01)
         (repo / ".agents" / "stop").touch()
+        while time.monotonic() < until and not (seen(repo / ".agents" / "night.log", "stopping the agent")
+                                                and seen(repo / "run.log", "started")):
+            time.sleep(0.01)
+        go_on(repo)
     threading.Thread(target=touch, daemon=True).start()
-
-
-# A run that lasts until the supervisor has seen the stop (its log, read from the sandbox),
-# as a real run of minutes does: the stop then comes while the experiment holds its lock. (The
-# words are joined at run time: the log holds this edit, as the agent's stream, too.)
-WAIT_FOR_THE_STOP = """deadline = time.time() + 60
-while "stopping " + "the agent" not in open(".agents/night.log").read() and time.time() < deadline:
-    time.sleep(0.05)
-"""
 
 
 def left_running(repo):
@@ -259,7 +258,7 @@ def test_a_short_night_under_the_supervisor(workspace, tmp_path):
         Call("Read", {"file_path": str(train)}),
         note("trying a worse model"),
         edit(train, "float('1.0')", "float('1.5')"),  # the stand-in evaluator's val_bpb
-        edit(train, 'print("step 1', WAIT_FOR_THE_STOP + 'print("step 1'),
+        edit(train, 'print("step 1', WAIT_FOR_GO.lstrip() + 'print("step 1'),
         stop,  # the person creates .agents/stop while this runs
         Call("Read", {"file_path": str(train)}),
         edit(train, "loss 3.0", "loss 2.9"),
