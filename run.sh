@@ -733,15 +733,20 @@ doctor_compile_cache() {
 slurm_settings() {
   slurm=${AUTORESEARCH_SLURM:-} slurm_args=()
   case $slurm in ""|0) slurm=""; return 0 ;; 1) ;; *) read -ra slurm_args <<<"$slurm" ;; esac
-  local a gpu=0
+  # Long options only: srun's short ones cluster (-lofile is -l -o file), and it takes any unique
+  # prefix of a long one (--out=f is --output=f), so each name is read as srun would read it.
+  local a f name gpu=0
   for a in "${slurm_args[@]}"; do
+    name=${a%%=*}; name=${name#--}
     case $a in
-      -o*|--output*|-e*|--error*|-i*|--input*|--pty|--jobid*)   # run.sh reads the job's output itself
-        die 2 "AUTORESEARCH_SLURM: run.sh sets srun's $a itself; leave it out" ;;
-      --gres=*|--gpus*|-G*) gpu=1 ;;   # the person asks for GPUs (or none: --gres=none) their own way
-      -?*) ;;
+      --?*) ;;
+      -*) die 2 "AUTORESEARCH_SLURM: srun's long options only ('${a:0:2}' is a short one; e.g. --partition=gpu for -p gpu)" ;;
       *) die 2 "AUTORESEARCH_SLURM must be 1 or srun options with their values joined (e.g. \"--partition=gpu --gres=gpu:1\"), not '$slurm'" ;;
     esac
+    for f in output error input pty jobid; do   # run.sh reads the job's output itself
+      case $f in "$name"*) die 2 "AUTORESEARCH_SLURM: run.sh sets srun's --$f itself; leave $a out" ;; esac
+    done
+    case $name in gres|gpus|gpus-*) gpu=1 ;; esac   # GPUs (or none: --gres=none) asked for their own way
   done
   # one GPU, unless the options ask for GPUs their own way; the smoke profile runs on a CPU
   [ "$smoke" = 1 ] || [ "$gpu" = 1 ] || slurm_args=(--gres=gpu:1 "${slurm_args[@]}")

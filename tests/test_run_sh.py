@@ -2713,7 +2713,11 @@ def test_bad_slurm_settings_are_refused(repo: Repo):
     """AUTORESEARCH_SLURM: 1, or srun options with their values joined, and none that would take the
     job's output from run.sh; srun and scancel on PATH. Checked before anything changes."""
     for value, why in (("yes", "must be 1 or srun options"), ("--partition gpu", "must be 1 or srun options"),
-                       ("--output=job.log", "run.sh sets srun's --output=job.log itself")):
+                       ("--output=job.log", "run.sh sets srun's --output itself; leave --output=job.log out"),
+                       ("--out=job.log", "run.sh sets srun's --output itself"),  # srun takes a unique prefix
+                       ("--er=job.err", "run.sh sets srun's --error itself"),
+                       ("-lofile", "srun's long options only ('-l' is a short one"),  # -l -o file
+                       ("--partition=gpu -pgpu", "srun's long options only")):
         assert why in _refuses(repo, ["x"], rc=2, expect="AUTORESEARCH_SLURM", AUTORESEARCH_SLURM=value)
     _refuses(repo, ["x"], expect="srun and scancel are not on PATH", AUTORESEARCH_SLURM="1",
              PATH=path_without(repo.tmp, "srun"))
