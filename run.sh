@@ -1066,11 +1066,12 @@ choose_sandbox() {
 tree_view() {
   [ "$node" = 0 ] || [ ! -d "$tmp/tree" ] || return 0
   remove "$tmp/tree"
-  if ! { mkdir -- "$tmp/tree" && g archive --format=tar HEAD | tar -x --no-same-owner -C "$tmp/tree" &&
-         rm -f -- "$tmp/tree/scratchpad.md"; } 2>"$tmp/tree.err"; then
-    local more=()
+  local err more=()   # (git's and tar's complaint held in memory: on a full disk a file of it stays empty)
+  if ! err=$({ mkdir -- "$tmp/tree" && g archive --format=tar HEAD | tar -x --no-same-owner -C "$tmp/tree" &&
+               rm -f -- "$tmp/tree/scratchpad.md"; } 2>&1); then
+    remove "$tmp/tree"   # the room it took, for the journal and the record
     [ ! -d "$state/pending" ] || more=("This run's journal stays in $state/pending: the next run.sh records it.")
-    die 1 "could not write HEAD's files for the sandbox into $tmp/tree ($(head -n 1 "$tmp/tree.err")): is the disk full (df -h $root)?" "${more[@]}"
+    die 1 "could not write HEAD's files for the sandbox into $tmp/tree (${err%%$'\n'*}): is the disk full (df -h $root)?" "${more[@]}"
   fi
 }
 

@@ -2841,6 +2841,36 @@ def test_a_train_py_that_fills_the_disk_on_the_node_is_no_slurm_interruption(slu
 
 
 @needs_bwrap
+def test_a_full_disk_when_the_sandbox_view_is_written_says_so_and_changes_nothing(based: Repo):
+    """The box's view of the checkout (HEAD's files, tree_view) needs as much room again as the tracked
+    files: on a full disk run.sh says what failed, in git's or tar's words (not in a file on that disk,
+    which stays empty), and leaves nothing behind; with room again the same run goes on."""
+    disk = based.tmp / "small-disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        based.git("switch", "-q", "main")
+        based.write("big.bin", os.urandom(4 << 20).hex()[: 4 << 20])
+        based.git("add", "big.bin")
+        based.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "a large tracked file")
+        shutil.copytree(based.path, disk / "repo", symlinks=True)
+        based.path = disk / "repo"
+        based.write("train.py", trainer("0.9"))
+        st = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:  # 2 MiB left: less than big.bin
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - (2 << 20)))
+        before = based.snapshot()
+        p = based.run("with a large file", rc=1, AUTORESEARCH_TAG="big")
+        assert "could not write HEAD's files for the sandbox" in p.stderr and "(tar: big.bin: " in p.stderr, p.stderr
+        assert based.snapshot() == before and not (based.path / ".git/autoresearch/tmp").exists()
+        (disk / "filler").unlink()
+        assert "status:       keep" in based.run("with a large file", AUTORESEARCH_TAG="big").stdout
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@needs_bwrap
 def test_a_node_that_cannot_start_the_run_is_a_slurm_interruption(slurm, based: Repo):
     """The node's run.sh stops before training starts (here bubblewrap cannot start on the node; or
     the node does not see the checkout): the job ends FAILED, but that says nothing of the code, so
