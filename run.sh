@@ -1067,12 +1067,30 @@ tree_view() {
   [ "$node" = 0 ] || [ ! -d "$tmp/tree" ] || return 0
   remove "$tmp/tree"
   local err more=()   # (git's and tar's complaint held in memory: on a full disk a file of it stays empty)
-  if ! err=$({ mkdir -- "$tmp/tree" && g archive --format=tar HEAD | tar -x --no-same-owner -C "$tmp/tree" &&
-               rm -f -- "$tmp/tree/scratchpad.md"; } 2>&1); then
+  if ! err=$({ mkdir -- "$tmp/tree" && tree_write "$git_dir" HEAD "$tmp/tree" && rm -f -- "$tmp/tree/scratchpad.md"; } 2>&1); then
     remove "$tmp/tree"   # the room it took, for the journal and the record
     [ ! -d "$state/pending" ] || more=("This run's journal stays in $state/pending: the next run.sh records it.")
     die 1 "could not write HEAD's files for the sandbox into $tmp/tree (${err%%$'\n'*}): is the disk full (df -h $root)?" "${more[@]}"
   fi
+}
+
+# tree_write GITDIR COMMIT DIR: COMMIT's files, as git writes them from the objects of the repository
+# GITDIR, into DIR; and each submodule's, at the commit COMMIT records for it, from its repository in
+# GITDIR/modules (where git keeps it: nothing is read from the submodule's working tree, nor from a
+# .git file there that names another), and so on down. A submodule whose repository is not there, or
+# lacks that commit, stays an empty folder, as git leaves one not initialised.
+tree_write() {
+  local gd=$1 rev=$2 dir=$3 entry name path line sha
+  g --git-dir="$gd" archive --format=tar "$rev" | tar -x --no-same-owner -C "$dir" || return 1
+  while IFS= read -r -d '' entry; do   # submodule.<name>.path, then a line break and the path
+    name=${entry%%$'\n'*}; name=${name#submodule.}; name=${name%.path}; path=${entry#*$'\n'}
+    case /$name/$path/ in */../*|*/./*|*//*) continue ;; esac   # (git refuses such names and paths itself)
+    line=$(g --literal-pathspecs --git-dir="$gd" ls-tree -z --full-tree "$rev" -- "$path" | tr -d '\0')
+    [[ $line == "160000 commit "*$'\t'"$path" ]] || continue
+    sha=${line#160000 commit }; sha=${sha%%$'\t'*}
+    g --git-dir="$gd/modules/$name" cat-file -e "$sha^{commit}" 2>/dev/null || continue
+    mkdir -p -- "$dir/$path" && tree_write "$gd/modules/$name" "$sha" "$dir/$path" || return 1
+  done < <(g --git-dir="$gd" config --blob "$rev:.gitmodules" -z --get-regexp '^submodule\..*\.path$' 2>/dev/null)
 }
 
 # shown_whole PATH: the folder holding PATH that every box shows whole, read-only (box_args); false if none.

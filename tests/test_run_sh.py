@@ -2357,6 +2357,46 @@ def test_a_checkout_inside_the_pythons_folder_shows_the_committed_files_alone(ba
 
 
 @needs_bwrap
+def test_a_submodules_committed_files_show_too(based: Repo):
+    """A repository whose HEAD has a submodule (code that train.py or prepare.py imports, vendored so):
+    the box shows its files at the commit HEAD records, from the submodule's repository in .git/modules,
+    a nested submodule's too; not a file left in its working tree, nor a commit checked out there but
+    not recorded. (git archive writes a submodule as an empty folder: training could not import it.)"""
+    def repo_of(name: str, files: dict) -> Path:
+        path = based.tmp / name
+        path.mkdir()
+        subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+        for rel, text in files.items():
+            (path / rel).write_text(text)
+        subprocess.run(["git", "-C", str(path), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(path), "-c", "user.name=T", "-c", "user.email=t@example.com", "commit",
+                        "-qm", name], check=True)
+        return path
+
+    git = ["-c", "protocol.file.allow=always", "-c", "user.name=T", "-c", "user.email=t@example.com"]
+    inner = repo_of("inner", {"deep.py": "Y = 'nested'\n"})
+    lib = repo_of("lib", {"helper.py": "X = 'committed'\n"})
+    subprocess.run(["git", "-C", str(lib), *git, "submodule", "add", "-q", str(inner), "inner"], check=True)
+    subprocess.run(["git", "-C", str(lib), *git, "commit", "-qm", "nested"], check=True)
+    based.git("switch", "-q", "main")
+    based.git(*git, "submodule", "add", "-q", str(lib), "vendor/lib")
+    based.git(*git, "submodule", "update", "-q", "--init", "--recursive")
+    based.git(*git, "commit", "-qm", "a vendored library")
+    (based.path / "vendor/lib/left_by_an_agent.py").write_text("X = 'SECRET'\n")
+    based.git("-C", "vendor/lib", "update-index", "--assume-unchanged", "helper.py")  # (a change git overlooks)
+    (based.path / "vendor/lib/helper.py").write_text("X = 'SECRET changed'\n")
+    based.write("train.py", trainer("0.9", body="""
+    sys.path[:0] = ["vendor/lib", "vendor/lib/inner"]
+    import helper, deep
+    print("HELPER", helper.X, deep.Y, sorted(os.listdir("vendor/lib")))
+    """))
+    out = based.run("imports a submodule", AUTORESEARCH_TAG="sm", AUTORESEARCH_SANDBOX="bwrap",
+                    rc=None).stdout
+    log = based.read("run.log")
+    assert "HELPER committed nested" in log and "SECRET" not in log and "left_by_an_agent" not in log, out + log
+
+
+@needs_bwrap
 def test_the_data_check_and_the_evaluator_see_of_the_checkout_the_committed_files_alone(repo: Repo):
     """A module an agent left in the checkout, named like a package prepare.py imports, is no business of
     the harness's boxes (python -I keeps the script's folder off sys.path, 3.10 too; the box does not
