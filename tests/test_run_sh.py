@@ -612,6 +612,23 @@ def test_secrets_do_not_reach_training(based: Repo):
     assert "'CUDA_VISIBLE_DEVICES'" in log and "'OMP_NUM_THREADS'" in log and "'AUTORESEARCH_CACHE'" in log
 
 
+@pytest.mark.parametrize("box", SANDBOXES)
+def test_training_finds_its_compile_caches_set_even_when_it_imports_torch_first(based: Repo, box):
+    """Triton's default cache, ~/.triton, is read-only in the box: a train.py that never calls
+    prepare.set_compile_cache (the reference's imports torch first) crashed at its first kernel on
+    a GPU. run.sh sets both caches where set_compile_cache puts them, and a setting from outside
+    (TRITON_CACHE_DIR) does not cross."""
+    body = "print('CACHES', os.environ.get('TORCHINDUCTOR_CACHE_DIR'), os.environ.get('TRITON_CACHE_DIR'))\n"
+    based.write("train.py", trainer("0.9", body=body))
+    based.run("imports torch first", TRITON_CACHE_DIR=str(based.tmp / "elsewhere"), AUTORESEARCH_SANDBOX=box)
+    expected = subprocess.run(
+        [PY, "-c", "import os, sys, prepare; prepare.set_compile_cache(sys.argv[1]); "
+         "print('CACHES', os.environ['TORCHINDUCTOR_CACHE_DIR'], os.environ['TRITON_CACHE_DIR'])",
+         str(based.cache / "compile")], cwd=RUN_SH.parent, env={"PATH": os.environ["PATH"]},
+        capture_output=True, text=True, check=True).stdout
+    assert expected.startswith(f"CACHES {based.cache}/compile/") and expected in based.read("run.log")
+
+
 def test_thread_settings_reach_training_the_batch_server_and_the_evaluator(repo: Repo):
     """OMP_NUM_THREADS (night.py sets it for agents that share a machine) reaches all three sandboxes.
     (The stand-in evaluator says what it saw and fails, so that its line is the crash's reason.)"""
