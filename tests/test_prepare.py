@@ -351,10 +351,15 @@ def test_flex_attention_crosses_over_and_scores_as_in_process(smoke, tmp_path):
         assert torch.equal(forward(x), model(x))
     smoke.check_causal(forward, next(smoke._eval_rows(tok)), tok.get_vocab_size())
     # on a GPU the evaluator compiles the graph with Inductor, as here on the CPU (Dynamo cannot
-    # re-trace an exported FlexAttention node, so it is not torch.compile)
-    compiled, _ = smoke.load_handover(str(tmp_path / "h"), torch.device("cpu"), compile_model=True)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x), model(x), atol=1e-4)
+    # re-trace an exported FlexAttention node, so it is not torch.compile), through Inductor's
+    # cache: without a shape environment it bypassed it, and every run compiled afresh
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for _ in range(2):
+        compiled, _ = smoke.load_handover(str(tmp_path / "h"), torch.device("cpu"), compile_model=True)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-4)
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0 and counters["inductor"]["fxgraph_cache_hit"] >= 1, counters
 
 
 class Lookahead(torch.nn.Module):
