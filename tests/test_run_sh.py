@@ -2710,11 +2710,12 @@ def test_driver_library_directories_outside_the_box_are_found(tmp_path: Path):
 @needs_bwrap
 def test_the_driver_library_and_compiler_settings_reach_the_box(based: Repo):
     """libcuda.so.1 outside /usr, /lib*, /opt, /etc is visible in the box, read-only; the compilers'
-    settings cross (their cache directories and secret-looking names do not)."""
+    settings cross (their cache directories, which run.sh sets itself, and secret-looking names do not)."""
     link, real, path = fake_driver(based.tmp)
     body = f"""
     print("LIB", open({str(link)!r}).read(), os.access({str(real)!r}, os.W_OK))
     print("ENV", sorted(k for k in os.environ if k.startswith(("TRITON", "TORCHINDUCTOR", "CC", "CXX", "CPATH", "LIBRARY", "CUDA_CACHE", "NVIDIA_DRIVER"))))
+    print("CACHES", os.environ["TRITON_CACHE_DIR"] != "/x", os.environ["TORCHINDUCTOR_CACHE_DIR"] != "/x")
     """
     based.write("train.py", trainer("0.9", body=body))
     based.run("driver", PATH=path, TRITON_PTXAS_PATH="/p", TORCHINDUCTOR_MAX_AUTOTUNE="1", CC="gcc", CXX="g++",
@@ -2723,7 +2724,8 @@ def test_the_driver_library_and_compiler_settings_reach_the_box(based: Repo):
     log = based.read("run.log")
     assert "LIB driver False" in log, log
     assert ("ENV ['CC', 'CPATH', 'CUDA_CACHE_PATH', 'CXX', 'LIBRARY_PATH', 'NVIDIA_DRIVER_CAPABILITIES', "
-            "'TORCHINDUCTOR_MAX_AUTOTUNE', 'TRITON_PTXAS_PATH']") in log, log
+            "'TORCHINDUCTOR_CACHE_DIR', 'TORCHINDUCTOR_MAX_AUTOTUNE', 'TRITON_CACHE_DIR', 'TRITON_PTXAS_PATH']") in log, log
+    assert "CACHES True True" in log, log
 
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
