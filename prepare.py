@@ -55,7 +55,7 @@ if not SMOKE:
     VOCAB_SIZE = 8192           # including the special tokens
 else:
     MAX_SEQ_LEN = 256
-    TIME_BUDGET = 10
+    TIME_BUDGET = 5
     EVAL_TOKENS = 32 * 2048
     HELDOUT_TOKENS = 8 * 2048
     EVAL_ROWS = 8

@@ -31,11 +31,11 @@ def budget(path, seconds):
     """Set TIME_BUDGET of the profile prepare.py runs in (AUTORESEARCH_SMOKE) to seconds."""
     smoke = os.environ.get("AUTORESEARCH_SMOKE", "") not in ("", "0")
     text = open(path).read()
-    old = r"^(    TIME_BUDGET = )10\b" if smoke else r"^(    TIME_BUDGET = )300\b"
-    new, n = re.subn(old, rf"\g<1>{int(seconds)}", text, flags=re.M)
-    if n != 1:
-        sys.exit(f"gpu_check.py: prepare.py has no line `    TIME_BUDGET = {10 if smoke else 300}` to shorten")
-    open(path, "w").write(new)
+    lines = list(re.finditer(r"^    TIME_BUDGET = \d+\b", text, re.M))  # the GPU profile's, then the smoke one's
+    if len(lines) != 2:
+        sys.exit("gpu_check.py: prepare.py has no two lines `    TIME_BUDGET = N` (the profiles') to shorten")
+    m = lines[1 if smoke else 0]
+    open(path, "w").write(text[:m.start()] + f"    TIME_BUDGET = {int(seconds)}" + text[m.end():])
 
 
 def put(key, value):

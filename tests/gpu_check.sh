@@ -19,7 +19,7 @@
 #
 # Environment: AUTORESEARCH_PYTHON (default: python3 on PATH, which must hold PyTorch),
 # GPU_CHECK_BUDGET (TIME_BUDGET of the runs: 45 s, whose slack, 45 x 0.2 + 5 s, must hold the
-# hand-over's torch.export of the default model; --cpu 5 s), GPU_CHECK_SECONDS (the whole
+# hand-over's torch.export of the default model; --cpu 3 s), GPU_CHECK_SECONDS (the whole
 # check: 540 s; --cpu 240 s), GPU_CHECK_CORPUS_MB (200; --cpu 4), GPU_CHECK_RUNS (the runs of
 # steps 3 and 4, in order: "cold warm reference"; "cold reference" measures the reference when a
 # call has no time for all three; the reference runs only if a cold run's time is left).
@@ -47,7 +47,7 @@ t0=$SECONDS
 
 if [ "$cpu" = 1 ]; then
   export AUTORESEARCH_SMOKE=1
-  budget=${GPU_CHECK_BUDGET:-5} deadline=${GPU_CHECK_SECONDS:-240} corpus_mb=${GPU_CHECK_CORPUS_MB:-4}
+  budget=${GPU_CHECK_BUDGET:-3} deadline=${GPU_CHECK_SECONDS:-240} corpus_mb=${GPU_CHECK_CORPUS_MB:-4}
 else
   unset AUTORESEARCH_SMOKE
   budget=${GPU_CHECK_BUDGET:-45} deadline=${GPU_CHECK_SECONDS:-540} corpus_mb=${GPU_CHECK_CORPUS_MB:-200}
