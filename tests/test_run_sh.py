@@ -1092,10 +1092,10 @@ def test_an_honest_run_is_kept_with_the_harness_figures(harness: Repo):
     harness.write("train.py", tiny(setup="opt = torch.optim.Adam(model.parameters(), lr=0.1)"))
     out = harness.run("honest").stdout
     assert "status:       " in out and "crash" not in out.split("status:")[1].split("\n")[0], out
-    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget 10s; from training batch 32 of \d+ to the exit, "
+    rec = re.search(r"training:\s+([\d.]+)s by the harness's clock \(budget (\d+)s; from training batch 32 of \d+ to the exit, "
                     r"hand-over ([\d.]+)s\), (\d+) tokens", out)
-    assert rec and 0 < float(rec.group(1)) < 17 and int(rec.group(3)) >= 40 * 8 * 256, out
-    assert 0 < float(rec.group(2)) < float(rec.group(1))
+    assert rec and 0 < float(rec.group(1)) < int(rec.group(2)) * 1.2 + 5 and int(rec.group(4)) >= 40 * 8 * 256, out
+    assert 0 < float(rec.group(3)) < float(rec.group(1))
     # train.py's process never has the score: evaluate_bpb hands the model over and returns nan
     assert re.search(r"^val_bpb:\s+nan$", harness.read("run.log"), re.M) and "val_bpb:          nan" not in out
     assert "evaluate_bpb: the model went to the harness" in harness.read("run.log")
@@ -1135,7 +1135,7 @@ for r in rows:
     loss = F.cross_entropy(model(x).flatten(0, 1), torch.from_numpy(r[:, 1:].astype('int64')).flatten())
     opt.zero_grad(); loss.backward(); opt.step()
 """
-# Draws 31 batches (the clock starts at the 32nd) and trains on them for 55 s first.
+# Draws 31 batches (the clock starts at the 32nd) and trains on them past the warm-up allowance and the slack.
 BEFORE_THE_CLOCK = """
 loader0 = make_dataloader(tok, 8, MAX_SEQ_LEN, prefetch=0)
 early = [next(loader0) for _ in range(31)]
