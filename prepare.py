@@ -1653,8 +1653,9 @@ def load_handover(directory, device, compile_model):
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
-        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-            run = torch._inductor.compile(gm, example)
+        fake = FakeTensorMode(shape_env=ShapeEnv())  # with static shapes, as the graph was checked
+        with tracing(TracingContext(fake)):
+            run = torch._inductor.compile(gm, [fake.from_tensor(t, static_shapes=True) for t in example])
 
     def forward(x):
         with torch.no_grad():
@@ -1880,11 +1881,15 @@ def check_causal(forward, rows, vocab_size, logits=None, rng=None):
     x = _inputs(rows, "cpu")
     n, T = x.shape
     cut = [rng.randrange(1, T) for _ in range(n)]
-    # the new tokens drawn all at once (a token at a time took 40 ms a batch), as unpredictably
-    g = torch.Generator().manual_seed(rng.getrandbits(63))
-    changed = torch.where(torch.arange(T) >= torch.tensor(cut)[:, None], torch.randint(vocab_size, (n, T), generator=g), x)
+
+    # count numbers below high, from rng's bits in one call: one at a time took 40 ms a batch, and a
+    # generator seeded from rng keeps 32 bits of the seed (guessable). The modulo's bias is < 2^-40.
+    def draw(high, count):
+        bits = np.frombuffer(rng.getrandbits(64 * count).to_bytes(8 * count, "little"), dtype=np.uint64)
+        return torch.from_numpy((bits % high).astype(np.int64))
+    changed = torch.where(torch.arange(T) >= torch.tensor(cut)[:, None], draw(vocab_size, n * T).view(n, T), x)
     at = (torch.arange(n), torch.tensor(cut))
-    changed[at] = (x[at] + 1 + torch.randint(vocab_size - 1, (n,), generator=g)) % vocab_size  # differs at j for sure
+    changed[at] = (x[at] + 1 + draw(vocab_size - 1, n)) % vocab_size  # differs at j for sure
     a = forward(x.to(_eval_device())) if logits is None else logits
     b = forward(changed.contiguous().to(_eval_device()))
     moves = torch.stack([(a[r, :j].float() - b[r, :j].float()).abs().max() for r, j in enumerate(cut)]).tolist()  # one wait

@@ -388,6 +388,30 @@ def test_a_causal_model_passes_the_causality_check(smoke, tmp_path):
         smoke.check_causal(model, next(smoke._eval_rows(tok)), tok.get_vocab_size())
 
 
+def test_the_causality_checks_tokens_take_more_than_32_bits_of_its_randomness(smoke):
+    """The replacement tokens come from the evaluator's random source itself. Drawn from a generator
+    seeded by it, they depended on 32 bits (torch keeps the seed's low 32): a model could guess
+    them from the batch and so learn the true token at the cut. Two sources that differ only above
+    bit 32 must give other tokens."""
+    import random
+    tok = smoke.Tokenizer.from_directory()
+    rows = next(smoke._eval_rows(tok))
+
+    class Source(random.Random):
+        def __init__(self, high):
+            super().__init__(0)
+            self.high = high
+
+        def getrandbits(self, k):  # the same low 32 bits of every draw, other bits above them
+            return sum(((self.high << 32) | 12345) << (64 * i) for i in range(k // 64)) & ((1 << k) - 1) if k >= 64 \
+                else super().getrandbits(k)
+    seen = []
+    for high in (1, 2):
+        smoke.check_causal(lambda x: seen.append(x.clone()) or torch.zeros(*x.shape, 4), rows, tok.get_vocab_size(),
+                           rng=Source(high))
+    assert torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
+
+
 def _crafted(smoke, tmp_path, mutate):
     """A hand-over written by handover(), then edited: what a train.py could write there."""
     tok = smoke.Tokenizer.from_directory()
