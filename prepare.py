@@ -1649,7 +1649,7 @@ def load_handover(directory, device, compile_model):
     if compile_model:  # Inductor straight from the graph: it is already ATen (Dynamo would re-trace it,
         # and cannot trace an exported flex_attention). Inside a tracing context with a shape
         # environment, as Dynamo would give it: without one Inductor bypasses its own caches
-        # ("No shape env") and compiled the whole graph again for every run, ~15 s on an H200.
+        # ("No shape env") and compiled the whole graph again for every run: 12 s more on an H200.
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
