@@ -151,7 +151,7 @@ read_settings() {
   # secret-looking. Built before LC_ALL=C below, so training keeps the user's locale.
   # The compilers' settings cross because a box that compiles differently from the host
   # (another gcc, no Python.h, another ptxas) fails only in the box; their cache
-  # directories do not: run_boxed sets training's where the box keeps them, the evaluator its own.
+  # directories do not: train_once sets training's where the box keeps them, the evaluator its own.
   local name
   while IFS= read -r name; do
     case $name in
@@ -443,8 +443,11 @@ train_once() {
   rm -f -- "$tmp/requests" "$tmp/batches"; mkfifo -- "$tmp/requests" "$tmp/batches"
   run_boxed "$limit" check "$py" -I prepare.py --serve-batches <"$tmp/requests" >"$tmp/batches" 2>"$tmp/served" 8>&- &
   local srv_pid=$!
-  # (each side opens the requests pipe first: neither waits for the other for ever)
+  # (each side opens the requests pipe first: neither waits for the other for ever). The compile
+  # caches where the box keeps them (prepare.set_compile_cache's places), also for a train.py that
+  # imports torch first: Triton's default, ~/.triton, is read-only in the box.
   run_boxed "$limit" train env AUTORESEARCH_RECORD_FD=3 AUTORESEARCH_BATCH_FDS=4,5 AUTORESEARCH_HANDOVER="$tmp/handover" \
+    TORCHINDUCTOR_CACHE_DIR="$cc/inductor" TRITON_CACHE_DIR="$cc/triton" \
     "$py" train.py </dev/null >>run.log 2>&1 3>>"$tmp/record" 5>"$tmp/requests" 4<"$tmp/batches" || rc=$?
   t_exit=$EPOCHREALTIME
   wait "$srv_pid"   # training's exit closed the requests: the server reports what it served and exits
@@ -1332,11 +1335,8 @@ take_gpu_locks() {
 # after LIMIT seconds; timeout dies with run.sh, and the sandbox with timeout. run.sh's
 # locks (fd 8, the GPU locks) are closed first: flock -u on an inherited copy unlocks run.sh's.
 run_boxed() {
-  local limit=$1 kind=$2 rc=0 bx=() capper="" i caches=()
+  local limit=$1 kind=$2 rc=0 bx=() capper="" i
   case $kind in train) bx=("${box_train[@]}") ;; eval) bx=("${box_eval[@]}") ;; *) bx=("${box_check[@]}") ;; esac
-  # training's compile caches where the box keeps them (prepare.set_compile_cache's places), also
-  # for a train.py that imports torch first: Triton's default, ~/.triton, is read-only in the box
-  [ "$kind" != train ] || caches=(TORCHINDUCTOR_CACHE_DIR="$cc/inductor" TRITON_CACHE_DIR="$cc/triton")
   shift 2
   mkdir -p "$tmp/t"
   [ "$kind" != train ] || { rm -f -- "$tmp/out" "$tmp/capped"; mkfifo -- "$tmp/out"; }
@@ -1344,8 +1344,7 @@ run_boxed() {
     close_locks
     [ "$kind" != train ] || exec >"$tmp/out" 2>&1   # training's output, through cap_output
     exec "${pdeath[@]}" timeout -s KILL "$limit" "${bx[@]}" env -i "${envs[@]}" TMPDIR="$box_tmp" PYTHONUNBUFFERED=1 \
-      PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" \
-      "${caches[@]}" "$@"
+      PYTHONDONTWRITEBYTECODE=1 AUTORESEARCH_CACHE="$cache" AUTORESEARCH_SMOKE="$smoke" AUTORESEARCH_RUN="$run_id" "$@"
   ) <&0 8>&- &   # <&0: the caller's stdin, not /dev/null
   child=$!
   if [ "$kind" = train ]; then   # (holding no lock and no pipe of training's)
